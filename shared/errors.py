@@ -1,0 +1,53 @@
+"""Errors a user can cause, each with a stable machine-readable code.
+
+The command line prints ``str(error)`` as a one-line message; the API (issue 2/5) turns
+``code``, ``field`` and ``http_status`` into its ``{"error": {...}}`` body.
+"""
+
+from __future__ import annotations
+
+
+class StylequeueError(Exception):
+    """Base of every error caused by input or configuration, never by a bug."""
+
+    code = "error"
+    http_status = 400
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class OptionError(StylequeueError):
+    """An option out of range, of the wrong type or not among the choices."""
+
+    code = "invalid_option"
+    http_status = 422
+
+
+class ImageError(StylequeueError):
+    """An image that cannot be used: unreadable, unsupported or too large."""
+
+    code = "invalid_image"
+    http_status = 422
+
+
+class UnsupportedImageFormat(ImageError):
+    code = "unsupported_image_format"
+    http_status = 415
+
+
+class ImageTooLarge(ImageError):
+    code = "image_too_large"
+    http_status = 413
+
+
+class WeightsError(StylequeueError):
+    """A backbone's weights are missing, corrupt or cannot be fetched."""
+
+    code = "weights_unavailable"
+    http_status = 503

@@ -1,0 +1,1 @@
+"""The ``stylequeue`` command line."""

@@ -1,0 +1,3 @@
+from stylequeue.cli import main
+
+raise SystemExit(main())

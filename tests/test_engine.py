@@ -1,0 +1,272 @@
+"""The engine end to end on real (small) images with the offline backbone."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared.errors import OptionError
+from worker.engine import Checkpoint, Iterate, Result, check_options, defaults, stylize
+from worker.engine.backbones import load_backbone
+from worker.engine.imaging import rgb_to_yiq, to_tensor
+from worker.engine.stylize import auto_scales, normalize_weights, pyramid
+
+FAST = {"backbone": "vgg19-random", "size": 64, "device": "cpu"}
+
+
+def run(
+    content: Image.Image, style: Image.Image, **options: object
+) -> tuple[Result, list[Iterate]]:
+    iterates: list[Iterate] = []
+
+    def record(iterate: Iterate) -> None:
+        iterates.append(iterate)
+
+    result = stylize(content=content, styles=[style], progress=record, **{**FAST, **options})
+    return result, iterates
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_total_loss_falls_over_twenty_iterations(
+    content_image: Image.Image, style_image: Image.Image, optimizer: str
+) -> None:
+    result, iterates = run(content_image, style_image, iterations=20, optimizer=optimizer)
+    assert [it.iteration for it in iterates] == list(range(1, 21))
+    assert all(it.total == 20 for it in iterates)
+    first, last = iterates[0], iterates[-1]
+    assert last.loss < 0.5 * first.loss
+    for it in iterates:
+        assert it.loss == pytest.approx(it.content + it.style + it.tv)
+    assert first.content == 0.0  # init "content": the content term starts at zero
+    assert result.iterations == 20 and not result.stopped
+    assert result.image.size == (64, 48)
+    assert [it.elapsed for it in iterates] == sorted(it.elapsed for it in iterates)
+
+
+def test_content_and_style_terms_are_zero_when_the_image_is_the_target(
+    content_image: Image.Image,
+) -> None:
+    _, iterates = run(content_image, content_image, iterations=1, tv_weight=0.0, precision="fp32")
+    assert iterates[0].content == 0.0
+    assert iterates[0].style == 0.0
+    assert iterates[0].loss == 0.0
+
+
+def test_same_seed_same_image_and_another_seed_another(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    first, _ = run(content_image, style_image, iterations=5, init="noise", seed=7)
+    again, _ = run(content_image, style_image, iterations=5, init="noise", seed=7)
+    other, _ = run(content_image, style_image, iterations=5, init="noise", seed=8)
+    assert first.image.tobytes() == again.image.tobytes()
+    assert first.image.tobytes() != other.image.tobytes()
+    assert first.seed == 7
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scales", "tolerance"),
+    [("lbfgs", 1, 0.25), ("adam", 1, 1e-4), ("lbfgs", 2, 0.25), ("adam", 3, 1e-4)],
+)
+def test_resume_from_iteration_ten_finishes_twenty_close_to_uninterrupted(
+    content_image: Image.Image,
+    style_image: Image.Image,
+    optimizer: str,
+    scales: int,
+    tolerance: float,
+) -> None:
+    saved: list[bytes] = []
+
+    def keep(checkpoint: Checkpoint) -> None:
+        buffer = io.BytesIO()
+        checkpoint.save(buffer)
+        saved.append(buffer.getvalue())
+
+    options = {"iterations": 20, "optimizer": optimizer, "scales": scales, "seed": 3}
+    options["size"] = 64 * scales  # the coarsest scale keeps 16 px on its short side
+    whole, whole_iterates = run(
+        content_image, style_image, checkpoint_every=10, **options, on_checkpoint=keep
+    )
+    assert len(saved) == 1  # at 10; never at the very end
+    checkpoint = Checkpoint.load(io.BytesIO(saved[0]))
+    assert checkpoint.iteration == 10
+    # 2 scales: 10 + 10, so iteration 10 ends scale 0; 3 scales: 6 + 6 + 8, 10 is in scale 1.
+    assert checkpoint.scale == {1: 0, 2: 0, 3: 1}[scales]
+    assert bool(checkpoint.optimizer_state) == (optimizer == "adam")
+
+    resumed, resumed_iterates = run(content_image, style_image, resume_from=checkpoint, **options)
+    assert [it.iteration for it in resumed_iterates] == list(range(11, 21))
+    assert resumed.iterations == 20 and resumed.total == 20
+    assert resumed.image.size == whole.image.size
+    assert resumed_iterates[-1].loss == pytest.approx(whole_iterates[-1].loss, rel=tolerance)
+
+
+def test_resume_refuses_other_options(content_image: Image.Image, style_image: Image.Image) -> None:
+    saved: list[Checkpoint] = []
+    run(content_image, style_image, iterations=4, checkpoint_every=2, on_checkpoint=saved.append)
+    with pytest.raises(OptionError, match="iterations=4, not 6"):
+        run(content_image, style_image, iterations=6, resume_from=saved[0])
+    with pytest.raises(OptionError, match="inputs"):
+        run(style_image, style_image, iterations=4, resume_from=saved[0])
+
+
+def test_callback_stops_the_run_after_that_iteration(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    seen: list[int] = []
+
+    def stop_at_three(iterate: Iterate) -> bool:
+        seen.append(iterate.iteration)
+        return iterate.iteration == 3
+
+    result = stylize(
+        content=content_image, styles=[style_image], iterations=50, progress=stop_at_three, **FAST
+    )
+    assert seen == [1, 2, 3]
+    assert result.stopped and result.iterations == 3
+    assert result.image.size == (64, 48)
+
+
+def test_previews_every_n_iterations_and_at_the_end(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    _, iterates = run(content_image, style_image, iterations=12, preview_every=5)
+    with_preview = [it.iteration for it in iterates if it.preview is not None]
+    assert with_preview == [5, 10, 12]
+    assert iterates[4].preview is not None and iterates[4].preview.size == (64, 48)
+
+
+def test_pyramid_runs_coarse_to_fine(content_image: Image.Image, style_image: Image.Image) -> None:
+    result, iterates = run(
+        content_image, style_image, iterations=9, scales=3, size=96, preview_every=1
+    )
+    assert [it.scale for it in iterates] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert {it.scales for it in iterates} == {3}
+    sizes = [max(it.preview.size) for it in iterates if it.preview is not None]
+    assert sizes == [24, 24, 24, 48, 48, 48, 96, 96, 96]
+    assert result.image.size == (96, 72)
+
+
+def test_a_coarsest_scale_too_small_for_the_deepest_layer_is_refused(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    # 64×48 at 3 scales → 16×12 at the coarsest; relu5_1 lies behind 4 poolings (16 px).
+    with pytest.raises(OptionError, match="12 px on its short side") as caught:
+        run(content_image, style_image, iterations=9, scales=3)
+    assert caught.value.field == "scales"
+    # A style that small is enlarged instead: its Grams need no exact size.
+    result, _ = run(content_image, style_image, iterations=2, style_scale=0.2)
+    assert result.image.size == (64, 48)
+
+
+def test_pyramid_plan_and_automatic_scales() -> None:
+    assert pyramid(512, 3, 100) == [(128, 33), (256, 33), (512, 34)]
+    assert pyramid(512, 1, 10) == [(512, 10)]
+    assert [auto_scales(s) for s in (64, 255, 256, 512, 1024)] == [1, 1, 2, 3, 4]
+
+
+def test_original_colors_keeps_the_content_chroma(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    def chroma_error(image: Image.Image) -> float:
+        output = to_tensor(image, long_side=64, device=torch.device("cpu"))
+        content = to_tensor(content_image, long_side=64, device=torch.device("cpu"))
+        return (rgb_to_yiq(output)[:, 1:] - rgb_to_yiq(content)[:, 1:]).abs().mean().item()
+
+    kept, _ = run(content_image, style_image, iterations=15, original_colors=True, seed=1)
+    free, _ = run(content_image, style_image, iterations=15, original_colors=False, seed=1)
+    assert chroma_error(kept.image) < 0.01
+    assert chroma_error(free.image) > 3 * chroma_error(kept.image)
+
+
+def test_style_blend_weights_are_normalized(
+    content_image: Image.Image, style_image: Image.Image, second_style_image: Image.Image
+) -> None:
+    assert normalize_weights([2, 1, 1], 3, "style_weights") == [0.5, 0.25, 0.25]
+    assert normalize_weights(None, 4, "style_weights") == [0.25] * 4
+    for bad in ([1.0], [-1.0, 2.0], [0.0, 0.0], [float("nan"), 1.0]):
+        with pytest.raises(OptionError):
+            normalize_weights(bad, 2, "style_weights")
+    styles = [style_image, second_style_image]
+    common = {**FAST, "iterations": 3, "seed": 0}
+    raw = stylize(content=content_image, styles=styles, style_weights=[3, 1], **common)
+    unit = stylize(content=content_image, styles=styles, style_weights=[0.75, 0.25], **common)
+    other = stylize(content=content_image, styles=styles, style_weights=[1, 3], **common)
+    assert np.array_equal(np.asarray(raw.image), np.asarray(unit.image))
+    assert not np.array_equal(np.asarray(raw.image), np.asarray(other.image))
+
+
+def test_bf16_and_fp32_agree_on_the_loss(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    _, fp32 = run(content_image, style_image, iterations=1, precision="fp32")
+    _, bf16 = run(content_image, style_image, iterations=1, precision="bf16")
+    assert bf16[0].loss == pytest.approx(fp32[0].loss, rel=0.05)
+
+
+def test_init_style_and_image(content_image: Image.Image, style_image: Image.Image) -> None:
+    for init in ("style", style_image):
+        result, iterates = run(content_image, style_image, iterations=2, init=init)
+        assert iterates[0].content > 0.0  # it did not start from the content
+        assert result.image.size == (64, 48)
+
+
+def test_backbone_is_loaded_once_frozen_and_truncated() -> None:
+    cpu = torch.device("cpu")
+    backbone = load_backbone("vgg19-random", device=cpu)
+    assert load_backbone("vgg19-random", device=cpu) is backbone
+    assert not backbone.training
+    assert not any(p.requires_grad for p in backbone.parameters())
+    view = backbone.truncated("relu4_2")
+    assert view.layer_names[-1] == "relu4_2"
+    assert view.layers.conv1_1.weight is backbone.layers.conv1_1.weight
+    assert load_backbone("vgg19-random", device=cpu, pooling="avg") is not backbone
+
+
+def test_seeded_backbone_keeps_activation_magnitude(content_image: Image.Image) -> None:
+    backbone = load_backbone("vgg19-random", device=torch.device("cpu"))
+    image = to_tensor(content_image, long_side=64, device=torch.device("cpu"))
+    layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+    with torch.no_grad():
+        features = backbone(image, layers)
+    rms = [features[name].pow(2).mean().sqrt().item() for name in layers]
+    assert max(rms) / min(rms) < 10, rms
+
+
+def test_defaults_come_from_the_signature() -> None:
+    values = defaults()
+    assert values["iterations"] == 300
+    assert values["optimizer"] == "lbfgs"
+    assert values["style_layers"] == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    assert "content" not in values  # required, no default
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"size": 8}, "size"),
+        ({"size": 64.5}, "size"),
+        ({"iterations": 0}, "iterations"),
+        ({"scales": 5, "size": 64}, "scales"),
+        ({"style_layers": ["relu9_1"]}, "style_layers"),
+        ({"content_layers": "relu4_2"}, "content_layers"),
+        ({"style_layer_weights": [1.0]}, "style_layer_weights"),
+        ({"backbone": "resnet"}, "backbone"),
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"init": "zeros"}, "init"),
+        ({"precision": "fp8"}, "precision"),
+        ({"style_weight": -1.0}, "style_weight"),
+        ({"lr": float("inf")}, "lr"),
+    ],
+)
+def test_bad_options_name_their_field(change: dict[str, object], field: str) -> None:
+    options = {k: v for k, v in defaults().items() if k not in ("progress", "on_checkpoint")}
+    for name in ("original_colors", "device", "resume_from"):
+        options.pop(name)
+    options.update(styles=1, **change)
+    with pytest.raises(OptionError) as caught:
+        check_options(**options)
+    assert caught.value.field == field

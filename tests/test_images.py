@@ -1,0 +1,131 @@
+"""Decoding user images: formats, modes, orientation and every rejection."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
+from shared.images import decode_image
+
+LIMITS = {"max_bytes": 5 * 1024 * 1024, "max_pixels": 4_000_000}
+
+
+def encoded(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+NOISE_PNG = encoded(NOISE, "PNG")
+NOISE_JPEG = encoded(NOISE, "JPEG")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_accepted_formats_decode_to_rgb(fmt: str) -> None:
+    source = Image.new("RGB", (40, 30), (200, 40, 10))
+    image = decode_image(encoded(source, fmt), **LIMITS)
+    assert image.mode == "RGB"
+    assert image.size == (40, 30)
+    red, green, blue = image.getpixel((20, 15))
+    assert red > 180 and green < 70 and blue < 40
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "color", "expected"),
+    [
+        ("L", "PNG", 128, (128, 128, 128)),
+        ("LA", "PNG", (0, 0), (255, 255, 255)),  # fully transparent → white
+        ("RGBA", "PNG", (255, 0, 0, 255), (255, 0, 0)),
+        ("RGBA", "PNG", (255, 0, 0, 0), (255, 255, 255)),
+        ("CMYK", "JPEG", (0, 255, 255, 0), (255, 0, 0)),
+    ],
+)
+def test_modes_become_rgb(mode: str, fmt: str, color: object, expected: tuple[int, ...]) -> None:
+    image = decode_image(encoded(Image.new(mode, (8, 8), color), fmt), **LIMITS)
+    assert image.mode == "RGB"
+    assert np.abs(np.subtract(image.getpixel((4, 4)), expected)).max() <= 3
+
+
+def test_palette_with_transparency_becomes_rgb_over_white() -> None:
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    data = encoded(palette, "PNG", transparency=1)
+    assert decode_image(data, **LIMITS).getpixel((0, 0)) == (255, 255, 255)
+    opaque = encoded(palette, "PNG")
+    assert decode_image(opaque, **LIMITS).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
+    values = np.full((6, 6), 32768, dtype=np.uint16)  # half of the 16-bit range
+    sixteen = Image.fromarray(values)
+    assert sixteen.mode == "I;16"
+    image = decode_image(encoded(sixteen, "PNG"), **LIMITS)
+    assert image.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_exif_orientation_is_applied() -> None:
+    source = Image.new("RGB", (40, 20), (0, 0, 0))
+    source.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    image = decode_image(encoded(source, "JPEG", exif=exif.tobytes()), **LIMITS)
+    assert image.size == (20, 40)
+    assert image.getpixel((10, 5))[0] > 200  # the white half is now on top
+    assert image.getpixel((10, 35))[0] < 50
+
+
+def test_reads_paths_and_files(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    Image.new("RGB", (5, 7)).save(path)
+    assert decode_image(path, **LIMITS).size == (5, 7)
+    with path.open("rb") as file:
+        assert decode_image(file, **LIMITS).size == (5, 7)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "words"),
+    [
+        (b"", ImageError, "empty"),
+        (b"hello, not an image", UnsupportedImageFormat, "JPEG, PNG or WebP"),
+        (encoded(Image.new("RGB", (4, 4)), "GIF"), UnsupportedImageFormat, "GIF"),
+        (encoded(Image.new("RGB", (4, 4)), "BMP"), UnsupportedImageFormat, "BMP"),
+        (NOISE_PNG[: len(NOISE_PNG) // 2], ImageError, "corrupt"),
+        (NOISE_JPEG[: len(NOISE_JPEG) // 2], ImageError, "corrupt"),
+    ],
+)
+def test_bad_inputs_are_rejected_clearly(data: bytes, error: type, words: str) -> None:
+    with pytest.raises(error, match=words) as caught:
+        decode_image(data, name="content", **LIMITS)
+    assert caught.value.field == "content"
+    assert str(caught.value).startswith("content: ")
+
+
+def test_too_many_pixels_is_rejected_before_decoding() -> None:
+    data = encoded(Image.new("L", (3000, 2000)), "PNG")  # 6 MP, a few KB compressed
+    with pytest.raises(ImageTooLarge, match="6,000,000 pixels; the limit is 4,000,000"):
+        decode_image(data, **LIMITS)
+
+
+def test_too_large_file_is_rejected(tmp_path: Path) -> None:
+    noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    data = encoded(Image.fromarray(noise), "PNG")
+    limits = {**LIMITS, "max_bytes": len(data) - 1}
+    with pytest.raises(ImageTooLarge, match="limit"):
+        decode_image(data, **limits)
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    with pytest.raises(ImageTooLarge, match="limit"):
+        decode_image(path, **limits)
+    with path.open("rb") as file, pytest.raises(ImageTooLarge, match="limit"):
+        decode_image(file, **limits)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="no such file"):
+        decode_image(tmp_path / "nope.jpg", **LIMITS)

@@ -1,0 +1,101 @@
+"""The math: Gram matrices, loss terms, the sync-free L-BFGS."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.engine.lbfgs import LBFGS
+from worker.engine.losses import (
+    ContentLoss,
+    StyleLoss,
+    TotalVariationLoss,
+    blend_grams,
+    gram_matrix,
+)
+
+
+def test_gram_matrix_shape_and_values_by_hand() -> None:
+    # Two channels over a 1×3 map: X = [[1, 2, 3], [0, 1, -1]], N = C·H·W = 6.
+    features = torch.tensor([[[[1.0, 2.0, 3.0]], [[0.0, 1.0, -1.0]]]])
+    gram = gram_matrix(features)
+    assert gram.shape == (1, 2, 2)
+    expected = torch.tensor([[14.0, -1.0], [-1.0, 2.0]]) / 6
+    torch.testing.assert_close(gram[0], expected)
+
+
+def test_gram_matrix_is_fp32_and_size_invariant_for_a_tiled_map() -> None:
+    torch.manual_seed(0)
+    tile = torch.rand(1, 8, 5, 5)
+    tiled = tile.repeat(1, 1, 4, 4)  # the same statistics over 16× the pixels
+    torch.testing.assert_close(gram_matrix(tiled), gram_matrix(tile))
+    assert gram_matrix(tile.bfloat16()).dtype == torch.float32
+
+
+def test_gram_matrix_stays_fp32_under_autocast() -> None:
+    features = torch.rand(1, 4, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gram = gram_matrix(features)
+    assert gram.dtype == torch.float32
+    torch.testing.assert_close(gram, gram_matrix(features))
+
+
+def test_each_loss_is_zero_at_its_target_and_positive_elsewhere() -> None:
+    torch.manual_seed(0)
+    features = torch.rand(1, 16, 8, 8)
+    other = torch.rand(1, 16, 8, 8)
+    content = ContentLoss(features)
+    style = StyleLoss(gram_matrix(features))
+    assert content(features).item() == 0.0
+    assert style(features).item() == 0.0
+    assert content(other).item() > 0.0
+    assert style(other).item() > 0.0
+    flat = torch.full((1, 3, 10, 10), 0.3)
+    assert TotalVariationLoss()(flat).item() == 0.0
+    assert TotalVariationLoss()(torch.rand(1, 3, 10, 10)).item() > 0.0
+
+
+def test_total_variation_by_hand() -> None:
+    image = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])  # one vertical edge
+    # down: all 0; across: (1-0)² on both rows → mean 1.
+    assert TotalVariationLoss()(image).item() == pytest.approx(1.0)
+
+
+def test_blend_grams_is_the_weighted_sum() -> None:
+    a, b = torch.eye(3), torch.ones(3, 3)
+    torch.testing.assert_close(blend_grams([a, b], [0.25, 0.75]), 0.25 * a + 0.75 * b)
+
+
+def test_lbfgs_takes_the_same_steps_as_torch_lbfgs() -> None:
+    torch.manual_seed(0)
+    matrix = torch.randn(12, 12)
+    matrix = matrix @ matrix.T + torch.eye(12)
+    offset = torch.randn(12)
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x @ matrix @ x - offset @ x + 0.01 * x.pow(4).sum()
+
+    ours_x = torch.zeros(12, requires_grad=True)
+    torch_x = torch.zeros(12, requires_grad=True)
+    ours = LBFGS(ours_x, history_size=5)
+    reference = torch.optim.LBFGS([torch_x], lr=1, max_iter=1, history_size=5)
+
+    def ours_closure() -> torch.Tensor:
+        ours_x.grad = None
+        loss = objective(ours_x)
+        loss.backward()
+        return loss.detach()
+
+    def torch_closure() -> torch.Tensor:
+        reference.zero_grad()
+        loss = objective(torch_x)
+        loss.backward()
+        return loss.detach()
+
+    first = ours.step(ours_closure)
+    for _ in range(25):
+        ours.step(ours_closure)
+        reference.step(torch_closure)
+    reference.step(torch_closure)
+    torch.testing.assert_close(ours_x, torch_x, atol=1e-4, rtol=1e-4)
+    assert objective(ours_x).item() < first.item()

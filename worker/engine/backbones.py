@@ -1,0 +1,178 @@
+"""The feature extractors: VGG networks built from the registry, loaded once per process."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from shared.errors import OptionError, WeightsError
+from worker.engine.registry import BACKBONES, BackboneSpec
+from worker.engine.weights import WeightsLocations, load_feature_state_dict
+
+Pooling = Literal["max", "avg"]
+
+# torchvision's ImageNet statistics: the backbones expect inputs normalized with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FeatureExtractor(nn.Module):
+    """A VGG ``features`` stack whose forward returns the activations of named layers.
+
+    Takes RGB images in [0, 1] and normalizes them itself. Frozen and in eval mode: only the
+    input image receives gradients.
+    """
+
+    def __init__(self, spec: BackboneSpec, layers: nn.Sequential) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layers = layers
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.layers.named_children())
+
+    def truncated(self, last_layer: str) -> FeatureExtractor:
+        """A view that stops after ``last_layer``: the layers after it are never run.
+
+        Shares parameters with ``self``, so truncating costs no memory.
+        """
+        names = self.layer_names
+        if last_layer not in names:
+            raise OptionError(f"{self.spec.name} has no layer {last_layer!r}", field="layers")
+        keep = names.index(last_layer) + 1
+        children = OrderedDict(list(self.layers.named_children())[:keep])
+        view = FeatureExtractor(self.spec, nn.Sequential(children))
+        view.mean, view.std = self.mean, self.std
+        return view
+
+    def forward(self, image: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+        wanted = set(layers)
+        features: dict[str, torch.Tensor] = {}
+        x = (image - self.mean) / self.std
+        for name, module in self.layers.named_children():
+            x = module(x)
+            if name in wanted:
+                features[name] = x
+                if len(features) == len(wanted):
+                    break
+        return features
+
+
+def build_layers(spec: BackboneSpec, pooling: Pooling) -> nn.Sequential:
+    """The untrained layers of ``spec``, named like ``conv1_1``, ``relu1_1``, ``pool1``."""
+    modules: list[nn.Module] = []
+    channels = 3
+    for item in spec.config:
+        if item == "M":
+            pool = nn.MaxPool2d if pooling == "max" else nn.AvgPool2d
+            modules.append(pool(kernel_size=2, stride=2))
+        else:
+            assert isinstance(item, int)
+            # Not in place: a captured relu output must survive the next layer.
+            modules += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU()]
+            channels = item
+    return nn.Sequential(OrderedDict(zip(spec.layer_names, modules, strict=True)))
+
+
+def seed_filters(layers: nn.Sequential, seed: int) -> None:
+    """Draw every filter from N(0, 2/fan_in) with a fixed seed (He et al., 2015).
+
+    That variance keeps the second moment of the activations constant through a ReLU
+    network, so the deep layers neither vanish nor explode and the default loss weights stay
+    usable; biases are zero.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for module in layers:
+        if isinstance(module, nn.Conv2d):
+            fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            with torch.no_grad():
+                module.weight.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
+                module.bias.zero_()
+
+
+def load_weights(layers: nn.Sequential, spec: BackboneSpec, locations: WeightsLocations) -> None:
+    state = load_feature_state_dict(spec, locations)
+    # torchvision numbers the modules of ``features``; ours are named. Same order.
+    indexed = {str(i): name for i, name in enumerate(spec.layer_names)}
+    renamed = {}
+    for key, value in state.items():
+        index, _, param = key.partition(".")
+        if index not in indexed:
+            raise WeightsError(f"unexpected key features.{key} for {spec.name}", field="backbone")
+        renamed[f"{indexed[index]}.{param}"] = value
+    expected = layers.state_dict()
+    missing = sorted(set(expected) - set(renamed))
+    if missing:
+        raise WeightsError(
+            f"the {spec.name} weights lack {len(missing)} tensors (first: {missing[0]})",
+            field="backbone",
+        )
+    for key, value in renamed.items():
+        if key in expected and value.shape != expected[key].shape:
+            raise WeightsError(
+                f"{spec.name} tensor {key} has shape {tuple(value.shape)}, "
+                f"expected {tuple(expected[key].shape)}",
+                field="backbone",
+            )
+    layers.load_state_dict({k: v for k, v in renamed.items() if k in expected})
+
+
+_cache: dict[tuple[str, str | None, str, str, bool], FeatureExtractor] = {}
+_cache_lock = threading.Lock()
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise OptionError(
+            f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}", field="backbone"
+        ) from None
+
+
+def load_backbone(
+    name: str,
+    *,
+    device: torch.device,
+    pooling: Pooling = "max",
+    channels_last: bool = False,
+    locations: WeightsLocations | None = None,
+) -> FeatureExtractor:
+    """The frozen feature extractor ``name`` on ``device``, built once per process.
+
+    Cached by name, weights file, pooling, device and memory format; parameters stay fp32
+    (lower precisions run through autocast). Raises :class:`WeightsError` when weights are
+    missing or fail their checksum.
+    """
+    spec = get_spec(name)
+    if pooling not in ("max", "avg"):
+        raise OptionError(f"pooling must be 'max' or 'avg', not {pooling!r}", field="pooling")
+    locations = locations or WeightsLocations.from_env()
+    weights_path: Path | None = locations.find(spec) if spec.needs_weights else None
+    key = (name, str(weights_path), pooling, str(device), channels_last)
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+        layers = build_layers(spec, pooling)
+        if spec.needs_weights:
+            load_weights(layers, spec, locations)
+        else:
+            assert spec.seed is not None
+            seed_filters(layers, spec.seed)
+        extractor = FeatureExtractor(spec, layers).to(device)
+        if channels_last:
+            extractor = extractor.to(memory_format=torch.channels_last)
+        _cache[key] = extractor
+        return extractor

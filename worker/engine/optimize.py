@@ -1,0 +1,369 @@
+"""The optimization loop behind :func:`worker.engine.stylize.stylize`."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.errors import OptionError
+from worker.engine.backbones import FeatureExtractor, load_backbone
+from worker.engine.checkpoint import Checkpoint
+from worker.engine.imaging import keep_original_colors, resize_to, to_pil, to_tensor
+from worker.engine.lbfgs import LBFGS
+from worker.engine.losses import (
+    ContentLoss,
+    StyleLoss,
+    TotalVariationLoss,
+    blend_grams,
+    gram_matrix,
+)
+from worker.engine.registry import BACKBONES
+from worker.engine.stylize import (
+    CheckpointCallback,
+    Iterate,
+    ProgressCallback,
+    Result,
+    pyramid,
+    smallest_side,
+)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda, then mps, then cpu; anything else must be a usable torch device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise OptionError(f"not a torch device: {name!r}", field="device") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("CUDA was asked for but is not available here", field="device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError("MPS was asked for but is not available here", field="device")
+    return device
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AMX-BF16 or AVX512-BF16).
+
+    Elsewhere oneDNN emulates bf16, which is slower than fp32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"
+
+
+@dataclass
+class Objective:
+    """The loss terms of one pyramid scale, with their targets computed once."""
+
+    extractor: FeatureExtractor
+    content_losses: dict[str, ContentLoss]
+    style_losses: dict[str, tuple[float, StyleLoss]]
+    tv_loss: TotalVariationLoss
+    weights: torch.Tensor  # (content, style, tv)
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys([*self.content_losses, *self.style_losses]))
+
+    def autocast(self, device: torch.device) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def features(self, image: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with self.autocast(image.device):
+            return self.extractor(image, layers)
+
+    def parts(self, image: torch.Tensor) -> torch.Tensor:
+        """Weighted (content, style, tv) as one fp32 tensor, so reading it costs one sync."""
+        features = self.features(image, self.layers)
+        zero = image.new_zeros((), dtype=torch.float32)
+        content = sum((loss(features[name]) for name, loss in self.content_losses.items()), zero)
+        style = sum(
+            (w * loss(features[name]) for name, (w, loss) in self.style_losses.items()), zero
+        )
+        unweighted = torch.stack([content, style, self.tv_loss(image)])
+        return unweighted * self.weights
+
+
+def build_objective(
+    extractor: FeatureExtractor,
+    options: dict[str, Any],
+    content: torch.Tensor,
+    styles: Sequence[torch.Tensor],
+    autocast_dtype: torch.dtype | None,
+    channels_last: bool,
+) -> Objective:
+    objective = Objective(
+        extractor=extractor,
+        content_losses={},
+        style_losses={},
+        tv_loss=TotalVariationLoss(),
+        weights=torch.tensor(
+            [options["content_weight"], options["style_weight"], options["tv_weight"]],
+            device=content.device,
+        ),
+        autocast_dtype=autocast_dtype,
+        channels_last=channels_last,
+    )
+    with torch.no_grad():
+        content_features = objective.features(content, options["content_layers"])
+        objective.content_losses = {
+            name: ContentLoss(content_features[name]) for name in options["content_layers"]
+        }
+        style_grams = [
+            {
+                name: gram_matrix(feature)
+                for name, feature in objective.features(style, options["style_layers"]).items()
+            }
+            for style in styles
+        ]
+        objective.style_losses = {
+            name: (
+                layer_weight,
+                StyleLoss(
+                    blend_grams([grams[name] for grams in style_grams], options["style_weights"])
+                ),
+            )
+            for name, layer_weight in zip(
+                options["style_layers"], options["style_layer_weights"], strict=True
+            )
+        }
+    return objective
+
+
+def initial_image(
+    options: dict[str, Any],
+    content: torch.Tensor,
+    first_style: Image.Image,
+    init_image: Image.Image | None,
+) -> torch.Tensor:
+    height, width = content.shape[-2:]
+    init = options["init"]
+    if init == "content":
+        return content.clone()
+    if init == "noise":
+        generator = torch.Generator().manual_seed(options["seed"])
+        return torch.rand(content.shape, generator=generator).to(content.device)
+    source = first_style if init == "style" else init_image
+    assert source is not None
+    tensor = to_tensor(source, long_side=max(height, width), device=content.device)
+    return resize_to(tensor, height, width)
+
+
+def finish_image(
+    image: torch.Tensor, content: torch.Tensor, options: dict[str, Any]
+) -> Image.Image:
+    if options["original_colors"]:
+        image = keep_original_colors(image, content)
+    return to_pil(image)
+
+
+def optimize(
+    *,
+    options: dict[str, Any],
+    content: Image.Image,
+    styles: list[Image.Image],
+    init_image: Image.Image | None,
+    device: str,
+    progress: ProgressCallback | None,
+    on_checkpoint: CheckpointCallback | None,
+    resume_from: Checkpoint | None,
+    started: float,
+) -> Result:
+    torch_device = resolve_device(device)
+    precision = resolve_precision(options["precision"], torch_device)
+    autocast_dtype = AUTOCAST_DTYPES.get(precision)
+    channels_last = autocast_dtype is not None
+    layer_order = BACKBONES[options["backbone"]].layer_names
+    deepest = max((*options["content_layers"], *options["style_layers"]), key=layer_order.index)
+    extractor = load_backbone(
+        options["backbone"],
+        device=torch_device,
+        pooling=options["pooling"],
+        channels_last=channels_last,
+    ).truncated(deepest)
+
+    total = options["iterations"]
+    plan = pyramid(options["size"], options["scales"], total)
+    done = resume_from.iteration if resume_from is not None else 0
+    preview_every, checkpoint_every = options["preview_every"], options["checkpoint_every"]
+    image: torch.Tensor | None = None
+    content_tensor: torch.Tensor | None = None
+    last: Iterate | None = None
+    stopped = False
+    scale_end = 0
+
+    for scale, (long_side, count) in enumerate(plan):
+        scale_end += count
+        if done >= scale_end:
+            continue  # finished before the checkpoint we resume from
+        content_tensor = to_tensor(content, long_side=long_side, device=torch_device)
+        height, width = content_tensor.shape[-2:]
+        style_tensors = [
+            to_tensor(style, long_side=_style_side(style, long_side, options), device=torch_device)
+            for style in styles
+        ]
+        objective = build_objective(
+            extractor, options, content_tensor, style_tensors, autocast_dtype, channels_last
+        )
+
+        optimizer_state: dict[str, np.ndarray] = {}
+        if image is not None:
+            image = resize_to(image, height, width)
+        elif resume_from is not None:
+            image = torch.from_numpy(resume_from.image).to(torch_device)
+            if resume_from.scale == scale:
+                optimizer_state = resume_from.optimizer_state
+            else:  # checkpointed at the last iteration of the previous scale
+                image = resize_to(image, height, width)
+        else:
+            image = initial_image(options, content_tensor, styles[0], init_image)
+        param = image.detach().clone().requires_grad_(True)
+        step = _Step(objective, param, options, optimizer_state)
+
+        while done < scale_end:
+            parts = step()
+            done += 1
+            loss_content, loss_style, loss_tv = parts.tolist()  # the iteration's one host sync
+            want_preview = done == total or (preview_every > 0 and done % preview_every == 0)
+            last = Iterate(
+                iteration=done,
+                total=total,
+                scale=scale,
+                scales=len(plan),
+                loss=loss_content + loss_style + loss_tv,
+                content=loss_content,
+                style=loss_style,
+                tv=loss_tv,
+                elapsed=time.perf_counter() - started,
+                preview=finish_image(param, content_tensor, options) if want_preview else None,
+            )
+            if progress is not None and progress(last):
+                stopped = done < total
+            due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < total
+            if on_checkpoint is not None and due:
+                on_checkpoint(_checkpoint(param, done, scale, options, step))
+            if stopped:
+                break
+        image = param.detach()
+        if stopped:
+            break
+
+    if image is None or content_tensor is None:  # resumed at the very end: nothing to run
+        raise OptionError("nothing left to run from this checkpoint", field="resume_from")
+    return Result(
+        image=finish_image(image, content_tensor, options),
+        iterations=done,
+        total=total,
+        stopped=stopped,
+        last=last,
+        seed=options["seed"],
+        device=str(torch_device),
+        precision=precision,
+        elapsed=time.perf_counter() - started,
+    )
+
+
+def _style_side(style: Image.Image, long_side: int, options: dict[str, Any]) -> int:
+    """The style's long side at a scale: ``style_scale`` times the scale's, but never so
+    small that the deepest style layer would have no pixel left."""
+    needed = smallest_side(options["backbone"], options["style_layers"])
+    aspect = max(style.size) / min(style.size)
+    return max(round(long_side * options["style_scale"]), math.ceil(needed * aspect))
+
+
+class _Step:
+    """One optimizer step on ``param``: returns the weighted loss parts it evaluated."""
+
+    def __init__(
+        self,
+        objective: Objective,
+        param: torch.Tensor,
+        options: dict[str, Any],
+        state: dict[str, np.ndarray],
+    ) -> None:
+        self.objective = objective
+        self.param = param
+        self.kind = options["optimizer"]
+        self.last_parts: torch.Tensor | None = None
+        if self.kind == "lbfgs":
+            self.lbfgs = LBFGS(param, lr=1.0, history_size=100)
+        else:
+            self.adam = torch.optim.Adam([param], lr=options["lr"])
+            if state:
+                # Adam keeps its step count on the CPU unless it runs "capturable".
+                self.adam.state[param] = {
+                    key: torch.from_numpy(value).to("cpu" if key == "step" else param.device)
+                    for key, value in state.items()
+                }
+
+    def closure(self) -> torch.Tensor:
+        self.param.grad = None
+        parts = self.objective.parts(self.param)
+        parts.sum().backward()
+        self.last_parts = parts.detach()
+        return self.last_parts
+
+    def __call__(self) -> torch.Tensor:
+        if self.kind == "lbfgs":
+            return self.lbfgs.step(self.closure)
+        parts = self.closure()
+        self.adam.step()
+        return parts
+
+    def state(self) -> dict[str, np.ndarray]:
+        if self.kind == "lbfgs":
+            return {}
+        return {
+            key: value.detach().cpu().numpy()
+            for key, value in self.adam.state.get(self.param, {}).items()
+        }
+
+
+def _checkpoint(
+    param: torch.Tensor, done: int, scale: int, options: dict[str, Any], step: _Step
+) -> Checkpoint:
+    return Checkpoint(
+        iteration=done,
+        scale=scale,
+        image=param.detach().float().cpu().numpy().copy(),
+        options=options,
+        seed=options["seed"],
+        optimizer_state=step.state(),
+    )

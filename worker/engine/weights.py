@@ -1,0 +1,152 @@
+"""Finding, checking and fetching a backbone's ImageNet weights.
+
+Looked up in this order: an explicit per-backbone file (``STYLEQUEUE_WEIGHTS_VGG19``), the
+weights directory (``STYLEQUEUE_WEIGHTS_DIR``), the torch hub cache
+(``$TORCH_HOME/hub/checkpoints``, where ``torchvision`` itself keeps them), and last a
+download into the hub cache, only when ``STYLEQUEUE_ALLOW_DOWNLOAD=1``. Nothing here
+downloads unless asked: workers load their backbone at start-up, and a machine without
+internet must fail with a message, not hang on a socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.hub
+
+from shared.errors import WeightsError
+from worker.engine.registry import BACKBONES, BackboneSpec
+
+
+def _env_key(name: str) -> str:
+    return "STYLEQUEUE_WEIGHTS_" + name.upper().replace("-", "_")
+
+
+@dataclass(frozen=True)
+class WeightsLocations:
+    """Where to look for weights files, and whether a download is allowed."""
+
+    weights_dir: Path | None = None
+    #: An explicit file per backbone name; wins over every other place.
+    paths: Mapping[str, Path] = field(default_factory=dict)
+    #: The full SHA-256 expected of a backbone's file, for weights other than torchvision's
+    #: (fine-tuned, converted). Without it the file name's published prefix is checked.
+    sha256: Mapping[str, str] = field(default_factory=dict)
+    allow_download: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WeightsLocations:
+        env = os.environ if environ is None else environ
+        paths = {n: Path(env[_env_key(n)]) for n in BACKBONES if env.get(_env_key(n))}
+        sha256 = {
+            n: env[_env_key(n) + "_SHA256"].lower()
+            for n in BACKBONES
+            if env.get(_env_key(n) + "_SHA256")
+        }
+        weights_dir = env.get("STYLEQUEUE_WEIGHTS_DIR")
+        return cls(
+            weights_dir=Path(weights_dir) if weights_dir else None,
+            paths=paths,
+            sha256=sha256,
+            allow_download=env.get("STYLEQUEUE_ALLOW_DOWNLOAD", "").lower() in ("1", "true", "yes"),
+        )
+
+    def candidates(self, spec: BackboneSpec) -> list[Path]:
+        """Every place the file of ``spec`` is looked for, in order."""
+        assert spec.weights_file is not None
+        places = []
+        if spec.name in self.paths:
+            places.append(self.paths[spec.name])
+        if self.weights_dir is not None:
+            places.append(self.weights_dir / spec.weights_file)
+        places.append(hub_checkpoints_dir() / spec.weights_file)
+        return places
+
+    def find(self, spec: BackboneSpec) -> Path | None:
+        return next((path for path in self.candidates(spec) if path.is_file()), None)
+
+
+def hub_checkpoints_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _missing_message(spec: BackboneSpec, locations: WeightsLocations) -> str:
+    looked = ", ".join(str(p) for p in locations.candidates(spec))
+    return (
+        f"the {spec.name} weights ({spec.weights_file}) were not found; looked in: {looked}. "
+        f"Get them with `stylequeue weights fetch {spec.name}` on a machine with internet "
+        f"(or download {spec.weights_url} into STYLEQUEUE_WEIGHTS_DIR), or use the offline "
+        "backbone `vgg19-random`"
+    )
+
+
+def verify_checksum(spec: BackboneSpec, path: Path, locations: WeightsLocations) -> None:
+    digest = sha256_of(path)
+    expected = locations.sha256.get(spec.name)
+    if expected is not None:
+        ok, shown = digest == expected, expected
+    else:
+        assert spec.sha256_prefix is not None
+        ok, shown = digest.startswith(spec.sha256_prefix), spec.sha256_prefix + "…"
+    if not ok:
+        raise WeightsError(
+            f"checksum mismatch for {path}: SHA-256 {digest[:16]}… but {spec.name} expects "
+            f"{shown}; the file is corrupt or not torchvision's {spec.weights_file}. Delete it "
+            f"and run `stylequeue weights fetch {spec.name}`",
+            field="backbone",
+        )
+
+
+def fetch_weights(spec: BackboneSpec, locations: WeightsLocations) -> Path:
+    """Download ``spec``'s weights into the weights directory (or the hub cache)."""
+    if not spec.needs_weights:
+        raise WeightsError(f"{spec.name} needs no weights file", field="backbone")
+    assert spec.weights_file and spec.weights_url
+    target_dir = locations.weights_dir or hub_checkpoints_dir()
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / spec.weights_file
+    try:
+        torch.hub.download_url_to_file(
+            spec.weights_url, str(target), hash_prefix=spec.sha256_prefix, progress=True
+        )
+    except (OSError, RuntimeError) as exc:
+        raise WeightsError(
+            f"could not download {spec.weights_url}: {exc}", field="backbone"
+        ) from exc
+    return target
+
+
+def load_feature_state_dict(
+    spec: BackboneSpec, locations: WeightsLocations
+) -> dict[str, torch.Tensor]:
+    """The ``features.*`` tensors of ``spec``'s torchvision checkpoint, checksum verified."""
+    path = locations.find(spec)
+    if path is None:
+        if not locations.allow_download:
+            raise WeightsError(_missing_message(spec, locations), field="backbone")
+        path = fetch_weights(spec, locations)
+    verify_checksum(spec, path, locations)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise WeightsError(f"cannot read {path} as a state dict: {exc}", field="backbone") from exc
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state dict", field="backbone")
+    return {
+        key.removeprefix("features."): value
+        for key, value in state.items()
+        if key.startswith("features.")
+    }
