@@ -99,3 +99,21 @@ def test_lbfgs_takes_the_same_steps_as_torch_lbfgs() -> None:
     reference.step(torch_closure)
     torch.testing.assert_close(ours_x, torch_x, atol=1e-4, rtol=1e-4)
     assert objective(ours_x).item() < first.item()
+
+
+def test_bounded_lbfgs_stays_in_its_box_and_finds_the_constrained_minimum() -> None:
+    # Minimum of Σ (x - t)² with t partly outside [0, 1]: x = clamp(t, 0, 1).
+    target = torch.tensor([-0.5, 0.25, 0.5, 1.75])
+    x = torch.full((4,), 0.5, requires_grad=True)
+    optimizer = LBFGS(x, bounds=(0.0, 1.0))
+
+    def closure() -> torch.Tensor:
+        x.grad = None
+        loss = (x - target).pow(2).sum()
+        loss.backward()
+        return loss.detach()
+
+    for _ in range(20):
+        optimizer.step(closure)
+        assert x.min().item() >= 0.0 and x.max().item() <= 1.0
+    torch.testing.assert_close(x.detach(), target.clamp(0, 1), atol=1e-5, rtol=0)

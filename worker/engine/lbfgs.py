@@ -8,6 +8,11 @@ line_search_fn=None)`` called repeatedly, but keeps every decision on the device
 no-op in the two-loop recursion, instead of being skipped by a Python ``if``. The one
 remaining difference: ``torch.optim.LBFGS`` keeps the last ``history_size`` *valid* pairs,
 this keeps the pairs of the last ``history_size`` steps.
+
+With ``bounds`` it is a projected method: after each step the parameter is clamped into the
+box, the curvature pairs use the step actually taken, and gradient components that push a
+value already at a bound further out are zeroed, so that pixels pinned at 0 or 1 do not
+corrupt the curvature estimate. Without the zeroing, clamping alone made runs diverge.
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ class LBFGS:
         lr: float = 1.0,
         history_size: int = 100,
         tolerance_change: float = 1e-9,
+        bounds: tuple[float, float] | None = None,
     ) -> None:
         self.param = param
+        self.bounds = bounds
+        self.prev_param: torch.Tensor | None = None
         self.lr = lr
         self.tolerance_change = tolerance_change
         self.history: deque[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = deque(
@@ -45,6 +53,8 @@ class LBFGS:
             loss = closure()
         assert self.param.grad is not None
         grad = self.param.grad.detach().reshape(-1).float()
+        if self.bounds is not None:
+            grad = self._projected(grad)
         if self.prev_grad is None:
             direction = grad.neg()
             # As torch.optim.LBFGS: a first step of length at most lr along -g/|g|₁.
@@ -53,7 +63,9 @@ class LBFGS:
         else:
             assert self.direction is not None and self.step_length is not None
             y = grad - self.prev_grad
-            s = self.direction * self.step_length
+            # The step actually taken: equal to direction·length, unless the caller projected
+            # the parameter back into its box after the step (see ``project``).
+            s = self.param.detach().reshape(-1).float() - self.prev_param
             ys = y.dot(s)
             valid = ys > 1e-10
             rho = torch.where(valid, 1.0 / torch.where(valid, ys, 1.0), 0.0)
@@ -64,11 +76,26 @@ class LBFGS:
         # Step only along a descent direction; torch.optim.LBFGS breaks out instead.
         descent = grad.dot(direction) <= -self.tolerance_change
         step_length = torch.where(descent, step_length, 0.0)
+        self.prev_param = self.param.detach().reshape(-1).float().clone()
         self.param.add_((direction * step_length).view_as(self.param))
+        if self.bounds is not None:
+            self.param.clamp_(*self.bounds)
         self.prev_grad = grad
         self.direction = direction
         self.step_length = step_length
         return loss
+
+    def _projected(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient with the components that push a pixel out of its box set to zero.
+
+        A pixel at a bound whose descent direction leaves the box cannot move: letting its
+        gradient into the curvature pairs would only corrupt them.
+        """
+        assert self.bounds is not None
+        low, high = self.bounds
+        x = self.param.detach().reshape(-1)
+        blocked = ((x <= low) & (grad > 0)) | ((x >= high) & (grad < 0))
+        return torch.where(blocked, 0.0, grad)
 
     def _two_loop(self, grad: torch.Tensor) -> torch.Tensor:
         q = grad.neg()

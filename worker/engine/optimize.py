@@ -323,7 +323,7 @@ class _Step:
         self.kind = options["optimizer"]
         self.last_parts: torch.Tensor | None = None
         if self.kind == "lbfgs":
-            self.lbfgs = LBFGS(param, lr=1.0, history_size=100)
+            self.lbfgs = LBFGS(param, lr=1.0, history_size=100, bounds=(0.0, 1.0))
         else:
             self.adam = torch.optim.Adam([param], lr=options["lr"])
             if state:
@@ -345,6 +345,8 @@ class _Step:
             return self.lbfgs.step(self.closure)
         parts = self.closure()
         self.adam.step()
+        with torch.no_grad():
+            self.param.clamp_(0.0, 1.0)
         return parts
 
     def state(self) -> dict[str, np.ndarray]:

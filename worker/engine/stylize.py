@@ -118,6 +118,10 @@ def stylize(
     normalization), plus a total-variation term:
     L = content_weight·L_content + style_weight·Σ_l w_l·L_style,l + tv_weight·L_tv.
 
+    Unlike Gatys et al., who optimize unconstrained pixels, the pixels stay in [0, 1] (a
+    projected step for both optimizers): the image a user gets is clamped anyway, and
+    optimizing what is delivered reaches a lower loss on it (``docs/benchmarks.md``).
+
     Args:
         content: the photo; the output has its aspect ratio.
         styles: one or more style images.

@@ -1,0 +1,140 @@
+"""Finding and checking ImageNet weights, with a file in torchvision's format written here.
+
+The file has torchvision's keys and shapes and random values: no real weights can be
+downloaded on these machines, and none are needed to test the lookup, the checksum and the
+loading.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from shared.errors import WeightsError
+from worker.engine import stylize
+from worker.engine.backbones import load_backbone
+from worker.engine.registry import BACKBONES
+from worker.engine.weights import WeightsLocations, sha256_of
+
+VGG19 = BACKBONES["vgg19"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def torchvision_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A VGG19 state dict as torchvision saves it (features.* and classifier.*)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / VGG19.weights_file
+    torch.save(torchvision.models.vgg19(weights=None).state_dict(), path)
+    return path, sha256_of(path)
+
+
+@pytest.fixture(autouse=True)
+def isolated_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache and no STYLEQUEUE_WEIGHTS_* variables."""
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))
+    for name in list(os.environ):
+        if name.startswith("STYLEQUEUE_WEIGHTS") or name == "STYLEQUEUE_ALLOW_DOWNLOAD":
+            monkeypatch.delenv(name)
+    return hub
+
+
+def test_loads_torchvision_format_from_the_weights_dir(
+    torchvision_file: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, digest = torchvision_file
+    monkeypatch.setenv("STYLEQUEUE_WEIGHTS_DIR", str(path.parent))
+    monkeypatch.setenv("STYLEQUEUE_WEIGHTS_VGG19_SHA256", digest)
+    backbone = load_backbone("vgg19", device=CPU, locations=WeightsLocations.from_env())
+    state = torch.load(path, weights_only=True)
+    torch.testing.assert_close(backbone.layers.conv1_1.weight, state["features.0.weight"])
+    torch.testing.assert_close(backbone.layers.conv5_4.bias, state["features.34.bias"])
+    assert not any(p.requires_grad for p in backbone.parameters())
+    # Once per process: the same file gives the same module, without reading it again.
+    assert load_backbone("vgg19", device=CPU, locations=WeightsLocations.from_env()) is backbone
+
+    # And the engine runs with it, finding it through the same settings.
+    image = Image.new("RGB", (32, 32), (120, 80, 40))
+    result = stylize(content=image, styles=[image], size=32, iterations=2, device="cpu")
+    assert result.image.size == (32, 32)
+
+
+def test_found_in_the_torch_hub_cache(
+    torchvision_file: tuple[Path, str], isolated_lookup: Path
+) -> None:
+    path, digest = torchvision_file
+    cached = isolated_lookup / "checkpoints" / VGG19.weights_file
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(path)
+    locations = WeightsLocations(sha256={"vgg19": digest})
+    assert locations.find(VGG19) == cached
+    assert load_backbone("vgg19", device=CPU, locations=locations).layers.conv1_1.weight.shape == (
+        64,
+        3,
+        3,
+        3,
+    )
+
+
+def test_an_explicit_file_wins_over_the_directories(tmp_path: Path, isolated_lookup: Path) -> None:
+    explicit = tmp_path / "mine.pth"
+    explicit.write_bytes(b"x")
+    in_dir = tmp_path / "dir" / VGG19.weights_file
+    in_dir.parent.mkdir()
+    in_dir.write_bytes(b"y")
+    locations = WeightsLocations.from_env(
+        {"STYLEQUEUE_WEIGHTS_VGG19": str(explicit), "STYLEQUEUE_WEIGHTS_DIR": str(in_dir.parent)}
+    )
+    assert locations.candidates(VGG19) == [
+        explicit,
+        in_dir,
+        isolated_lookup / "checkpoints" / VGG19.weights_file,
+    ]
+    assert locations.find(VGG19) == explicit
+
+
+def test_missing_weights_name_the_file_the_places_and_the_fix(tmp_path: Path) -> None:
+    locations = WeightsLocations(weights_dir=tmp_path / "empty")
+    with pytest.raises(WeightsError) as caught:
+        load_backbone("vgg19", device=CPU, locations=locations)
+    message = str(caught.value)
+    assert "vgg19-dcbb9e9d.pth" in message
+    assert str(tmp_path / "empty") in message
+    assert "hub" in message
+    assert "stylequeue weights fetch vgg19" in message
+
+
+def test_a_file_failing_the_published_checksum_is_refused(
+    torchvision_file: tuple[Path, str], tmp_path: Path
+) -> None:
+    # The right name, keys and shapes, but not torchvision's bytes: its SHA-256 does not
+    # start with the "dcbb9e9d" published in the name.
+    path, digest = torchvision_file
+    assert not digest.startswith(VGG19.sha256_prefix)
+    copy = tmp_path / VGG19.weights_file
+    shutil.copyfile(path, copy)
+    with pytest.raises(WeightsError, match=r"checksum mismatch.*expects dcbb9e9d"):
+        load_backbone("vgg19", device=CPU, locations=WeightsLocations(weights_dir=tmp_path))
+    wrong = WeightsLocations(weights_dir=tmp_path, sha256={"vgg19": "0" * 64})
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        load_backbone("vgg19", device=CPU, locations=wrong)
+
+
+def test_a_state_dict_of_the_wrong_network_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "vgg16-as-vgg19.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, path)
+    locations = WeightsLocations(paths={"vgg19": path}, sha256={"vgg19": sha256_of(path)})
+    with pytest.raises(WeightsError, match="lack"):
+        load_backbone("vgg19", device=CPU, locations=locations)
+
+
+def test_downloads_only_when_allowed() -> None:
+    assert not WeightsLocations.from_env({}).allow_download
+    assert WeightsLocations.from_env({"STYLEQUEUE_ALLOW_DOWNLOAD": "1"}).allow_download
