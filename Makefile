@@ -3,9 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SAMPLES ?= ../shared/images
 
-.PHONY: run test lint bench clean install
+.PHONY: run test demo lint bench clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,16 +20,21 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+demo: $(STAMP)
+	mkdir -p var
+	$(BIN)/stylequeue run ../shared/images/content/tubingen.jpg \
+		../shared/images/style/starry_night.jpg --backbone vgg19-random --size 256 \
+		--iterations 100 --log-every 20 -o var/demo.png
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Until the job service lands (issue 2/5), `make run` stylizes the sample photo on this
-# machine with the offline backbone and writes var/demo.png.
+# The whole service on embedded defaults: a SQLite file and files under ./var, the Redis at
+# STYLEQUEUE_REDIS_URL if one answers (else an embedded one), one worker, the web server on
+# HOST:PORT (default 127.0.0.1:5000). Ctrl-C stops everything.
 run: $(STAMP)
-	mkdir -p var
-	$(BIN)/stylequeue run $(SAMPLES)/content/tubingen.jpg $(SAMPLES)/style/starry_night.jpg \
-		--backbone vgg19-random --size 256 --iterations 100 --log-every 20 -o var/demo.png
+	$(BIN)/stylequeue serve
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py

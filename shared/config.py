@@ -1,7 +1,8 @@
 """Settings read from ``STYLEQUEUE_*`` environment variables, with embedded defaults.
 
 Every process (command line, web, worker) builds its settings the same way, so one set of
-variables configures the whole service.
+variables configures the whole service. The defaults run everything on one machine: a
+SQLite file and files under ``./var``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,33 @@ PREFIX = "STYLEQUEUE_"
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
+    #: SQLAlchemy URL of the job database.
+    database_url: str = "sqlite:///var/stylequeue.db"
+    #: The Celery broker, and where workers publish their heartbeats and cancel flags.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Where files live (uploads, results, previews, checkpoints).
+    data_dir: Path = Path("var")
     #: Largest accepted image file, in bytes.
     max_image_bytes: int = 20 * 1024 * 1024
     #: Largest accepted image, in pixels (width × height), checked before decoding.
     max_image_pixels: int = 40_000_000
-    #: Largest output long side, in pixels.
+    #: Largest output long side a job may ask for, in pixels.
     max_size: int = 2048
-    #: Where files live (uploads, results, previews, checkpoints).
-    data_dir: Path = Path("var")
+    #: Most iterations a job may ask for.
+    max_iterations: int = 5000
+    #: Loss points are written at least this often (seconds), never one commit per iteration.
+    loss_flush_seconds: float = 0.5
+    #: A job saves a preview every N iterations and a checkpoint every M.
+    preview_every: int = 10
+    checkpoint_every: int = 50
+    #: The longest a job may run; the broker's visibility timeout is set above it.
+    max_job_seconds: int = 6 * 3600
+    #: Name of the queue jobs are sent to.
+    queue: str = "stylequeue"
+    #: The torch device a worker runs jobs on (``auto``: cuda, then mps, then cpu).
+    device: str = "auto"
+    #: A worker's name in heartbeats and in the jobs it runs (default: host and pid).
+    worker_name: str = ""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -44,3 +64,7 @@ class Settings:
                 ) from exc
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
+
+    def environ(self) -> dict[str, str]:
+        """These settings as ``STYLEQUEUE_*`` variables, for a child process."""
+        return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}

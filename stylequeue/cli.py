@@ -63,11 +63,15 @@ def _str_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+def _add_engine_flags(
+    parser: argparse.ArgumentParser, only: Sequence[str] | None = None, suppress: bool = False
+) -> None:
+    """One flag per ``stylize`` parameter (those in ``only``); with ``suppress``, a flag not
+    given is left out of the namespace, so the server applies its own defaults."""
     hints = typing.get_type_hints(stylize)
     helps = _docstring_args(stylize)
     for name, param in inspect.signature(stylize).parameters.items():
-        if name in NOT_FLAGS:
+        if name in NOT_FLAGS or (only is not None and name not in only):
             continue
         flag = "--" + name.replace("_", "-")
         hint = hints[name]
@@ -98,6 +102,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         elif float in args or hint in (Sequence[float], Sequence[float] | None):
             kwargs["type"] = _float_list
             kwargs["metavar"] = "W,W"
+        if suppress:
+            kwargs["default"] = argparse.SUPPRESS
         parser.add_argument(flag, dest=name, **kwargs)
 
 
@@ -129,12 +135,108 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=command_run)
 
+    _add_service_commands(commands)
+
     weights = commands.add_parser("weights", help="list the backbones and their weights")
     weights_commands = weights.add_subparsers(dest="weights_command", metavar="ACTION")
     fetch = weights_commands.add_parser("fetch", help="download a backbone's weights")
     fetch.add_argument("name", choices=[n for n, s in BACKBONES.items() if s.needs_weights])
     weights.set_defaults(handler=command_weights)
     return parser
+
+
+def _add_service_commands(commands: Any) -> None:
+    from shared.jobs import JOB_OPTIONS
+
+    default_host = os.environ.get("HOST", "127.0.0.1")
+    default_port = int(os.environ.get("PORT", "5000"))
+    for name, help_text in (
+        ("web", "run the web front end and API"),
+        ("serve", "run everything on this machine: Redis if needed, a worker, the web"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--host", default=default_host, help="(default: $HOST or 127.0.0.1)")
+        command.add_argument(
+            "--port", type=int, default=default_port, help="(default: $PORT or 5000)"
+        )
+        command.set_defaults(handler=command_web if name == "web" else command_serve)
+
+    worker = commands.add_parser("worker", help="run a worker (one per GPU)")
+    worker.add_argument("--name", help="the worker's name (default: host:pid)")
+    worker.set_defaults(handler=command_worker)
+
+    db = commands.add_parser("db", help="manage the job database")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_commands.add_parser("upgrade", help="migrate to the latest schema")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    downgrade = db_commands.add_parser("downgrade", help="migrate back to a revision")
+    downgrade.add_argument("revision")
+    db.set_defaults(handler=command_db)
+
+    submit = commands.add_parser(
+        "submit", help="submit a job to a server", description="Submit a job to a server."
+    )
+    submit.add_argument("content", metavar="CONTENT", type=Path)
+    submit.add_argument("styles", metavar="STYLE", nargs="*", type=Path)
+    submit.add_argument("--preset", action="append", default=[], help="a style preset's name")
+    submit.add_argument("--style-weights", metavar="W,W", help="blend weights of the styles")
+    submit.add_argument(
+        "--server", default=os.environ.get("STYLEQUEUE_SERVER", "http://127.0.0.1:5000")
+    )
+    submit.add_argument("--wait", action="store_true", help="follow the job and save the result")
+    submit.add_argument("-o", "--output", type=Path, help="where --wait saves the PNG")
+    _add_engine_flags(submit, only=JOB_OPTIONS, suppress=True)
+    submit.set_defaults(handler=command_submit)
+
+
+def command_web(args: argparse.Namespace) -> int:
+    from stylequeue.service import run_web
+
+    run_web(args.host, args.port)
+    return 0
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from stylequeue.service import serve
+
+    return serve(args.host, args.port)
+
+
+def command_worker(args: argparse.Namespace) -> int:
+    from stylequeue.service import run_worker
+
+    run_worker(Settings.from_env(), args.name)
+    return 0
+
+
+def command_db(args: argparse.Namespace) -> int:
+    from shared.migrate import downgrade, upgrade
+
+    url = Settings.from_env().database_url
+    if args.db_command == "upgrade":
+        upgrade(url, args.revision)
+    else:
+        downgrade(url, args.revision)
+    print(f"database {url}: at {args.revision}")
+    return 0
+
+
+def command_submit(args: argparse.Namespace) -> int:
+    from shared.jobs import JOB_OPTIONS
+    from stylequeue.submit import submit_and_wait
+
+    options: dict[str, str] = {}
+    for name in JOB_OPTIONS:
+        if hasattr(args, name):
+            value = getattr(args, name)
+            options[name] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if args.style_weights:
+        options["style_weights"] = args.style_weights
+    if args.preset:
+        options["style_preset"] = ",".join(args.preset)
+    if not args.styles and not args.preset:
+        raise StylequeueError("give a STYLE image or --preset NAME", field="style")
+    return submit_and_wait(args.server, args.content, args.styles, options, args.output, args.wait)
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:

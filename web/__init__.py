@@ -1,1 +1,34 @@
-"""The Flask front end (web form and JSON API): arrives with the job-service milestone."""
+"""The Flask front end: the web form and pages, and the JSON API.
+
+It never imports torch: it validates with ``shared`` (and the engine's light signature
+module), stores inputs, writes the job row and sends the task to Redis by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from shared.config import Settings
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """The application; ``test_config`` may hold ``SETTINGS`` (a :class:`Settings`)."""
+    app = Flask(__name__)
+    settings = Settings.from_env()
+    if test_config is not None:
+        app.config.update(test_config)
+        settings = app.config.get("SETTINGS", settings)
+    app.config["SETTINGS"] = settings
+    # Room for a content image and a few style images in one request.
+    app.config.setdefault("MAX_CONTENT_LENGTH", settings.max_image_bytes * 6)
+
+    from web import api, pages
+    from web.extensions import services
+
+    services.init_app(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(pages.bp)
+    return app

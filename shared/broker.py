@@ -1,0 +1,46 @@
+"""What the web and the workers exchange through Redis besides Celery messages.
+
+- Cancel flags: ``stylequeue:cancel:<job id>``, set by the API, read by the worker every
+  iteration (one GET, far cheaper than a database query).
+- Worker heartbeats: ``stylequeue:worker:<name>``, a JSON record with a short TTL that
+  each worker refreshes; ``/readyz`` and the web form read them (live workers, and which
+  backbones they can run).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+CANCEL_PREFIX = "stylequeue:cancel:"
+WORKER_PREFIX = "stylequeue:worker:"
+HEARTBEAT_TTL_SECONDS = 15
+#: Task name the web sends jobs under; the worker registers its task with it.
+RUN_JOB_TASK = "stylequeue.run_job"
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+
+
+def request_cancel(client: redis.Redis, job_id: str) -> None:
+    client.set(CANCEL_PREFIX + job_id, "1", ex=24 * 3600)
+
+
+def cancel_requested(client: redis.Redis, job_id: str) -> bool:
+    return bool(client.exists(CANCEL_PREFIX + job_id))
+
+
+def publish_heartbeat(client: redis.Redis, name: str, record: dict[str, Any]) -> None:
+    client.set(WORKER_PREFIX + name, json.dumps(record), ex=HEARTBEAT_TTL_SECONDS)
+
+
+def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
+    records = []
+    for key in client.scan_iter(WORKER_PREFIX + "*"):
+        raw = client.get(key)
+        if raw:
+            records.append(json.loads(raw))
+    return records

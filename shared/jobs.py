@@ -1,0 +1,209 @@
+"""Job requests: parse and validate a submission, store its images, create its row.
+
+Used by the API and the web form alike. Validation happens before anything is written: a
+rejected request leaves no row and no file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import typing
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shared.config import Settings
+from shared.errors import OptionError
+from shared.images import decode_image
+from shared.models import Job, JobStatus, JobStyle, StoredImage
+from shared.presets import presets
+from shared.storage import Storage
+from worker.engine.stylize import INIT_CHOICES, check_options, defaults, stylize
+
+#: Engine options a job may set, by the name of ``stylize``'s parameter.
+JOB_OPTIONS = (
+    "style_scale", "size", "scales", "iterations", "content_weight", "style_weight",
+    "tv_weight", "content_layers", "style_layers", "style_layer_weights", "init", "optimizer",
+    "lr", "backbone", "pooling", "original_colors", "seed", "precision",
+)  # fmt: skip
+FORM_FIELDS = {"content", "style", "style_preset", "style_weights", *JOB_OPTIONS}
+
+
+@dataclass
+class Upload:
+    field: str
+    filename: str
+    data: bytes
+
+
+@dataclass
+class JobRequest:
+    """A validated submission: decoded images and normalized options."""
+
+    content: tuple[bytes, Image.Image]
+    styles: list[tuple[bytes, Image.Image, str | None]]  # bytes, image, preset name
+    options: dict[str, Any]
+    style_weights: list[float] = field(default_factory=list)
+
+
+def _parse_value(name: str, raw: str) -> Any:
+    """One form value, typed after ``stylize``'s annotation of ``name``."""
+    hint = typing.get_type_hints(stylize)[name]
+    args = typing.get_args(hint)
+    text = raw.strip()
+    try:
+        if hint is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        if hint in (int, int | None):
+            return None if text in ("", "auto") and hint is not int else int(text)
+        if hint is float:
+            return float(text)
+        if name in ("content_layers", "style_layers"):
+            return [part.strip() for part in text.split(",") if part.strip()]
+        if float in args or name == "style_layer_weights":
+            return None if text == "" else [float(part) for part in text.split(",")]
+        return text
+    except ValueError:
+        raise OptionError(f"cannot read {raw!r} as {hint}", field=name) from None
+
+
+def parse_options(form: Mapping[str, str]) -> dict[str, Any]:
+    """The engine options in ``form`` over ``stylize``'s defaults (not yet validated)."""
+    values = {name: value for name, value in defaults().items() if name in JOB_OPTIONS}
+    for name in JOB_OPTIONS:
+        raw = form.get(name)
+        if raw is not None and (raw.strip() != "" or name in ("seed", "scales")):
+            values[name] = _parse_value(name, raw)
+    return values
+
+
+def parse_request(
+    form: Mapping[str, Sequence[str]], uploads: Sequence[Upload], settings: Settings
+) -> JobRequest:
+    """Validate a submission: fields, options, images. Raises a :class:`StylequeueError`."""
+    unknown = sorted(set(form) - FORM_FIELDS)
+    if unknown:
+        raise OptionError(f"unknown field {unknown[0]!r}", field=unknown[0])
+    single = {name: values[-1] for name, values in form.items() if values}
+    options = parse_options(single)
+    if options["init"] not in INIT_CHOICES:
+        raise OptionError(f"must be one of {', '.join(INIT_CHOICES)}", field="init")
+
+    limits = {"max_bytes": settings.max_image_bytes, "max_pixels": settings.max_image_pixels}
+    contents = [u for u in uploads if u.field == "content"]
+    if len(contents) != 1:
+        raise OptionError("exactly one content image is needed", field="content")
+    content_bytes = contents[0].data
+    content = (content_bytes, decode_image(content_bytes, name="content", **limits))
+
+    styles: list[tuple[bytes, Image.Image, str | None]] = []
+    for upload in uploads:
+        if upload.field == "style":
+            styles.append((upload.data, decode_image(upload.data, name="style", **limits), None))
+        elif upload.field != "content":
+            raise OptionError(f"unexpected file field {upload.field!r}", field=upload.field)
+    available = presets()
+    for name in (n for value in form.get("style_preset", []) for n in value.split(",") if n):
+        if name not in available:
+            raise OptionError(
+                f"no preset {name!r}; choose one of {', '.join(available)}", field="style_preset"
+            )
+        data = available[name].path.read_bytes()
+        styles.append((data, decode_image(data, name="style_preset", **limits), name))
+    if not styles:
+        raise OptionError("give a style image or a style_preset", field="style")
+
+    weights_text = single.get("style_weights", "").strip()
+    try:
+        style_weights = [float(w) for w in weights_text.split(",")] if weights_text else None
+    except ValueError:
+        raise OptionError(
+            f"cannot read {weights_text!r} as numbers", field="style_weights"
+        ) from None
+    checked = check_options(
+        styles=len(styles),
+        style_weights=style_weights,
+        preview_every=0,
+        checkpoint_every=0,
+        max_size=settings.max_size,
+        **{k: v for k, v in options.items() if k != "original_colors"},
+    )
+    if checked["iterations"] > settings.max_iterations:
+        raise OptionError(
+            f"must be at most {settings.max_iterations} on this service", field="iterations"
+        )
+    checked["original_colors"] = bool(options["original_colors"])
+    for name in ("preview_every", "checkpoint_every"):
+        checked.pop(name)
+    return JobRequest(
+        content=content,
+        styles=styles,
+        options=checked,
+        style_weights=checked.pop("style_weights"),
+    )
+
+
+def store_image(session: Session, storage: Storage, data: bytes, image: Image.Image) -> str:
+    """Store ``data`` once under its SHA-256; returns the hash."""
+    digest = hashlib.sha256(data).hexdigest()
+    if session.get(StoredImage, digest) is None:
+        key = f"images/{digest[:2]}/{digest}"
+        if not storage.exists(key):
+            storage.put(key, data)
+        session.add(
+            StoredImage(
+                sha256=digest,
+                storage_key=key,
+                width=image.width,
+                height=image.height,
+                size_bytes=len(data),
+            )
+        )
+        session.flush()
+    return digest
+
+
+def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
+    """Store the images and add the job row (queued); the caller commits and enqueues."""
+    content_sha = store_image(session, storage, *request.content)
+    job = Job(
+        id=uuid.uuid4(),
+        status=JobStatus.QUEUED,
+        params=request.options,
+        content_sha256=content_sha,
+        total=request.options["iterations"],
+        iteration=0,
+        attempts=0,
+        cancel_requested=False,
+    )
+    for position, ((data, image, preset), weight) in enumerate(
+        zip(request.styles, request.style_weights, strict=True)
+    ):
+        job.styles.append(
+            JobStyle(
+                position=position,
+                image_sha256=store_image(session, storage, data, image),
+                weight=weight,
+                preset=preset,
+            )
+        )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def queue_position(session: Session, job: Job) -> int:
+    """1 for the next job to start."""
+    earlier = select(func.count()).where(
+        Job.status == JobStatus.QUEUED, Job.created_at < job.created_at
+    )
+    return int(session.scalar(earlier) or 0) + 1

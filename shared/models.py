@@ -1,0 +1,120 @@
+"""The job database: jobs, their loss curves and their input images.
+
+The ``jobs`` row is the job's truth: status, progress, latest loss, errors and the keys of
+its files in storage. Celery's result backend is not used as a record.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, Uuid
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from shared.db import Base
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class StoredImage(Base):
+    """An input image, stored once by the SHA-256 of its bytes."""
+
+    __tablename__ = "images"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    storage_key: Mapped[str] = mapped_column(String(200))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_created_at", "status", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    #: The engine options of the job, as ``check_options`` normalized them.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    content_sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    iteration: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer)
+    #: Seconds the current attempt had run at ``iteration``: the base of the ETA.
+    elapsed: Mapped[float | None] = mapped_column(Float)
+    loss_total: Mapped[float | None] = mapped_column(Float)
+    loss_content: Mapped[float | None] = mapped_column(Float)
+    loss_style: Mapped[float | None] = mapped_column(Float)
+    loss_tv: Mapped[float | None] = mapped_column(Float)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str | None] = mapped_column(String(64))
+    result_key: Mapped[str | None] = mapped_column(String(200))
+    preview_key: Mapped[str | None] = mapped_column(String(200))
+    #: Iteration of the latest saved preview: lets the event stream announce new ones.
+    preview_iteration: Mapped[int | None] = mapped_column(Integer)
+    checkpoint_key: Mapped[str | None] = mapped_column(String(200))
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+
+    styles: Mapped[list[JobStyle]] = relationship(
+        order_by="JobStyle.position", cascade="all, delete-orphan", lazy="selectin"
+    )
+
+    @property
+    def job_status(self) -> JobStatus:
+        return JobStatus(self.status)
+
+
+class JobStyle(Base):
+    """One style image of a job, in order, with its blend weight."""
+
+    __tablename__ = "job_styles"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"))
+    weight: Mapped[float] = mapped_column(Float)
+    #: The preset's name when the style came from the gallery.
+    preset: Mapped[str | None] = mapped_column(String(64))
+
+
+class LossPoint(Base):
+    """The loss of one iteration of one job; (job, iteration) is the primary key."""
+
+    __tablename__ = "loss_points"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    iteration: Mapped[int] = mapped_column(Integer, primary_key=True)
+    total: Mapped[float] = mapped_column(Float)
+    content: Mapped[float] = mapped_column(Float)
+    style: Mapped[float] = mapped_column(Float)
+    tv: Mapped[float] = mapped_column(Float)
+    elapsed: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,113 @@
+"""``stylequeue submit``: send a job to a server, follow its event stream, save the result."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from shared.errors import StylequeueError
+
+
+class ServerError(StylequeueError):
+    code = "server_error"
+
+
+def _check(response: requests.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code >= 400:
+        error = body.get("error", {})
+        field = error.get("field")
+        message = error.get("message") or f"HTTP {response.status_code}"
+        raise ServerError(message, field=field)
+    return body  # type: ignore[no-any-return]
+
+
+def submit(
+    server: str, content: Path, styles: Sequence[Path], options: dict[str, str]
+) -> dict[str, Any]:
+    for path in (content, *styles):
+        if not path.is_file():
+            raise StylequeueError(f"no such file: {path}")
+    with ExitStack() as stack:
+        files = [("content", (content.name, stack.enter_context(content.open("rb"))))]
+        files += [("style", (p.name, stack.enter_context(p.open("rb")))) for p in styles]
+        try:
+            response = requests.post(f"{server}/api/jobs", files=files, data=options, timeout=60)
+        except requests.RequestException as error:
+            raise ServerError(f"cannot reach {server}: {error}") from None
+    return _check(response)
+
+
+def events(server: str, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs from a Server-Sent Events stream, reconnecting where it broke."""
+    last_id = "0"
+    while True:
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": last_id}
+        try:
+            with requests.get(server + path, headers=headers, stream=True, timeout=60) as stream:
+                if stream.status_code >= 400:
+                    _check(stream)
+                event, data = "message", ""
+                for line in stream.iter_lines(decode_unicode=True):
+                    if line.startswith("id:"):
+                        last_id = line[3:].strip()
+                    elif line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data += line[5:].strip()
+                    elif line == "" and data:
+                        payload = json.loads(data)
+                        yield event, payload
+                        if event == "done":
+                            return
+                        event, data = "message", ""
+        except requests.RequestException:
+            continue  # dropped: reconnect with Last-Event-ID
+
+
+def submit_and_wait(
+    server: str,
+    content: Path,
+    styles: Sequence[Path],
+    options: dict[str, str],
+    output: Path | None,
+    wait: bool,
+) -> int:
+    server = server.rstrip("/")
+    job = submit(server, content, styles, options)
+    print(f"job {job['id']} {job['status']}: {server}{job['links']['page']}", flush=True)
+    if not wait:
+        return 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=job["progress"]["total"], unit="it", file=sys.stderr, leave=False)
+    status = job["status"]
+    for event, data in events(server, job["links"]["events"]):
+        if event == "loss":
+            bar.update(data["iteration"] - bar.n)
+            bar.set_postfix(loss=f"{data['total']:.4g}")
+        elif event in ("status", "done"):
+            status = data["status"]
+    bar.close()
+    if status != "succeeded":
+        final = _check(requests.get(server + job["links"]["self"], timeout=30))
+        detail = final.get("error") or {}
+        message = f"job {job['id']} {status}"
+        if detail:
+            message += f": {detail.get('code')}: {detail.get('message')}"
+        raise ServerError(message)
+    output = output or Path(f"stylequeue-{job['id']}.png")
+    response = requests.get(server + job["links"]["result"], timeout=60)
+    _check(response)
+    output.write_bytes(response.content)
+    print(f"done: {output}")
+    return 0

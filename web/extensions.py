@@ -1,0 +1,71 @@
+"""The web's connections, bound to the app with ``init_app`` (the Flask extension shape)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from celery import Celery
+from flask import Flask, current_app, g
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import broker
+from shared.config import Settings
+from shared.db import make_engine, make_sessionmaker
+from shared.storage import Storage, storage_from_settings
+
+
+class Services:
+    """Database sessions, storage, Redis and a Celery client that sends tasks by name."""
+
+    def init_app(self, app: Flask) -> None:
+        settings: Settings = app.config["SETTINGS"]
+        engine = make_engine(settings.database_url)
+        app.extensions["stylequeue"] = {
+            "engine": engine,
+            "sessions": make_sessionmaker(engine),
+            "storage": storage_from_settings(settings.data_dir),
+            "redis": broker.connect(settings.redis_url),
+            "celery": Celery("stylequeue", broker=settings.redis_url, set_as_current=False),
+        }
+        app.teardown_appcontext(self._close_session)
+
+    @staticmethod
+    def _get(name: str) -> Any:
+        return current_app.extensions["stylequeue"][name]
+
+    @property
+    def settings(self) -> Settings:
+        return current_app.config["SETTINGS"]  # type: ignore[no-any-return]
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        return self._get("sessions")  # type: ignore[no-any-return]
+
+    @property
+    def session(self) -> Session:
+        """The request's session, closed at the end of the request."""
+        if "db_session" not in g:
+            g.db_session = self.sessions()
+        return g.db_session  # type: ignore[no-any-return]
+
+    @property
+    def storage(self) -> Storage:
+        return self._get("storage")  # type: ignore[no-any-return]
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self._get("redis")  # type: ignore[no-any-return]
+
+    def enqueue(self, job_id: str) -> None:
+        celery: Celery = self._get("celery")
+        celery.send_task(broker.RUN_JOB_TASK, args=[job_id], queue=self.settings.queue)
+
+    @staticmethod
+    def _close_session(_: BaseException | None) -> None:
+        session = g.pop("db_session", None)
+        if session is not None:
+            session.close()
+
+
+services = Services()

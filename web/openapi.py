@@ -1,0 +1,197 @@
+"""The OpenAPI 3.1 description of the API, with the job options read from the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.jobs import JOB_OPTIONS
+from worker.engine.stylize import defaults
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+JOB = {"$ref": "#/components/schemas/Job"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(code): _json(ERROR, "error") for code in codes}
+
+
+JOB_FIELDS = (
+    "id", "status", "params", "created_at", "started_at", "finished_at", "progress",
+    "eta_seconds", "loss", "queue_position", "error", "attempts", "worker", "device", "links",
+)  # fmt: skip
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def openapi_document() -> dict[str, Any]:
+    option_defaults = defaults()
+    options = {
+        name: {
+            "type": "string",
+            "description": f"engine option `{name}` (default: {option_defaults[name]!r})",
+        }
+        for name in JOB_OPTIONS
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "stylequeue", "version": "1"},
+        "paths": {
+            "/api/jobs": {
+                "post": {
+                    "summary": "Submit a style-transfer job",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["content"],
+                                    "properties": {
+                                        "content": {"type": "string", "format": "binary"},
+                                        "style": {
+                                            "type": "array",
+                                            "items": {"type": "string", "format": "binary"},
+                                        },
+                                        "style_preset": {
+                                            "type": "array",
+                                            "items": {"type": "string"},
+                                        },
+                                        "style_weights": {
+                                            "type": "string",
+                                            "description": "comma-separated, normalized",
+                                        },
+                                        **options,
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _json(JOB, "queued; Location names the job"),
+                        **_errors(400, 413, 415, 422, 503),
+                    },
+                },
+                "get": {
+                    "summary": "List jobs, newest first",
+                    "parameters": [
+                        {"name": n, "in": "query", "schema": {"type": t}}
+                        for n, t in (
+                            ("status", "string"),
+                            ("limit", "integer"),
+                            ("cursor", "string"),
+                        )
+                    ],
+                    "responses": {"200": _json({"type": "object"}, "a page of jobs")},
+                },
+            },
+            "/api/jobs/{job_id}": {
+                "get": {
+                    "summary": "A job's status, progress, latest loss and links",
+                    "parameters": [JOB_ID],
+                    "responses": {"200": _json(JOB, "the job"), **_errors(404)},
+                }
+            },
+            "/api/jobs/{job_id}/losses": {
+                "get": {
+                    "summary": "Loss points in iteration order",
+                    "parameters": [
+                        JOB_ID,
+                        {"name": "after", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    ],
+                    "responses": {"200": _json({"type": "object"}, "points"), **_errors(404)},
+                }
+            },
+            "/api/jobs/{job_id}/events": {
+                "get": {
+                    "summary": "Server-Sent Events: status, loss, preview, done; resumable "
+                    "with Last-Event-ID",
+                    "parameters": [JOB_ID],
+                    "responses": {
+                        "200": {
+                            "description": "event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(404),
+                    },
+                }
+            },
+            "/api/jobs/{job_id}/result": {
+                "get": {
+                    "summary": "The result PNG",
+                    "parameters": [JOB_ID],
+                    "responses": {
+                        "200": {"description": "PNG", "content": {"image/png": {}}},
+                        **_errors(404, 409),
+                    },
+                }
+            },
+            "/api/jobs/{job_id}/preview": {
+                "get": {
+                    "summary": "The latest preview PNG",
+                    "parameters": [JOB_ID],
+                    "responses": {
+                        "200": {"description": "PNG", "content": {"image/png": {}}},
+                        **_errors(404),
+                    },
+                }
+            },
+            "/api/jobs/{job_id}/cancel": {
+                "post": {
+                    "summary": "Cancel (idempotent)",
+                    "parameters": [JOB_ID],
+                    "responses": {
+                        "200": _json(JOB, "already finished"),
+                        "202": _json(JOB, "canceled or cancel requested"),
+                        **_errors(404),
+                    },
+                }
+            },
+            "/api/presets": {
+                "get": {
+                    "summary": "Style presets",
+                    "responses": {"200": {"description": "presets"}},
+                }
+            },
+            "/api/workers": {
+                "get": {
+                    "summary": "Live workers and their backbones",
+                    "responses": {"200": {"description": "workers"}},
+                }
+            },
+            "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "ok"}}}},
+            "/readyz": {
+                "get": {
+                    "summary": "Database, Redis and at least one live worker",
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": {"description": "not ready"},
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                                "field": {"type": ["string", "null"]},
+                            },
+                        }
+                    },
+                },
+                "Job": {
+                    "type": "object",
+                    "properties": {name: {} for name in JOB_FIELDS},
+                },
+            }
+        },
+    }

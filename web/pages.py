@@ -1,0 +1,65 @@
+"""The pages: the form (``/``), a job watched live (``/jobs/<id>``) and recent jobs."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, render_template, send_file
+from werkzeug.wrappers import Response
+
+from shared import broker
+from shared.presets import presets
+from web.extensions import services
+from worker.engine.registry import BACKBONES, DEFAULT_BACKBONE, OFFLINE_BACKBONE
+from worker.engine.stylize import INIT_CHOICES, OPTIMIZER_CHOICES, defaults
+
+bp = Blueprint("pages", __name__)
+
+
+def worker_backbones() -> list[str]:
+    """Backbones at least one live worker can run (empty when none is up or Redis is down)."""
+    try:
+        workers = broker.live_workers(services.redis)
+    except Exception:
+        return []
+    return sorted({name for worker in workers for name in worker.get("backbones", [])})
+
+
+@bp.get("/")
+def index() -> str:
+    available = worker_backbones()
+    if DEFAULT_BACKBONE in available or not available:
+        chosen = DEFAULT_BACKBONE if DEFAULT_BACKBONE in available else OFFLINE_BACKBONE
+    else:
+        chosen = available[0]
+    return render_template(
+        "index.html",
+        defaults=defaults(),
+        presets=list(presets().values()),
+        backbones=BACKBONES,
+        available=available,
+        chosen_backbone=chosen,
+        optimizers=OPTIMIZER_CHOICES,
+        inits=INIT_CHOICES,
+        max_size=services.settings.max_size,
+        max_iterations=services.settings.max_iterations,
+    )
+
+
+@bp.get("/jobs/<job_id>")
+def job_page(job_id: str) -> str:
+    from web.api import load_job
+
+    job = load_job(job_id)
+    return render_template("job.html", job=job)
+
+
+@bp.get("/jobs")
+def jobs_page() -> str:
+    return render_template("jobs.html")
+
+
+@bp.get("/presets/<name>.jpg")
+def preset_image(name: str) -> Response:
+    preset = presets().get(name)
+    if preset is None:
+        abort(404)
+    return send_file(preset.path, mimetype="image/jpeg", max_age=86400)

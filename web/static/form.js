@@ -1,0 +1,28 @@
+// Submit the form to the API and go to the job's page; show the API's error otherwise.
+"use strict";
+const form = document.getElementById("job-form");
+const errorBox = document.getElementById("form-error");
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  errorBox.hidden = true;
+  const data = new FormData(form);
+  for (const [name, value] of [...data.entries()]) {
+    if (value === "" || (value instanceof File && value.name === "")) data.delete(name);
+  }
+  const button = document.getElementById("submit");
+  button.disabled = true;
+  try {
+    const response = await fetch("/api/jobs", { method: "POST", body: data });
+    const body = await response.json();
+    if (response.status === 202) {
+      window.location = body.links.page;
+      return;
+    }
+    const error = body.error || {};
+    errorBox.textContent = (error.field ? error.field + ": " : "") + (error.message || response.statusText);
+  } catch (failure) {
+    errorBox.textContent = "The server could not be reached: " + failure;
+  }
+  errorBox.hidden = false;
+  button.disabled = false;
+});

@@ -1,0 +1,33 @@
+"""The Celery application of the workers: ``celery -A worker.celery_app worker``.
+
+Configured for long jobs: a message is acknowledged only when its job ends (``acks_late``),
+is given back to the queue if the worker process dies (``reject_on_worker_lost``), each
+worker holds one message at a time (prefetch 1), and Redis redelivers an unacknowledged
+message only after a visibility timeout longer than the longest allowed job.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.config import Settings
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("stylequeue", broker=settings.redis_url, include=["worker.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.max_job_seconds + 3600},
+        task_default_queue=settings.queue,
+        task_ignore_result=True,  # the database row is the job's record
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+settings = Settings.from_env()
+app = make_celery(settings)

@@ -1,0 +1,185 @@
+"""The Celery task: load the job by id, run the engine, report. Ids in, never objects."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import uuid
+from functools import cache
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import broker
+from shared.config import Settings
+from shared.db import make_engine, make_sessionmaker
+from shared.errors import StylequeueError
+from shared.images import encode_png
+from shared.models import Job, JobStatus, StoredImage, utcnow
+from shared.storage import Storage, storage_from_settings
+from worker.celery_app import app
+from worker.engine import BACKBONES, OFFLINE_BACKBONE, Checkpoint, stylize
+from worker.reporting import JobReporter, forget_points_after, result_key
+
+log = logging.getLogger(__name__)
+
+
+class Context:
+    """What a worker process opens once: settings, database, storage, Redis."""
+
+    def __init__(self) -> None:
+        self.settings = Settings.from_env()
+        self.sessions: sessionmaker[Session] = make_sessionmaker(
+            make_engine(self.settings.database_url)
+        )
+        self.storage: Storage = storage_from_settings(self.settings.data_dir)
+        self.redis = broker.connect(self.settings.redis_url)
+        self.name = self.settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+
+
+@cache
+def context() -> Context:
+    return Context()
+
+
+def available_backbones() -> list[str]:
+    from worker.engine.weights import WeightsLocations
+
+    locations = WeightsLocations.from_env()
+    return [
+        name for name, spec in BACKBONES.items() if not spec.needs_weights or locations.find(spec)
+    ]
+
+
+def _load_image(session: Session, storage: Storage, sha256: str) -> Image.Image:
+    stored = session.get(StoredImage, sha256)
+    assert stored is not None, sha256
+    image = Image.open(io.BytesIO(storage.get(stored.storage_key)))
+    image.load()
+    return image.convert("RGB")
+
+
+def _finish(ctx: Context, job_id: uuid.UUID, status: JobStatus, **values: Any) -> None:
+    with ctx.sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.status = status
+        job.finished_at = utcnow()
+        for name, value in values.items():
+            setattr(job, name, value)
+
+
+@app.task(name=broker.RUN_JOB_TASK)
+def run_job(job_id: str) -> None:
+    ctx = context()
+    job_uuid = uuid.UUID(job_id)
+    from worker.engine.optimize import resolve_device
+
+    with ctx.sessions.begin() as session:
+        job = session.get(Job, job_uuid)
+        if job is None:
+            log.warning("job %s does not exist; message dropped", job_id)
+            return
+        if job.job_status.finished:
+            return  # canceled while queued, or already done by another worker
+        if job.cancel_requested or broker.cancel_requested(ctx.redis, job_id):
+            job.status, job.finished_at = JobStatus.CANCELED, utcnow()
+            return
+        device = resolve_device(ctx.settings.device)
+        job.status = JobStatus.RUNNING
+        job.started_at = job.started_at or utcnow()
+        job.attempts += 1
+        job.worker, job.device = ctx.name, str(device)
+        params = dict(job.params)
+        content = _load_image(session, ctx.storage, job.content_sha256)
+        styles = [_load_image(session, ctx.storage, s.image_sha256) for s in job.styles]
+        weights = [s.weight for s in job.styles]
+        resume_from = None
+        if job.checkpoint_key and ctx.storage.exists(job.checkpoint_key):
+            resume_from = Checkpoint.load(ctx.storage.get(job.checkpoint_key))
+            forget_points_after(session, job_uuid, resume_from.iteration)
+            job.iteration = resume_from.iteration
+
+    reporter = JobReporter(
+        job_uuid, ctx.sessions, ctx.storage, ctx.redis, ctx.settings.loss_flush_seconds
+    )
+    try:
+        result = stylize(
+            content=content,
+            styles=styles,
+            style_weights=weights,
+            device=str(device),
+            progress=reporter.progress,
+            preview_every=ctx.settings.preview_every,
+            checkpoint_every=ctx.settings.checkpoint_every,
+            on_checkpoint=reporter.checkpoint,
+            resume_from=resume_from,
+            **params,
+        )
+    except StylequeueError as error:
+        reporter.flush()
+        _finish(ctx, job_uuid, JobStatus.FAILED, error_code=error.code, error_message=str(error))
+        return
+    except Exception as error:
+        log.exception("job %s failed", job_id)
+        reporter.flush()
+        _finish(
+            ctx,
+            job_uuid,
+            JobStatus.FAILED,
+            error_code="internal_error",
+            error_message=f"{type(error).__name__}: {error}",
+        )
+        return
+    reporter.flush()
+    if result.stopped:
+        _finish(ctx, job_uuid, JobStatus.CANCELED)
+        return
+    ctx.storage.put(result_key(job_uuid), encode_png(result.image))
+    _finish(ctx, job_uuid, JobStatus.SUCCEEDED, result_key=result_key(job_uuid))
+
+
+# --- Worker lifecycle: warm backbone and heartbeats ----------------------------------------
+
+_stop_heartbeat = threading.Event()
+
+
+def _heartbeat(ctx: Context, record: dict[str, Any]) -> None:
+    while not _stop_heartbeat.is_set():
+        try:
+            broker.publish_heartbeat(ctx.redis, ctx.name, record)
+        except Exception as error:  # the broker may be down for a while; keep trying
+            log.warning("heartbeat failed: %s", error)
+        _stop_heartbeat.wait(broker.HEARTBEAT_TTL_SECONDS / 3)
+
+
+@worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    from worker.engine.backbones import load_backbone
+    from worker.engine.optimize import resolve_device, resolve_precision
+
+    ctx = context()
+    backbones = available_backbones()
+    device = resolve_device(ctx.settings.device)
+    # Load the backbone jobs will most likely use now, once, not in the first job.
+    load_backbone(
+        "vgg19" if "vgg19" in backbones else OFFLINE_BACKBONE,
+        device=device,
+        channels_last=resolve_precision("auto", device) != "fp32",
+    )
+    record = {"name": ctx.name, "device": str(device), "backbones": backbones, "pid": os.getpid()}
+    threading.Thread(target=_heartbeat, args=(ctx, record), daemon=True).start()
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    _stop_heartbeat.set()
+    try:
+        context().redis.delete(broker.WORKER_PREFIX + context().name)
+    except Exception:  # the broker may be gone already
+        log.debug("could not remove the heartbeat", exc_info=True)
