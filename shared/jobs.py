@@ -7,6 +7,7 @@ rejected request leaves no row and no file behind.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import typing
 import uuid
 from collections.abc import Mapping, Sequence
@@ -142,6 +143,9 @@ def parse_request(
             f"must be at most {settings.max_iterations} on this service", field="iterations"
         )
     checked["original_colors"] = bool(options["original_colors"])
+    if checked["seed"] is None:
+        # Drawn now, so the job records it: rerunning its params reproduces the image.
+        checked["seed"] = secrets.randbelow(2**31)
     for name in ("preview_every", "checkpoint_every"):
         checked.pop(name)
     return JobRequest(

@@ -131,12 +131,14 @@ class Conflict(StylequeueError):
 @bp.post("/api/jobs")
 def submit_job() -> tuple[Response, int, dict[str, str]]:
     form = {name: request.form.getlist(name) for name in request.form}
-    uploads = [
-        Upload(field, upload.filename or "", upload.read())
-        for field in request.files
-        for upload in request.files.getlist(field)
-        if upload.filename
-    ]
+    uploads = []
+    for field in request.files:
+        for upload in request.files.getlist(field):
+            try:
+                if upload.filename:
+                    uploads.append(Upload(field, upload.filename, upload.read()))
+            finally:
+                upload.close()  # large uploads are spooled to temporary files
     job_request = parse_request(form, uploads, services.settings)
     session = services.session
     job = create_job(session, services.storage, job_request)
