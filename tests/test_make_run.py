@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import requests
+from PIL import Image
 
 from tests.conftest import REPO
 from tests.service import free_port, wait_for
@@ -74,6 +76,30 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
             requests.get(url + final["links"]["result"], timeout=5)
             .headers["Content-Type"]
             .startswith("image/png")
+        )
+
+        # `stylequeue submit --wait` against the same server: event-fed progress, result saved.
+        out = tmp_path / "submitted.png"
+        submitted = subprocess.run(
+            [sys.executable, "-m", "stylequeue", "submit",
+             str(sample_images / "content" / "hoovertowernight.jpg"), "--preset", "shipwreck",
+             "--server", url, "--wait", "-o", str(out), "--backbone", "vgg19-random",
+             "--size", "48", "--iterations", "8"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        assert submitted.stdout.splitlines()[0].startswith("job ")
+        assert f"done: {out}" in submitted.stdout
+        with Image.open(out) as image:
+            assert max(image.size) == 48
+        refused = subprocess.run(
+            [sys.executable, "-m", "stylequeue", "submit", str(out), "--preset", "shipwreck",
+             "--server", url, "--size", "5"],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == (
+            "stylequeue: error: size: must be between 16 and 2048, not 5"
         )
     finally:
         os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in the terminal does

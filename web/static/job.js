@@ -22,8 +22,9 @@ function drawPlot() {
   const y = (v) => 10 + (1 - (v - lo) / span) * (h - pad - 10);
   ctx.fillStyle = "#333";
   ctx.font = "11px sans-serif";
-  ctx.fillText(points[0].total.toPrecision(3), 2, y(logs[0]));
-  ctx.fillText(points[points.length - 1].total.toPrecision(3), 2, h - pad);
+  ctx.fillText(Math.pow(10, hi).toPrecision(3), 2, y(hi) + 10);
+  ctx.fillText(Math.pow(10, lo).toPrecision(3), 2, y(lo));
+  ctx.fillText("loss (log scale)", pad + 4, 24);
   ctx.fillText("iteration " + points[points.length - 1].iteration, w - 120, h - 12);
   ctx.strokeStyle = "#c0392b";
   ctx.lineWidth = 2;
