@@ -41,6 +41,13 @@ class Settings:
     max_job_seconds: int = 6 * 3600
     #: Name of the queue jobs are sent to.
     queue: str = "stylequeue"
+    #: A running job's lease lasts this long unless its worker renews it (every third of
+    #: it); a worker killed mid-job loses its jobs to others this many seconds later.
+    lease_seconds: float = 30.0
+    #: How often a worker looks for jobs to re-enqueue (lost messages, expired leases).
+    reconcile_seconds: float = 10.0
+    #: A job that has been started this many times without finishing fails.
+    max_attempts: int = 3
     #: The torch device a worker runs jobs on (``auto``: cuda, then mps, then cpu).
     device: str = "auto"
     #: A worker's name in heartbeats and in the jobs it runs (default: host and pid).

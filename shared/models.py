@@ -78,7 +78,17 @@ class Job(Base):
     #: Iteration of the latest saved preview: lets the event stream announce new ones.
     preview_iteration: Mapped[int | None] = mapped_column(Integer)
     checkpoint_key: Mapped[str | None] = mapped_column(String(200))
+    #: Iteration of the checkpoint at ``checkpoint_key``.
+    checkpoint_iteration: Mapped[int | None] = mapped_column(Integer)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    #: The checkpoint iteration the latest attempt started from (0: from the start).
+    resumed_from_iteration: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Who runs the job now, until when: a worker takes a job only if nobody holds a live
+    #: lease on it, and keeps the lease alive while it runs (see worker/lease.py).
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: When the job's message was last sent to the broker.
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     styles: Mapped[list[JobStyle]] = relationship(
         order_by="JobStyle.position", cascade="all, delete-orphan", lazy="selectin"

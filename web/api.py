@@ -10,7 +10,15 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    request,
+    stream_with_context,
+    url_for,
+)
 from sqlalchemy import and_, or_, select, text
 from werkzeug.exceptions import HTTPException
 
@@ -95,6 +103,7 @@ def job_json(job: Job, *, with_position: bool = True) -> dict[str, Any]:
             "tv": job.loss_tv,
         },
         "attempts": job.attempts,
+        "resumed_from_iteration": job.resumed_from_iteration,
         "worker": job.worker,
         "device": job.device,
         "cancel_requested": job.cancel_requested,
@@ -145,11 +154,12 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     session.commit()
     try:
         services.enqueue(str(job.id))
-    except Exception as error:  # the broker is down: say so, do not leave a phantom job
-        job.status, job.finished_at = JobStatus.FAILED, utcnow()
-        job.error_code, job.error_message = "broker_unavailable", str(error)
+        job.enqueued_at = utcnow()
         session.commit()
-        return error_response(503, "broker_unavailable", "the queue is unreachable"), 503, {}
+    except Exception:
+        # The broker is away: the job is safe in the database, queued, and the workers'
+        # reconciler sends its message once Redis answers again.
+        current_app.logger.warning("could not enqueue job %s; the reconciler will", job.id)
     location = url_for("api.get_job", job_id=str(job.id))
     return jsonify(job_json(job)), 202, {"Location": location}
 

@@ -21,7 +21,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 JOB_FIELDS = (
     "id", "status", "params", "created_at", "started_at", "finished_at", "progress",
-    "eta_seconds", "loss", "queue_position", "error", "attempts", "worker", "device", "links",
+    "eta_seconds", "loss", "queue_position", "error", "attempts", "resumed_from_iteration",
+    "worker", "device", "links",
 )  # fmt: skip
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 

@@ -88,7 +88,10 @@ class JobReporter:
             session.execute(
                 update(Job)
                 .where(Job.id == self.job_id)
-                .values(checkpoint_key=checkpoint_key(self.job_id))
+                .values(
+                    checkpoint_key=checkpoint_key(self.job_id),
+                    checkpoint_iteration=checkpoint.iteration,
+                )
             )
 
     def flush(self) -> None:

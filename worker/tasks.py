@@ -13,6 +13,7 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 from PIL import Image
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
@@ -22,8 +23,11 @@ from shared.errors import StylequeueError
 from shared.images import encode_png
 from shared.models import Job, JobStatus, StoredImage, utcnow
 from shared.storage import Storage, storage_from_settings
+from worker import lease
 from worker.celery_app import app
-from worker.engine import BACKBONES, OFFLINE_BACKBONE, Checkpoint, stylize
+from worker.engine import BACKBONES, OFFLINE_BACKBONE, Checkpoint, Iterate, stylize
+from worker.lease import Claim
+from worker.reconcile import reconcile_once_elected
 from worker.reporting import JobReporter, forget_points_after, result_key
 
 log = logging.getLogger(__name__)
@@ -64,37 +68,42 @@ def _load_image(session: Session, storage: Storage, sha256: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def _finish(ctx: Context, job_id: uuid.UUID, status: JobStatus, **values: Any) -> None:
+def _finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> None:
+    """End the job, if it is still ours (a worker that lost its lease writes nothing)."""
     with ctx.sessions.begin() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        job.status = status
-        job.finished_at = utcnow()
-        for name, value in values.items():
-            setattr(job, name, value)
+        session.execute(
+            update(Job)
+            .where(Job.id == claim.job_id, Job.lease_owner == claim.owner)
+            .values(status=status, finished_at=utcnow(), lease_expires_at=None, **values)
+        )
 
 
 @app.task(name=broker.RUN_JOB_TASK)
 def run_job(job_id: str) -> None:
     ctx = context()
+    settings = ctx.settings
     job_uuid = uuid.UUID(job_id)
     from worker.engine.optimize import resolve_device
 
+    device = resolve_device(settings.device)
+    claim = lease.claim(
+        ctx.sessions, job_uuid, f"{ctx.name}/{uuid.uuid4().hex[:8]}", settings.lease_seconds,
+        worker=ctx.name, device=str(device),
+    )  # fmt: skip
+    if claim is None:
+        _drop_unclaimable(ctx, job_uuid)
+        return
+    if claim.attempts > settings.max_attempts:
+        message = (
+            f"the job was started {claim.attempts - 1} times without finishing (its worker "
+            f"died each time); the limit is {settings.max_attempts}"
+        )
+        _finish(ctx, claim, JobStatus.FAILED, error_code="too_many_attempts", error_message=message)
+        return
+
     with ctx.sessions.begin() as session:
         job = session.get(Job, job_uuid)
-        if job is None:
-            log.warning("job %s does not exist; message dropped", job_id)
-            return
-        if job.job_status.finished:
-            return  # canceled while queued, or already done by another worker
-        if job.cancel_requested or broker.cancel_requested(ctx.redis, job_id):
-            job.status, job.finished_at = JobStatus.CANCELED, utcnow()
-            return
-        device = resolve_device(ctx.settings.device)
-        job.status = JobStatus.RUNNING
-        job.started_at = job.started_at or utcnow()
-        job.attempts += 1
-        job.worker, job.device = ctx.name, str(device)
+        assert job is not None
         params = dict(job.params)
         content = _load_image(session, ctx.storage, job.content_sha256)
         styles = [_load_image(session, ctx.storage, s.image_sha256) for s in job.styles]
@@ -102,46 +111,65 @@ def run_job(job_id: str) -> None:
         resume_from = None
         if job.checkpoint_key and ctx.storage.exists(job.checkpoint_key):
             resume_from = Checkpoint.load(ctx.storage.get(job.checkpoint_key))
+            # Points after the checkpoint are computed again: replaced, never duplicated.
             forget_points_after(session, job_uuid, resume_from.iteration)
-            job.iteration = resume_from.iteration
+            # Normally what the claim wrote; not if the worker died between writing the
+            # checkpoint file and recording its iteration.
+            job.resumed_from_iteration = job.iteration = resume_from.iteration
 
+    keeper = lease.LeaseKeeper(ctx.sessions, claim, settings.lease_seconds)
+    keeper.start()
     reporter = JobReporter(
-        job_uuid, ctx.sessions, ctx.storage, ctx.redis, ctx.settings.loss_flush_seconds
+        job_uuid, ctx.sessions, ctx.storage, ctx.redis, settings.loss_flush_seconds
     )
+
+    def progress(iterate: Iterate) -> bool:
+        return reporter.progress(iterate) or keeper.lost
+
     try:
         result = stylize(
             content=content,
             styles=styles,
             style_weights=weights,
             device=str(device),
-            progress=reporter.progress,
-            preview_every=ctx.settings.preview_every,
-            checkpoint_every=ctx.settings.checkpoint_every,
+            progress=progress,
+            preview_every=settings.preview_every,
+            checkpoint_every=settings.checkpoint_every,
             on_checkpoint=reporter.checkpoint,
             resume_from=resume_from,
             **params,
         )
     except StylequeueError as error:
         reporter.flush()
-        _finish(ctx, job_uuid, JobStatus.FAILED, error_code=error.code, error_message=str(error))
+        _finish(ctx, claim, JobStatus.FAILED, error_code=error.code, error_message=str(error))
         return
     except Exception as error:
         log.exception("job %s failed", job_id)
         reporter.flush()
-        _finish(
-            ctx,
-            job_uuid,
-            JobStatus.FAILED,
-            error_code="internal_error",
-            error_message=f"{type(error).__name__}: {error}",
-        )
+        message = f"{type(error).__name__}: {error}"
+        _finish(ctx, claim, JobStatus.FAILED, error_code="internal_error", error_message=message)
         return
+    finally:
+        keeper.stop()
+    if keeper.lost:
+        return  # another worker has the job now; its points and files win
     reporter.flush()
     if result.stopped:
-        _finish(ctx, job_uuid, JobStatus.CANCELED)
+        _finish(ctx, claim, JobStatus.CANCELED)
         return
     ctx.storage.put(result_key(job_uuid), encode_png(result.image))
-    _finish(ctx, job_uuid, JobStatus.SUCCEEDED, result_key=result_key(job_uuid))
+    _finish(ctx, claim, JobStatus.SUCCEEDED, result_key=result_key(job_uuid))
+
+
+def _drop_unclaimable(ctx: Context, job_id: uuid.UUID) -> None:
+    """A message for a job nobody may start now: finished, held by a live worker, or
+    canceled while queued (which is then marked so)."""
+    with ctx.sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            log.warning("job %s does not exist; message dropped", job_id)
+        elif job.job_status == JobStatus.QUEUED and job.cancel_requested:
+            job.status, job.finished_at = JobStatus.CANCELED, utcnow()
 
 
 # --- Worker lifecycle: warm backbone and heartbeats ----------------------------------------
@@ -174,6 +202,20 @@ def _on_worker_ready(**_: Any) -> None:
     )
     record = {"name": ctx.name, "device": str(device), "backbones": backbones, "pid": os.getpid()}
     threading.Thread(target=_heartbeat, args=(ctx, record), daemon=True).start()
+    threading.Thread(target=_reconciler, args=(ctx,), daemon=True).start()
+
+
+def _reconciler(ctx: Context) -> None:
+    interval = ctx.settings.reconcile_seconds
+
+    def enqueue(job_id: str) -> None:
+        app.send_task(broker.RUN_JOB_TASK, args=[job_id], queue=ctx.settings.queue)
+
+    while not _stop_heartbeat.wait(interval):
+        try:
+            reconcile_once_elected(ctx.sessions, ctx.redis, ctx.settings.queue, enqueue, interval)
+        except Exception as error:  # broker or database away: try again next time
+            log.warning("reconciler: %s", error)
 
 
 @worker_shutdown.connect

@@ -1,0 +1,177 @@
+"""Nothing lost when a worker dies: SIGKILL mid-job, again and again.
+
+Real worker processes, a real redis-server and SQLite. Leases are short here (2 s) so the
+test is quick; in production they last STYLEQUEUE_LEASE_SECONDS (30 s).
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import update
+
+from shared.config import Settings
+from shared.db import make_engine, make_sessionmaker
+from shared.migrate import upgrade
+from shared.models import Job, JobStatus, utcnow
+from tests.service import RedisServer, WorkerProcess, wait_for
+from web import create_app
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    base = tmp_path_factory.mktemp("crash")
+    redis_server = RedisServer(base)
+    redis_server.start()
+    settings = Settings.from_env(
+        {},
+        database_url=f"sqlite:///{base / 'jobs.db'}",
+        redis_url=redis_server.url,
+        data_dir=base / "data",
+        preview_every=5,
+        checkpoint_every=10,
+        lease_seconds=2.0,
+        reconcile_seconds=0.5,
+        max_attempts=5,
+        queue=f"crash-{uuid.uuid4().hex[:8]}",
+    )
+    upgrade(settings.database_url)
+    yield settings
+    redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def app(settings: Settings) -> Iterator[Flask]:
+    app = create_app({"TESTING": True, "SETTINGS": settings})
+    yield app
+    app.extensions["stylequeue"]["engine"].dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def submit(client: FlaskClient, sample_images: Path, iterations: int) -> dict:
+    with (sample_images / "content" / "tubingen.jpg").open("rb") as photo:
+        data = {
+            "content": (io.BytesIO(photo.read()), "photo.jpg"),
+            "style_preset": "starry-night",
+            "backbone": "vgg19-random",
+            "size": "64",
+            "iterations": str(iterations),
+        }
+    response = client.post("/api/jobs", data=data, content_type="multipart/form-data")
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()  # type: ignore[no-any-return]
+
+
+def job(client: FlaskClient, job_id: str) -> dict:
+    return client.get(f"/api/jobs/{job_id}").get_json()  # type: ignore[no-any-return]
+
+
+def test_sigkill_mid_job_three_times_resumes_from_checkpoints_and_loses_nothing(
+    client: FlaskClient, settings: Settings, sample_images: Path, tmp_path: Path
+) -> None:
+    workers = [WorkerProcess(settings, f"crash-{i}", tmp_path / f"w{i}.log") for i in range(2)]
+    for worker in workers:
+        worker.start()
+    submitted = submit(client, sample_images, iterations=240)
+    job_id = submitted["id"]
+    kills = []
+    try:
+        for round_number in range(3):
+            body = wait_for(
+                lambda: (
+                    (b := job(client, job_id))["status"] == "running"
+                    and b["progress"]["iteration"] >= b["resumed_from_iteration"] + 15
+                    and b
+                ),
+                120,
+                f"the job to run 15 iterations (round {round_number})",
+            )
+            assert body["attempts"] == round_number + 1
+            victim = next(w for w in workers if body["worker"] == w.name)
+            assert victim.process is not None
+            victim.process.send_signal(signal.SIGKILL)
+            victim.process.wait()
+            killed_at = (time.monotonic(), body["progress"]["iteration"])
+            workers.remove(victim)
+            # Another worker takes the job over once the lease expires, from its checkpoint.
+            resumed = wait_for(
+                lambda attempts=round_number + 2: (
+                    (b := job(client, job_id))["attempts"] == attempts
+                    and b["status"] == "running"
+                    and b
+                ),
+                60,
+                "another worker to take the job over",
+            )
+            kills.append((killed_at, time.monotonic() - killed_at[0], resumed))
+            assert resumed["worker"] != victim.name
+            assert resumed["resumed_from_iteration"] > 0
+            assert resumed["resumed_from_iteration"] % settings.checkpoint_every == 0
+            assert resumed["resumed_from_iteration"] <= killed_at[1]
+            replacement = WorkerProcess(
+                settings, f"crash-{round_number + 2}", tmp_path / f"r{round_number}.log"
+            )
+            replacement.start()
+            workers.append(replacement)
+
+        final = wait_for(
+            lambda: (b := job(client, job_id))["status"] in ("succeeded", "failed") and b,
+            180,
+            "the job to finish",
+        )
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 4
+    assert final["progress"] == {"iteration": 240, "total": 240}
+    points = client.get(f"/api/jobs/{job_id}/losses?limit=1000").get_json()["points"]
+    assert [p["iteration"] for p in points] == list(range(1, 241))  # no gap, no duplicate
+    for _, takeover_seconds, _ in kills:
+        assert takeover_seconds < 20  # seconds, not a one-hour visibility timeout
+    assert client.get(final["links"]["result"]).status_code == 200
+
+
+def test_a_job_that_keeps_killing_its_worker_fails_clearly(
+    client: FlaskClient, settings: Settings, sample_images: Path, tmp_path: Path
+) -> None:
+    submitted = submit(client, sample_images, iterations=30)
+    # As if it had been started max_attempts times and its worker had died each time.
+    engine = make_engine(settings.database_url)
+    with make_sessionmaker(engine).begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(submitted["id"]))
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=settings.max_attempts,
+                lease_owner="dead-worker",
+                lease_expires_at=utcnow(),
+            )
+        )
+    engine.dispose()
+    worker = WorkerProcess(settings, "survivor", tmp_path / "survivor.log")
+    worker.start()
+    try:
+        final = wait_for(
+            lambda: (b := job(client, submitted["id"]))["status"] in ("failed", "succeeded") and b,
+            60,
+            "the job to be given up",
+        )
+    finally:
+        worker.stop()
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "too_many_attempts"
+    assert "limit is 5" in final["error"]["message"]

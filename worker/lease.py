@@ -1,0 +1,111 @@
+"""Who runs a job: a lease taken atomically in the database, kept alive by a heartbeat.
+
+Two workers never run the same job at once: a worker starts a job only through
+:func:`claim`, a single ``UPDATE ... WHERE`` that succeeds for a queued job or one whose
+lease has expired, and for nobody else. While it runs, a :class:`LeaseKeeper` thread pushes
+the expiry forward every third of the lease; a worker killed with SIGKILL stops renewing, so
+its job's lease runs out and the reconciler (``worker/reconcile.py``) queues it again.
+Workers' clocks are assumed to agree to well within a lease (NTP).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, func, or_, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.models import Job, JobStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: uuid.UUID
+    owner: str
+    attempts: int
+
+
+def claim(
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    **values: object,
+) -> Claim | None:
+    """Take the job if it is queued, or running under an expired lease; None otherwise.
+
+    ``values`` (the worker's name and device) are written in the same statement.
+    """
+    now = utcnow()
+    with sessions.begin() as session:
+        taken = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.cancel_requested.is_(False),
+                or_(
+                    Job.status == JobStatus.QUEUED,
+                    and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+                ),
+            )
+            .values(
+                status=JobStatus.RUNNING,
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=Job.attempts + 1,
+                started_at=func.coalesce(Job.started_at, now),
+                # Where this attempt starts: the last checkpoint, if any.
+                resumed_from_iteration=func.coalesce(Job.checkpoint_iteration, 0),
+                iteration=func.coalesce(Job.checkpoint_iteration, 0),
+                **values,
+            )
+            .returning(Job.attempts)
+        ).scalar_one_or_none()
+    return None if taken is None else Claim(job_id, owner, int(taken))
+
+
+def renew(sessions: sessionmaker[Session], job: Claim, lease_seconds: float) -> bool:
+    """Push the lease forward; False when the job is no longer ours."""
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Job)
+            .where(
+                Job.id == job.job_id,
+                Job.lease_owner == job.owner,
+                Job.status == JobStatus.RUNNING,
+            )
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews a claim every third of the lease until stopped; notes if it was lost."""
+
+    def __init__(self, sessions: sessionmaker[Session], job: Claim, lease_seconds: float) -> None:
+        super().__init__(name=f"lease-{job.job_id}", daemon=True)
+        self.sessions = sessions
+        self.job = job
+        self.lease_seconds = lease_seconds
+        self.stopped = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.lease_seconds / 3):
+            try:
+                if not renew(self.sessions, self.job, self.lease_seconds):
+                    log.warning("lost the lease on job %s", self.job.job_id)
+                    self.lost = True
+                    return
+            except Exception as error:  # the database may be away for a while: keep trying
+                log.warning("could not renew the lease on job %s: %s", self.job.job_id, error)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
