@@ -30,7 +30,13 @@ def request_cancel(client: redis.Redis, job_id: str) -> None:
 
 
 def cancel_requested(client: redis.Redis, job_id: str) -> bool:
-    return bool(client.exists(CANCEL_PREFIX + job_id))
+    """Whether a cancel was asked for; False while Redis is unreachable, so that a broker
+    outage never stops a running job (the database's flag is read again at the next
+    attempt)."""
+    try:
+        return bool(client.exists(CANCEL_PREFIX + job_id))
+    except redis.RedisError:
+        return False
 
 
 def publish_heartbeat(client: redis.Redis, name: str, record: dict[str, Any]) -> None:

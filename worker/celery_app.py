@@ -2,7 +2,7 @@
 
 Configured for long jobs: a message is acknowledged only when its job ends (``acks_late``),
 is given back to the queue if the worker process dies (``reject_on_worker_lost``), each
-worker holds one message at a time (prefetch 1), and Redis redelivers an unacknowledged
+worker holds one message at a time (prefetch 1, and no prefetch while busy), and Redis redelivers an unacknowledged
 message only after a visibility timeout longer than the longest allowed job.
 """
 
@@ -19,6 +19,9 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # Fetch a message only when free to run it: a worker busy with a long job must not
+        # sit on the next job's message (Redis transport only; Celery ≥ 5.6).
+        worker_disable_prefetch=True,
         broker_transport_options={"visibility_timeout": settings.max_job_seconds + 3600},
         task_default_queue=settings.queue,
         task_ignore_result=True,  # the database row is the job's record

@@ -1,0 +1,108 @@
+"""Redis restarted (without persistence) with one job running and one queued: nothing lost.
+
+The worker keeps optimizing through the outage, finishes the running job, reconnects, and
+the reconciler sends the queued job's lost message again.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from shared.config import Settings
+from shared.migrate import upgrade
+from tests.service import RedisServer, WorkerProcess, wait_for
+from web import create_app
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, tmp_path: Path) -> Settings:
+    settings = Settings.from_env(
+        {},
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+        redis_url=redis_server.url,
+        data_dir=tmp_path / "data",
+        checkpoint_every=10,
+        lease_seconds=3.0,
+        reconcile_seconds=0.5,
+        queue=f"faults-{uuid.uuid4().hex[:8]}",
+    )
+    upgrade(settings.database_url)
+    return settings
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    app = create_app({"TESTING": True, "SETTINGS": settings})
+    yield app
+    app.extensions["stylequeue"]["engine"].dispose()
+
+
+def submit(client: FlaskClient, sample_images: Path, iterations: int) -> dict:
+    photo = (sample_images / "content" / "tubingen.jpg").read_bytes()
+    data = {
+        "content": (io.BytesIO(photo), "photo.jpg"),
+        "style_preset": "shipwreck",
+        "backbone": "vgg19-random",
+        "size": "64",
+        "iterations": str(iterations),
+    }
+    response = client.post("/api/jobs", data=data, content_type="multipart/form-data")
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()  # type: ignore[no-any-return]
+
+
+def test_redis_restart_loses_no_job(
+    app: Flask, settings: Settings, redis_server: RedisServer, sample_images: Path, tmp_path: Path
+) -> None:
+    client = app.test_client()
+    worker = WorkerProcess(settings, "faults", tmp_path / "worker.log")
+    worker.start()
+    try:
+        running = submit(client, sample_images, iterations=150)
+        queued = submit(client, sample_images, iterations=10)
+
+        def state(job: dict) -> dict:
+            return client.get(job["links"]["self"]).get_json()  # type: ignore[no-any-return]
+
+        wait_for(lambda: state(running)["progress"]["iteration"] >= 10, 60, "the first job")
+        assert state(queued)["status"] == "queued"
+        redis_server.stop()  # the queued job's message goes with it
+        before = state(running)["progress"]["iteration"]
+        wait_for(
+            lambda: state(running)["progress"]["iteration"] > before + 5, 30, "work in the outage"
+        )
+        redis_server.start()  # same port, empty
+
+        for job in (running, queued):
+            final = wait_for(
+                lambda job=job: (b := state(job))["status"] in ("succeeded", "failed") and b,
+                120,
+                f"job {job['id']} after the restart",
+            )
+            assert final["status"] == "succeeded", final
+            points = client.get(job["links"]["losses"] + "?limit=1000").get_json()["points"]
+            assert [p["iteration"] for p in points] == list(
+                range(1, final["progress"]["total"] + 1)
+            )
+
+        # And the worker still takes new jobs.
+        later = submit(client, sample_images, iterations=5)
+        done = wait_for(lambda: (b := state(later))["status"] == "succeeded" and b, 60, "a new job")
+        assert done["attempts"] == 1
+    finally:
+        worker.stop()
