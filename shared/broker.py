@@ -39,8 +39,14 @@ def cancel_requested(client: redis.Redis, job_id: str) -> bool:
         return False
 
 
-def publish_heartbeat(client: redis.Redis, name: str, record: dict[str, Any]) -> None:
-    client.set(WORKER_PREFIX + name, json.dumps(record), ex=HEARTBEAT_TTL_SECONDS)
+def publish_heartbeat(
+    client: redis.Redis, name: str, record: dict[str, Any], ttl: float = HEARTBEAT_TTL_SECONDS
+) -> None:
+    client.set(WORKER_PREFIX + name, json.dumps(record), px=int(ttl * 1000))
+
+
+def worker_alive(client: redis.Redis, name: str) -> bool:
+    return bool(client.exists(WORKER_PREFIX + name))
 
 
 def live_workers(client: redis.Redis) -> list[dict[str, Any]]:

@@ -44,6 +44,8 @@ class Settings:
     #: A running job's lease lasts this long unless its worker renews it (every third of
     #: it); a worker killed mid-job loses its jobs to others this many seconds later.
     lease_seconds: float = 30.0
+    #: A worker's heartbeat in Redis lives this long; it is refreshed every third of it.
+    heartbeat_seconds: float = 15.0
     #: How often a worker looks for jobs to re-enqueue (lost messages, expired leases).
     reconcile_seconds: float = 10.0
     #: A job that has been started this many times without finishing fails.

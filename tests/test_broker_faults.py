@@ -39,6 +39,7 @@ def settings(redis_server: RedisServer, tmp_path: Path) -> Settings:
         checkpoint_every=10,
         lease_seconds=3.0,
         reconcile_seconds=0.5,
+        heartbeat_seconds=2.0,
         queue=f"faults-{uuid.uuid4().hex[:8]}",
     )
     upgrade(settings.database_url)

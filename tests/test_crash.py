@@ -40,6 +40,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         checkpoint_every=10,
         lease_seconds=2.0,
         reconcile_seconds=0.5,
+        heartbeat_seconds=2.0,
         max_attempts=5,
         queue=f"crash-{uuid.uuid4().hex[:8]}",
     )

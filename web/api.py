@@ -20,6 +20,7 @@ from flask import (
     url_for,
 )
 from sqlalchemy import and_, or_, select, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from shared import broker
@@ -35,6 +36,7 @@ bp = Blueprint("api", __name__)
 #: How often the event stream looks for news in the database.
 EVENT_POLL_SECONDS = 0.25
 MAX_LOSS_PAGE = 10_000
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -54,6 +56,20 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 @bp.app_errorhandler(StylequeueError)
 def _user_error(error: StylequeueError) -> Response:
     return error_response(error.http_status, error.code, error.message, error.field)
+
+
+@bp.app_errorhandler(DBAPIError)
+def _database_down(error: DBAPIError) -> Response:
+    """The database is unreachable: ask the client to come back, never a 500."""
+    if not error.connection_invalidated and not isinstance(
+        error, OperationalError | InterfaceError
+    ):
+        raise error
+    current_app.logger.warning("database unavailable: %s", error.orig)
+    services.session.rollback()
+    response = error_response(503, "database_unavailable", "the database is unreachable; retry")
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+    return response
 
 
 @bp.app_errorhandler(HTTPException)

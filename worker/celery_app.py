@@ -2,8 +2,10 @@
 
 Configured for long jobs: a message is acknowledged only when its job ends (``acks_late``),
 is given back to the queue if the worker process dies (``reject_on_worker_lost``), each
-worker holds one message at a time (prefetch 1, and no prefetch while busy), and Redis redelivers an unacknowledged
-message only after a visibility timeout longer than the longest allowed job.
+worker holds one message at a time (prefetch 1, none while busy), and Redis redelivers an
+unacknowledged message only after a visibility timeout longer than the longest allowed job.
+A worker killed outright is not waited for that long: its job's lease expires and the
+reconciler (``worker/reconcile.py``) queues it again.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Every ``reconcile_seconds`` one worker (a Redis lock elects it) looks for:
 
-- running jobs whose lease expired (their worker died): set back to queued and sent again;
+- running jobs whose lease expired and whose worker's heartbeat is gone (it died): set
+  back to queued and sent again;
 - queued jobs whose message is in no ready queue of the broker (Redis restarted without
   persistence, a message dropped): sent again.
 
@@ -19,6 +20,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import broker
 from shared.models import Job, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,22 @@ def reconcile(
     now = utcnow()
     sent: list[str] = []
     with sessions.begin() as session:
-        expired = session.scalars(
-            select(Job.id).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+        expired = session.execute(
+            select(Job.id, Job.lease_owner).where(
+                Job.status == JobStatus.RUNNING, Job.lease_expires_at < now
+            )
         ).all()
-        for job_id in expired:
+        for job_id, owner in expired:
+            # A lease also runs out while the database is away; a worker whose heartbeat
+            # is still in Redis is alive and renews it once the database answers again.
+            if owner and broker.worker_alive(redis_client, owner.split("/")[0]):
+                continue
             requeued = session.execute(
                 update(Job)
                 .where(
-                    Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_expires_at < now
+                    Job.id == job_id,
+                    Job.status == JobStatus.RUNNING,
+                    Job.lease_expires_at < now,
                 )
                 .values(status=JobStatus.QUEUED, lease_owner=None, enqueued_at=now)
             )

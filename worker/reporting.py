@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import delete, insert, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
@@ -57,6 +58,7 @@ class JobReporter:
         self.preview_iteration: int | None = None
         self.last_flush = time.monotonic()
         self.flushes = 0
+        self.db_errors = 0
 
     def progress(self, iterate: Iterate) -> bool:
         """Buffer the loss point; flush when due. True asks the engine to stop (cancel)."""
@@ -80,24 +82,46 @@ class JobReporter:
         return broker.cancel_requested(self.redis, str(self.job_id))
 
     def checkpoint(self, checkpoint: Checkpoint) -> None:
-        # Points up to the checkpoint are in the database before the checkpoint exists, so
-        # a resume from it never leaves a gap.
-        self.flush()
+        # A checkpoint is recorded only once every point up to it is in the database, so a
+        # resume from it never leaves a gap. While the database is away, the run goes on
+        # and the checkpoint waits (the file of a later one replaces it).
+        if not self.flush():
+            return
         self.storage.put(checkpoint_key(self.job_id), checkpoint.to_bytes())
-        with self.sessions.begin() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(
-                    checkpoint_key=checkpoint_key(self.job_id),
-                    checkpoint_iteration=checkpoint.iteration,
+        try:
+            with self.sessions.begin() as session:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id)
+                    .values(
+                        checkpoint_key=checkpoint_key(self.job_id),
+                        checkpoint_iteration=checkpoint.iteration,
+                    )
                 )
-            )
+        except DBAPIError as error:
+            log.warning("job %s: checkpoint %d not recorded: %s", self.job_id,
+                        checkpoint.iteration, error.orig)  # fmt: skip
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write the buffered points and progress; False (points kept) if the database is
+        unreachable: they are written by a later flush, nothing is lost."""
         self.last_flush = time.monotonic()
         if not self.points and self.latest is None:
-            return
+            return True
+        try:
+            self._write()
+        except DBAPIError as error:
+            if self.db_errors == 0:
+                log.warning("job %s: database unavailable, buffering %d loss points: %s",
+                            self.job_id, len(self.points), error.orig)  # fmt: skip
+            self.db_errors += 1
+            return False
+        if self.db_errors:
+            log.info("job %s: database back after %d failed writes", self.job_id, self.db_errors)
+            self.db_errors = 0
+        return True
+
+    def _write(self) -> None:
         values: dict[str, Any] = {}
         if self.latest is not None:
             values = {

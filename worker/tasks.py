@@ -7,13 +7,16 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 from PIL import Image
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
@@ -153,12 +156,35 @@ def run_job(job_id: str) -> None:
         keeper.stop()
     if keeper.lost:
         return  # another worker has the job now; its points and files win
-    reporter.flush()
+    _while_database_away(reporter.flush)
     if result.stopped:
-        _finish(ctx, claim, JobStatus.CANCELED)
+        _while_database_away(lambda: _finish(ctx, claim, JobStatus.CANCELED) or True)
         return
     ctx.storage.put(result_key(job_uuid), encode_png(result.image))
-    _finish(ctx, claim, JobStatus.SUCCEEDED, result_key=result_key(job_uuid))
+    _while_database_away(
+        lambda: _finish(ctx, claim, JobStatus.SUCCEEDED, result_key=result_key(job_uuid)) or True
+    )
+
+
+#: How long a finished run waits for an unreachable database before giving up; the job's
+#: lease then expires and another worker redoes the work since its last checkpoint.
+DATABASE_WAIT_SECONDS = 600.0
+
+
+def _while_database_away(write: Callable[[], bool]) -> None:
+    """Call ``write`` until it succeeds (returns True without a database error)."""
+    deadline = time.monotonic() + DATABASE_WAIT_SECONDS
+    delay = 0.5
+    while True:
+        try:
+            if write():
+                return
+        except DBAPIError as error:
+            log.warning("database unavailable, retrying: %s", error.orig)
+        if time.monotonic() > deadline:
+            raise RuntimeError("the database stayed unreachable; the job will be retried")
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
 
 
 def _drop_unclaimable(ctx: Context, job_id: uuid.UUID) -> None:
@@ -180,10 +206,10 @@ _stop_heartbeat = threading.Event()
 def _heartbeat(ctx: Context, record: dict[str, Any]) -> None:
     while not _stop_heartbeat.is_set():
         try:
-            broker.publish_heartbeat(ctx.redis, ctx.name, record)
+            broker.publish_heartbeat(ctx.redis, ctx.name, record, ctx.settings.heartbeat_seconds)
         except Exception as error:  # the broker may be down for a while; keep trying
             log.warning("heartbeat failed: %s", error)
-        _stop_heartbeat.wait(broker.HEARTBEAT_TTL_SECONDS / 3)
+        _stop_heartbeat.wait(ctx.settings.heartbeat_seconds / 3)
 
 
 @worker_ready.connect

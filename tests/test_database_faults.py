@@ -1,0 +1,117 @@
+"""The database goes away mid-job (a TCP proxy in front of PostgreSQL is cut) and returns.
+
+The API answers 503 with Retry-After meanwhile; the worker keeps optimizing and buffers its
+loss points; afterwards every point is there once, the job finishes on its first attempt,
+and neither the web nor the worker needed a restart.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from shared.config import Settings
+from shared.migrate import upgrade
+from tests.proxy import TcpProxy
+from tests.service import RedisServer, WorkerProcess, wait_for
+from web import create_app
+
+BASE_URL = os.environ.get("TEST_DATABASE_URL")
+pytestmark = pytest.mark.skipif(
+    not BASE_URL, reason="needs PostgreSQL: set TEST_DATABASE_URL (.ci/run sets it)"
+)
+DATABASE = "stylequeue_faults"
+
+
+@pytest.fixture(scope="module")
+def proxied_url() -> Iterator[tuple[str, TcpProxy]]:
+    assert BASE_URL is not None
+    url = make_url(BASE_URL)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
+        connection.execute(text(f"CREATE DATABASE {DATABASE}"))
+    admin.dispose()
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy.start()
+    through_proxy = url.set(host="127.0.0.1", port=proxy.port, database=DATABASE)
+    yield through_proxy.render_as_string(hide_password=False), proxy
+    proxy.cut()
+
+
+def test_database_outage_mid_job(
+    proxied_url: tuple[str, TcpProxy], sample_images: Path, tmp_path: Path
+) -> None:
+    url, proxy = proxied_url
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    settings = Settings.from_env(
+        {},
+        database_url=url,
+        redis_url=redis_server.url,
+        data_dir=tmp_path / "data",
+        checkpoint_every=10,
+        lease_seconds=3.0,
+        reconcile_seconds=0.5,
+        heartbeat_seconds=2.0,
+        queue=f"db-faults-{uuid.uuid4().hex[:8]}",
+    )
+    upgrade(url)
+    app: Flask = create_app({"TESTING": True, "SETTINGS": settings})
+    client = app.test_client()
+    worker = WorkerProcess(settings, "db-faults", tmp_path / "worker.log")
+    worker.start()
+    try:
+        photo = (sample_images / "content" / "tubingen.jpg").read_bytes()
+        data = {"content": (io.BytesIO(photo), "photo.jpg"), "style_preset": "starry-night",
+                "backbone": "vgg19-random", "size": "64", "iterations": "300"}  # fmt: skip
+        job = client.post("/api/jobs", data=data, content_type="multipart/form-data").get_json()
+        wait_for(
+            lambda: client.get(job["links"]["self"]).get_json()["progress"]["iteration"] >= 20,
+            60,
+            "the job to start",
+        )
+        proxy.cut()
+        outage_started = time.monotonic()
+        down = client.get(job["links"]["self"])
+        assert down.status_code == 503
+        assert down.headers["Retry-After"] == "5"
+        assert down.get_json()["error"]["code"] == "database_unavailable"
+        data["content"] = (io.BytesIO(photo), "photo.jpg")
+        refused = client.post("/api/jobs", data=data, content_type="multipart/form-data")
+        assert refused.status_code == 503
+        time.sleep(max(0.0, 8 - (time.monotonic() - outage_started)))  # longer than a lease
+        proxy.start()
+
+        final = wait_for(
+            lambda: (
+                (b := client.get(job["links"]["self"])).status_code == 200
+                and b.get_json()["status"] in ("succeeded", "failed")
+                and b.get_json()
+            ),
+            120,
+            "the job to finish after the outage",
+            every=0.2,
+        )
+        assert final["status"] == "succeeded", final
+        assert final["attempts"] == 1  # the worker kept its job through the outage
+        points = client.get(job["links"]["losses"] + "?limit=1000").get_json()["points"]
+        assert [p["iteration"] for p in points] == list(range(1, 301))
+        # Points computed during the outage were buffered and written afterwards.
+        during = [p for p in points if 2 < p["elapsed"] - points[19]["elapsed"] < 6]
+        assert during
+        log = (tmp_path / "worker.log").read_text()
+        assert "database unavailable, buffering" in log
+    finally:
+        worker.stop()
+        app.extensions["stylequeue"]["engine"].dispose()
+        redis_server.stop()
