@@ -32,6 +32,8 @@ class Settings:
     max_size: int = 2048
     #: Most iterations a job may ask for.
     max_iterations: int = 5000
+    #: Most style images (uploads and presets together) in one job.
+    max_styles: int = 8
     #: Loss points are written at least this often (seconds), never one commit per iteration.
     loss_flush_seconds: float = 0.5
     #: A job saves a preview every N iterations and a checkpoint every M.

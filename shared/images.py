@@ -97,6 +97,10 @@ def decode_image(
         raise UnsupportedImageFormat(
             f"{image.format} images are not accepted; use JPEG, PNG or WebP", field=name
         )
+    if getattr(image, "is_animated", False):
+        raise UnsupportedImageFormat(
+            f"animated {image.format} images are not accepted; send a single frame", field=name
+        )
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(

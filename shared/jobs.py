@@ -88,9 +88,16 @@ def parse_options(form: Mapping[str, str]) -> dict[str, Any]:
 
 
 def parse_request(
-    form: Mapping[str, Sequence[str]], uploads: Sequence[Upload], settings: Settings
+    form: Mapping[str, Sequence[str]],
+    uploads: Sequence[Upload],
+    settings: Settings,
+    runnable_backbones: set[str] | None = None,
 ) -> JobRequest:
-    """Validate a submission: fields, options, images. Raises a :class:`StylequeueError`."""
+    """Validate a submission: fields, options, images. Raises a :class:`StylequeueError`.
+
+    ``runnable_backbones``: the backbones live workers can run (None: not known, e.g. no
+    worker is up yet); a job asking for another one is refused rather than left to fail.
+    """
     unknown = sorted(set(form) - FORM_FIELDS)
     if unknown:
         raise OptionError(f"unknown field {unknown[0]!r}", field=unknown[0])
@@ -99,6 +106,19 @@ def parse_request(
     if options["init"] not in INIT_CHOICES:
         raise OptionError(f"must be one of {', '.join(INIT_CHOICES)}", field="init")
 
+    if runnable_backbones is not None and options["backbone"] not in runnable_backbones:
+        raise OptionError(
+            f"no worker can run {options['backbone']!r} (its weights are missing there); "
+            f"available: {', '.join(sorted(runnable_backbones))}",
+            field="backbone",
+        )
+    style_count = len([u for u in uploads if u.field == "style"]) + sum(
+        len([n for n in value.split(",") if n]) for value in form.get("style_preset", [])
+    )
+    if style_count > settings.max_styles:
+        raise OptionError(
+            f"{style_count} styles; at most {settings.max_styles} per job", field="style"
+        )
     limits = {"max_bytes": settings.max_image_bytes, "max_pixels": settings.max_image_pixels}
     contents = [u for u in uploads if u.field == "content"]
     if len(contents) != 1:

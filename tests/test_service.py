@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -123,11 +126,18 @@ def painting(sample_images: Path) -> bytes:
     return png_bytes(sample_images / "style" / "starry_night.jpg")
 
 
-def submit(client: FlaskClient, photo: bytes, painting: bytes | None, **fields: Any) -> Any:
+def submit(
+    client: FlaskClient,
+    photo: bytes | None,
+    painting: bytes | None,
+    content_name: str = "photo.png",
+    **fields: Any,
+) -> Any:
     data = MultiDict({"backbone": "vgg19-random", "size": "64"})
     for name, value in fields.items():
-        data.setlist(name, [str(value)])
-    data.add("content", FileStorage(io.BytesIO(photo), filename="photo.png"))
+        data.setlist(name, value if isinstance(value, list) else [str(value)])
+    if photo is not None:
+        data.add("content", FileStorage(io.BytesIO(photo), filename=content_name))
     if painting is not None:
         data.add("style", FileStorage(io.BytesIO(painting), filename="painting.png"))
     # Encoded in memory: the test client would spool a large body to a temporary file it
@@ -265,42 +275,125 @@ def test_event_stream_delivers_losses_and_resumes_from_last_event_id(
     assert resumed[-1]["event"] == "done"
 
 
+def encoded(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A PNG header declaring enormous dimensions, with no pixel data worth decoding."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    iend = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + iend
+
+
+NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+ANIMATED = encoded(NOISE, "WEBP", save_all=True, append_images=[NOISE.rotate(90)], duration=100)
+
+# (case, content bytes or a marker, fields, expected status, error code, error field)
+BAD_INPUT: list[tuple[str, Any, dict[str, Any], int, str, str]] = [
+    ("not an image", b"just some text", {}, 415, "unsupported_image_format", "content"),
+    ("truncated", encoded(NOISE, "PNG")[:300], {}, 422, "invalid_image", "content"),
+    ("zero-size file", b"", {}, 422, "invalid_image", "content"),
+    ("pixel bomb", encoded(Image.new("L", (8000, 6000)), "PNG"), {}, 413, "image_too_large",
+     "content"),
+    ("enormous dimensions", png_with_size(100_000, 100_000), {}, 413, "image_too_large",
+     "content"),
+    ("over the byte limit", "huge", {}, 413, "image_too_large", "content"),
+    ("GIF", encoded(NOISE, "GIF"), {}, 415, "unsupported_image_format", "content"),
+    ("TIFF", encoded(NOISE, "TIFF"), {}, 415, "unsupported_image_format", "content"),
+    ("animated WebP", ANIMATED, {}, 415, "unsupported_image_format", "content"),
+    ("no content", None, {}, 422, "invalid_option", "content"),
+    ("no style", "photo", {"style": None}, 422, "invalid_option", "style"),
+    ("unknown field", "photo", {"colour": "blue"}, 422, "invalid_option", "colour"),
+    ("size too small", "photo", {"size": "5"}, 422, "invalid_option", "size"),
+    ("size huge", "photo", {"size": "100000"}, 422, "invalid_option", "size"),
+    ("iterations not a number", "photo", {"iterations": "lots"}, 422, "invalid_option",
+     "iterations"),
+    ("iterations over the limit", "photo", {"iterations": "1000000000"}, 422, "invalid_option",
+     "iterations"),
+    ("NaN weight", "photo", {"content_weight": "nan"}, 422, "invalid_option", "content_weight"),
+    ("infinite weight", "photo", {"tv_weight": "inf"}, 422, "invalid_option", "tv_weight"),
+    ("negative weight", "photo", {"style_weight": "-1"}, 422, "invalid_option", "style_weight"),
+    ("huge weight", "photo", {"style_weight": "1e300"}, 422, "invalid_option", "style_weight"),
+    ("unknown optimizer", "photo", {"optimizer": "sgd"}, 422, "invalid_option", "optimizer"),
+    ("unknown layer", "photo", {"style_layers": "relu9_1"}, 422, "invalid_option",
+     "style_layers"),
+    ("unknown preset", "photo", {"style_preset": "mona-lisa"}, 422, "invalid_option",
+     "style_preset"),
+    ("too many styles", "photo", {"style_preset": ["starry-night"] * 8}, 422, "invalid_option",
+     "style"),
+    ("weights not matching styles", "photo", {"style_weights": "1,2,3"}, 422, "invalid_option",
+     "style_weights"),
+    ("unknown backbone", "photo", {"backbone": "resnet"}, 422, "invalid_option", "backbone"),
+    ("weights missing on every worker", "photo", {"backbone": "vgg19"}, 422, "invalid_option",
+     "backbone"),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("change", "status", "code", "field"),
-    [
-        ({"content": "text"}, 415, "unsupported_image_format", "content"),
-        ({"style": None}, 422, "invalid_option", "style"),
-        ({"size": "5"}, 422, "invalid_option", "size"),
-        ({"iterations": "lots"}, 422, "invalid_option", "iterations"),
-        ({"optimizer": "sgd"}, 422, "invalid_option", "optimizer"),
-        ({"style_layers": "relu9_1"}, 422, "invalid_option", "style_layers"),
-        ({"style_preset": "mona-lisa"}, 422, "invalid_option", "style_preset"),
-        ({"colour": "blue"}, 422, "invalid_option", "colour"),
-        ({"content": "huge"}, 413, "image_too_large", "content"),
-    ],
+    ("case", "content", "fields", "status", "code", "field"),
+    BAD_INPUT,
+    ids=[case[0] for case in BAD_INPUT],
 )
 def test_bad_input_is_refused_clearly_and_leaves_nothing(
     client: FlaskClient,
+    worker: WorkerProcess,
     photo: bytes,
     painting: bytes,
     settings: Settings,
-    change: dict[str, Any],
+    case: str,
+    content: Any,
+    fields: dict[str, Any],
     status: int,
     code: str,
     field: str,
 ) -> None:
     before = count_rows(settings)
-    content = photo
-    if change.get("content") == "text":
-        content = b"just some text"
-    elif change.get("content") == "huge":
+    if content == "photo":
+        content = photo
+    elif content == "huge":
         content = b"\x89PNG" + b"0" * (settings.max_image_bytes + 10)
-    fields = {k: v for k, v in change.items() if k not in ("content", "style")}
-    response = submit(client, content, None if "style" in change else painting, **fields)
+    fields = dict(fields)
+    style = None if fields.pop("style", "given") is None else painting
+    response = submit(client, content, style, **fields)
     assert response.status_code == status, response.get_json()
     error = response.get_json()["error"]
     assert error["code"] == code and error["field"] == field and error["message"]
     assert count_rows(settings) == before
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "I;16", "P", "RGBA", "LA"])
+def test_unusual_modes_are_accepted_and_converted(
+    client: FlaskClient, worker: WorkerProcess, painting: bytes, mode: str
+) -> None:
+    image = NOISE.convert("RGBA") if mode in ("RGBA", "LA") else NOISE
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(NOISE.convert("L"), dtype=np.uint16) * 257)
+    else:
+        image = image.convert(mode)
+    data = encoded(image, "JPEG" if mode == "CMYK" else "PNG")
+    response = submit(client, data, painting, iterations=1)
+    assert response.status_code == 202, response.get_json()
+    assert (
+        wait_status(client, response.get_json()["id"], {"succeeded", "failed"})["status"]
+        == "succeeded"
+    )
+
+
+def test_file_names_are_never_used_for_storage(
+    client: FlaskClient, worker: WorkerProcess, photo: bytes, painting: bytes, settings: Settings
+) -> None:
+    response = submit(client, photo, painting, content_name="../../../../tmp/evil name\x00.png",
+                      iterations=1)  # fmt: skip
+    assert response.status_code == 202, response.get_json()
+    stored = [p for p in Path(settings.data_dir).rglob("*") if p.is_file()]
+    assert all(p.resolve().is_relative_to(Path(settings.data_dir).resolve()) for p in stored)
+    assert not any("evil" in p.name for p in stored)
+    assert not Path("/tmp/evil name.png").exists()
 
 
 def test_presets_status_pages_and_listing(

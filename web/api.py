@@ -153,6 +153,15 @@ class Conflict(StylequeueError):
     http_status = 409
 
 
+def runnable_backbones() -> set[str] | None:
+    """Backbones at least one live worker can run; None when no worker is known."""
+    try:
+        workers = broker.live_workers(services.redis)
+    except Exception:  # the broker is away: do not refuse jobs for it
+        return None
+    return {name for worker in workers for name in worker.get("backbones", [])} or None
+
+
 @bp.post("/api/jobs")
 def submit_job() -> tuple[Response, int, dict[str, str]]:
     form = {name: request.form.getlist(name) for name in request.form}
@@ -164,7 +173,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
                     uploads.append(Upload(field, upload.filename, upload.read()))
             finally:
                 upload.close()  # large uploads are spooled to temporary files
-    job_request = parse_request(form, uploads, services.settings)
+    job_request = parse_request(form, uploads, services.settings, runnable_backbones())
     session = services.session
     job = create_job(session, services.storage, job_request)
     session.commit()
