@@ -7,6 +7,7 @@ rejected request leaves no row and no file behind.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import typing
 import uuid
@@ -32,7 +33,7 @@ JOB_OPTIONS = (
     "tv_weight", "content_layers", "style_layers", "style_layer_weights", "init", "optimizer",
     "lr", "backbone", "pooling", "original_colors", "seed", "precision",
 )  # fmt: skip
-FORM_FIELDS = {"content", "style", "style_preset", "style_weights", *JOB_OPTIONS}
+FORM_FIELDS = {"content", "style", "style_preset", "style_weights", "reuse", *JOB_OPTIONS}
 
 
 @dataclass
@@ -50,6 +51,26 @@ class JobRequest:
     styles: list[tuple[bytes, Image.Image, str | None]]  # bytes, image, preset name
     options: dict[str, Any]
     style_weights: list[float] = field(default_factory=list)
+    #: The seed was given by the client (not drawn): the result is reproducible.
+    seed_given: bool = False
+    #: False when the client opted out of result reuse (``reuse=false``).
+    reuse: bool = True
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what determines the result: input bytes, weights and options.
+
+        A drawn seed is left out, so that resending a request is recognised as the same.
+        """
+        options = dict(self.options)
+        if not self.seed_given:
+            options.pop("seed")
+        canonical = {
+            "content": hashlib.sha256(self.content[0]).hexdigest(),
+            "styles": [hashlib.sha256(data).hexdigest() for data, _, _ in self.styles],
+            "style_weights": self.style_weights,
+            "options": options,
+        }
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
 def _parse_value(name: str, raw: str) -> Any:
@@ -163,16 +184,22 @@ def parse_request(
             f"must be at most {settings.max_iterations} on this service", field="iterations"
         )
     checked["original_colors"] = bool(options["original_colors"])
+    seed_given = checked["seed"] is not None
     if checked["seed"] is None:
         # Drawn now, so the job records it: rerunning its params reproduces the image.
         checked["seed"] = secrets.randbelow(2**31)
     for name in ("preview_every", "checkpoint_every"):
         checked.pop(name)
+    reuse = single.get("reuse", "true").strip().lower()
+    if reuse not in ("true", "false", "1", "0", "yes", "no"):
+        raise OptionError("must be true or false", field="reuse")
     return JobRequest(
         content=content,
         styles=styles,
         options=checked,
         style_weights=checked.pop("style_weights"),
+        seed_given=seed_given,
+        reuse=reuse in ("true", "1", "yes"),
     )
 
 

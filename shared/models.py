@@ -87,6 +87,12 @@ class Job(Base):
     #: lease on it, and keeps the lease alive while it runs (see worker/lease.py).
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The client's ``Idempotency-Key``: the same key and request give the same job.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    #: What determines the result (:meth:`shared.jobs.JobRequest.fingerprint`).
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
+    #: The finished job whose result this one reuses, instead of running again.
+    reused_from: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     #: When the job's message was last sent to the broker.
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

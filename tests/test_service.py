@@ -512,3 +512,54 @@ def test_the_web_side_never_imports_torch(settings: Settings) -> None:
     env = {**os.environ, **settings.environ()}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()
+
+
+def test_idempotency_key_gives_the_same_job_and_refuses_another_body(
+    client: FlaskClient, worker: WorkerProcess, photo: bytes, painting: bytes, settings: Settings
+) -> None:
+    key = {"Idempotency-Key": f"key-{uuid.uuid4()}"}
+
+    def post(iterations: int) -> Any:
+        data = {
+            "content": (io.BytesIO(photo), "p.png"),
+            "style": (io.BytesIO(painting), "s.png"),
+            "backbone": "vgg19-random",
+            "size": "64",
+            "iterations": str(iterations),
+        }
+        form = "multipart/form-data"
+        return client.post("/api/jobs", data=data, headers=key, content_type=form)
+
+    first = post(3)
+    assert first.status_code == 202
+    jobs_before = count_rows(settings)[0]
+    again = post(3)
+    assert again.status_code == 200 and again.get_json()["id"] == first.get_json()["id"]
+    other = post(4)
+    assert other.status_code == 409
+    assert other.get_json()["error"]["code"] == "idempotency_key_reused"
+    assert count_rows(settings)[0] == jobs_before
+    wait_status(client, first.get_json()["id"], {"succeeded"})
+
+
+def test_a_fixed_seed_reuses_a_finished_result_unless_opted_out(
+    client: FlaskClient, worker: WorkerProcess, photo: bytes, painting: bytes
+) -> None:
+    seed = str(uuid.uuid4().int % 10**9)
+    original = submit(client, photo, painting, iterations=6, seed=seed).get_json()
+    done = wait_status(client, original["id"], {"succeeded"})
+    reused = submit(client, photo, painting, iterations=6, seed=seed)
+    assert reused.status_code == 201
+    body = reused.get_json()
+    assert body["status"] == "succeeded" and body["reused_from"] == original["id"]
+    assert body["id"] != original["id"] and body["loss"] == done["loss"]
+    assert client.get(body["links"]["result"]).data == client.get(done["links"]["result"]).data
+    points = client.get(body["links"]["losses"]).get_json()["points"]
+    assert [p["iteration"] for p in points] == list(range(1, 7))
+
+    fresh = submit(client, photo, painting, iterations=6, seed=seed, reuse="false")
+    assert fresh.status_code == 202 and fresh.get_json()["reused_from"] is None
+    unseeded = submit(client, photo, painting, iterations=6)
+    assert unseeded.status_code == 202
+    for job in (fresh.get_json(), unseeded.get_json()):
+        wait_status(client, job["id"], {"succeeded"})

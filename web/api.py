@@ -19,8 +19,9 @@ from flask import (
     stream_with_context,
     url_for,
 )
-from sqlalchemy import and_, or_, select, text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy import Uuid, and_, insert, literal, or_, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
 from shared import broker
@@ -120,6 +121,7 @@ def job_json(job: Job, *, with_position: bool = True) -> dict[str, Any]:
         },
         "attempts": job.attempts,
         "resumed_from_iteration": job.resumed_from_iteration,
+        "reused_from": str(job.reused_from) if job.reused_from else None,
         "worker": job.worker,
         "device": job.device,
         "cancel_requested": job.cancel_requested,
@@ -162,8 +164,48 @@ def runnable_backbones() -> set[str] | None:
     return {name for worker in workers for name in worker.get("backbones", [])} or None
 
 
+class IdempotencyConflict(StylequeueError):
+    code = "idempotency_key_reused"
+    http_status = 409
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
+        raise OptionError("must be 1 to 200 printable characters", field="Idempotency-Key")
+    return key
+
+
+def _replay(job: Job, fingerprint: str) -> tuple[Response, int, dict[str, str]]:
+    """The answer to a request repeated with its Idempotency-Key."""
+    if job.request_fingerprint != fingerprint:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was used for a different request", field="Idempotency-Key"
+        )
+    return jsonify(job_json(job)), 200, {"Location": url_for("api.get_job", job_id=str(job.id))}
+
+
+def _reuse_result(session: Session, job: Job, source: Job) -> None:
+    """Make ``job`` a finished copy of ``source``: same result file, same loss curve."""
+    now = utcnow()
+    job.status, job.started_at, job.finished_at = JobStatus.SUCCEEDED, now, now
+    job.reused_from = source.id
+    job.iteration, job.elapsed = source.iteration, source.elapsed
+    job.loss_total, job.loss_content = source.loss_total, source.loss_content
+    job.loss_style, job.loss_tv = source.loss_style, source.loss_tv
+    job.result_key, job.preview_key = source.result_key, source.preview_key
+    job.preview_iteration = source.preview_iteration
+    session.flush()
+    columns = ("iteration", "total", "content", "style", "tv", "elapsed")
+    copied = select(literal(job.id, Uuid), *(getattr(LossPoint, c) for c in columns)).where(
+        LossPoint.job_id == source.id
+    )
+    session.execute(insert(LossPoint).from_select(["job_id", *columns], copied))
+
+
 @bp.post("/api/jobs")
 def submit_job() -> tuple[Response, int, dict[str, str]]:
+    key = _idempotency_key()
     form = {name: request.form.getlist(name) for name in request.form}
     uploads = []
     for field in request.files:
@@ -174,9 +216,39 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
             finally:
                 upload.close()  # large uploads are spooled to temporary files
     job_request = parse_request(form, uploads, services.settings, runnable_backbones())
+    fingerprint = job_request.fingerprint()
     session = services.session
+    if key is not None:
+        existing = session.scalar(select(Job).where(Job.idempotency_key == key))
+        if existing is not None:
+            return _replay(existing, fingerprint)
+    source = None
+    if job_request.reuse and job_request.seed_given:  # a fixed seed: the same image again
+        source = session.scalar(
+            select(Job)
+            .where(
+                Job.request_fingerprint == fingerprint,
+                Job.status == JobStatus.SUCCEEDED,
+                Job.result_key.is_not(None),
+            )
+            .order_by(Job.finished_at.desc())
+            .limit(1)
+        )
     job = create_job(session, services.storage, job_request)
-    session.commit()
+    job.idempotency_key, job.request_fingerprint = key, fingerprint
+    if source is not None:
+        _reuse_result(session, job, source)
+    try:
+        session.commit()
+    except IntegrityError:  # the same key, sent twice at once: the first one won
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.idempotency_key == key))
+        if existing is None:
+            raise
+        return _replay(existing, fingerprint)
+    location = {"Location": url_for("api.get_job", job_id=str(job.id))}
+    if source is not None:
+        return jsonify(job_json(job)), 201, location
     try:
         services.enqueue(str(job.id))
         job.enqueued_at = utcnow()
@@ -185,8 +257,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         # The broker is away: the job is safe in the database, queued, and the workers'
         # reconciler sends its message once Redis answers again.
         current_app.logger.warning("could not enqueue job %s; the reconciler will", job.id)
-    location = url_for("api.get_job", job_id=str(job.id))
-    return jsonify(job_json(job)), 202, {"Location": location}
+    return jsonify(job_json(job)), 202, location
 
 
 @bp.get("/api/jobs/<job_id>")
