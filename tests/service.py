@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
+import requests
 
 from shared import broker
 from shared.config import Settings
@@ -121,3 +124,46 @@ class WorkerProcess:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+@contextlib.contextmanager
+def live_service(base: Path, **overrides: Any) -> Iterator[str]:
+    """Redis, a migrated SQLite database, one worker and ``stylequeue web`` on a free port:
+    yields the server's URL."""
+    from shared.migrate import upgrade
+
+    redis_server = RedisServer(base)
+    redis_server.start()
+    settings = Settings.from_env(
+        {},
+        database_url=f"sqlite:///{base / 'jobs.db'}",
+        redis_url=redis_server.url,
+        data_dir=base / "data",
+        queue=f"live-{uuid.uuid4().hex[:8]}",
+        **overrides,
+    )
+    upgrade(settings.database_url)
+    worker = WorkerProcess(settings, f"live-{uuid.uuid4().hex[:6]}", base / "worker.log")
+    worker.start()
+    port = free_port()
+    with (base / "web.log").open("wb") as log:
+        web = subprocess.Popen(
+            [sys.executable, "-m", "stylequeue", "web", "--port", str(port)],
+            cwd=REPO, env=child_env(settings), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return requests.get(url + "/healthz", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(answers, 60, "the web server")
+        yield url
+    finally:
+        web.terminate()
+        web.wait(10)
+        worker.stop()
+        redis_server.stop()

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from PIL import Image
 
-from shared.config import Settings
-from shared.migrate import upgrade
-from tests.conftest import REPO
-from tests.service import RedisServer, WorkerProcess, child_env, free_port, wait_for
+from tests.service import live_service, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None and os.environ.get("STYLEQUEUE_REQUIRE_BROWSER"):
@@ -30,40 +23,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    base = tmp_path_factory.mktemp("browser")
-    redis_server = RedisServer(base)
-    redis_server.start()
-    settings = Settings.from_env(
-        {},
-        database_url=f"sqlite:///{base / 'jobs.db'}",
-        redis_url=redis_server.url,
-        data_dir=base / "data",
-        preview_every=5,
-        queue=f"browser-{uuid.uuid4().hex[:8]}",
-    )
-    upgrade(settings.database_url)
-    worker = WorkerProcess(settings, "browser-worker", base / "worker.log")
-    worker.start()
-    port = free_port()
-    with (base / "web.log").open("wb") as log:
-        web = subprocess.Popen(
-            [sys.executable, "-m", "stylequeue", "web", "--port", str(port)],
-            cwd=REPO, env=child_env(settings), stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            return requests.get(url + "/healthz", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    wait_for(answers, 60, "the web server")
-    yield url
-    web.terminate()
-    web.wait(10)
-    worker.stop()
-    redis_server.stop()
+    with live_service(tmp_path_factory.mktemp("browser"), preview_every=5) as url:
+        yield url
 
 
 def test_submit_watch_the_plot_grow_and_see_the_result(
