@@ -39,8 +39,11 @@ class Settings:
     #: A job saves a preview every N iterations and a checkpoint every M.
     preview_every: int = 10
     checkpoint_every: int = 50
-    #: The longest a job may run; the broker's visibility timeout is set above it.
-    max_job_seconds: int = 6 * 3600
+    #: Per attempt: past the soft limit a job stops at its next iteration and fails with
+    #: ``time_limit``; past the hard limit (an iteration that never ends) the worker marks
+    #: it failed and exits, to be restarted. The broker's visibility timeout is above both.
+    soft_time_limit: float = 6 * 3600.0
+    hard_time_limit: float = 6 * 3600.0 + 600.0
     #: Name of the queue jobs are sent to.
     queue: str = "stylequeue"
     #: A running job's lease lasts this long unless its worker renews it (every third of

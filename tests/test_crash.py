@@ -6,6 +6,7 @@ test is quick; in production they last STYLEQUEUE_LEASE_SECONDS (30 s).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import signal
 import time
@@ -176,3 +177,36 @@ def test_a_job_that_keeps_killing_its_worker_fails_clearly(
     assert final["status"] == "failed"
     assert final["error"]["code"] == "too_many_attempts"
     assert "limit is 5" in final["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("limits", "code"),
+    [
+        ({"soft_time_limit": 2.0}, "time_limit"),
+        ({"soft_time_limit": 600.0, "hard_time_limit": 2.0}, "hard_time_limit"),
+    ],
+)
+def test_time_limits_stop_a_job(
+    settings: Settings, sample_images: Path, tmp_path: Path, limits: dict, code: str
+) -> None:
+    limited = dataclasses.replace(settings, queue=f"limits-{uuid.uuid4().hex[:8]}", **limits)
+    app = create_app({"TESTING": True, "SETTINGS": limited})
+    client = app.test_client()
+    worker = WorkerProcess(limited, f"limited-{code}", tmp_path / "worker.log")
+    worker.start()
+    try:
+        submitted = submit(client, sample_images, iterations=5000)
+        final = wait_for(
+            lambda: (b := job(client, submitted["id"]))["status"] in ("failed", "succeeded") and b,
+            60,
+            "the time limit",
+        )
+        assert final["status"] == "failed"
+        assert final["error"]["code"] == code
+        assert 0 < final["progress"]["iteration"] < 5000
+        if code == "hard_time_limit":  # the worker ended itself, to be restarted
+            assert worker.process is not None
+            assert worker.process.wait(30) == 70
+    finally:
+        worker.stop()
+        app.extensions["stylequeue"]["engine"].dispose()

@@ -24,7 +24,7 @@ def make_celery(settings: Settings) -> Celery:
         # Fetch a message only when free to run it: a worker busy with a long job must not
         # sit on the next job's message (Redis transport only; Celery ≥ 5.6).
         worker_disable_prefetch=True,
-        broker_transport_options={"visibility_timeout": settings.max_job_seconds + 3600},
+        broker_transport_options={"visibility_timeout": settings.hard_time_limit + 3600},
         task_default_queue=settings.queue,
         task_ignore_result=True,  # the database row is the job's record
         broker_connection_retry_on_startup=True,

@@ -125,9 +125,17 @@ def run_job(job_id: str) -> None:
     reporter = JobReporter(
         job_uuid, ctx.sessions, ctx.storage, ctx.redis, settings.loss_flush_seconds
     )
+    started = time.monotonic()
+    soft_limit_reached = False
 
     def progress(iterate: Iterate) -> bool:
-        return reporter.progress(iterate) or keeper.lost
+        nonlocal soft_limit_reached
+        soft_limit_reached = time.monotonic() - started > settings.soft_time_limit
+        return reporter.progress(iterate) or keeper.lost or soft_limit_reached
+
+    watchdog = threading.Timer(settings.hard_time_limit, _hard_time_limit, args=(ctx, claim))
+    watchdog.daemon = True
+    watchdog.start()
 
     try:
         result = stylize(
@@ -153,10 +161,25 @@ def run_job(job_id: str) -> None:
         _finish(ctx, claim, JobStatus.FAILED, error_code="internal_error", error_message=message)
         return
     finally:
+        watchdog.cancel()
         keeper.stop()
     if keeper.lost:
         return  # another worker has the job now; its points and files win
     _while_database_away(reporter.flush)
+    if result.stopped and soft_limit_reached:
+        message = (
+            f"stopped at iteration {result.iterations} of {result.total}: past the soft time "
+            f"limit of {settings.soft_time_limit:g} s"
+        )
+        _while_database_away(
+            lambda: (
+                _finish(
+                    ctx, claim, JobStatus.FAILED, error_code="time_limit", error_message=message
+                )
+                or True
+            )
+        )
+        return
     if result.stopped:
         _while_database_away(lambda: _finish(ctx, claim, JobStatus.CANCELED) or True)
         return
@@ -164,6 +187,17 @@ def run_job(job_id: str) -> None:
     _while_database_away(
         lambda: _finish(ctx, claim, JobStatus.SUCCEEDED, result_key=result_key(job_uuid)) or True
     )
+
+
+def _hard_time_limit(ctx: Context, claim: Claim) -> None:
+    """The run did not stop by itself: fail the job and end this worker process, the only
+    way to interrupt an iteration that never ends (``serve`` or compose restarts it)."""
+    message = f"the run exceeded the hard time limit of {ctx.settings.hard_time_limit:g} s"
+    log.error("job %s: %s; exiting", claim.job_id, message)
+    try:
+        _finish(ctx, claim, JobStatus.FAILED, error_code="hard_time_limit", error_message=message)
+    finally:
+        os._exit(70)
 
 
 #: How long a finished run waits for an unreachable database before giving up; the job's
