@@ -94,10 +94,10 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
             assert max(image.size) == 48
         refused = subprocess.run(
             [sys.executable, "-m", "stylequeue", "submit", str(out), "--preset", "shipwreck",
-             "--server", url, "--size", "5"],
+             "--server", url, "--size", "5", "--backbone", "vgg19-random"],
             cwd=REPO, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-        assert refused.returncode == 1
+        assert refused.returncode == 1, refused.stderr
         assert refused.stderr.strip() == (
             "stylequeue: error: size: must be between 16 and 2048, not 5"
         )
