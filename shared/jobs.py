@@ -25,7 +25,13 @@ from shared.images import decode_image
 from shared.models import Job, JobStatus, JobStyle, StoredImage
 from shared.presets import presets
 from shared.storage import Storage
-from worker.engine.stylize import INIT_CHOICES, check_options, defaults, stylize
+from worker.engine.stylize import (
+    INIT_CHOICES,
+    check_image_sizes,
+    check_options,
+    defaults,
+    stylize,
+)
 
 #: Engine options a job may set, by the name of ``stylize``'s parameter.
 JOB_OPTIONS = (
@@ -183,6 +189,8 @@ def parse_request(
         raise OptionError(
             f"must be at most {settings.max_iterations} on this service", field="iterations"
         )
+    # The coarsest pyramid scale must still reach the deepest layer (depends on the aspect).
+    check_image_sizes(content[1], [image for _, image, _ in styles], checked)
     checked["original_colors"] = bool(options["original_colors"])
     seed_given = checked["seed"] is not None
     if checked["seed"] is None:

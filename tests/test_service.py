@@ -329,6 +329,8 @@ BAD_INPUT: list[tuple[str, Any, dict[str, Any], int, str, str]] = [
     ("weights not matching styles", "photo", {"style_weights": "1,2,3"}, 422, "invalid_option",
      "style_weights"),
     ("unknown backbone", "photo", {"backbone": "resnet"}, 422, "invalid_option", "backbone"),
+    ("pyramid too deep for the image", "photo", {"scales": "3"}, 422, "invalid_option",
+     "scales"),
     ("weights missing on every worker", "photo", {"backbone": "vgg19"}, 422, "invalid_option",
      "backbone"),
 ]  # fmt: skip

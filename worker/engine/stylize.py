@@ -192,7 +192,7 @@ def stylize(
         preview_every=preview_every,
         checkpoint_every=checkpoint_every,
     )
-    _check_image_sizes(content, styles, options)
+    check_image_sizes(content, styles, options)
     options["original_colors"] = bool(original_colors)
     options["inputs"] = _digest_inputs(content, styles, init)
     if resume_from is not None:
@@ -374,7 +374,7 @@ def smallest_side(backbone: str, layers: Sequence[str]) -> int:
     return 2 ** sum(1 for name in names[:deepest] if name.startswith("pool"))
 
 
-def _check_image_sizes(
+def check_image_sizes(
     content: Image.Image, styles: Sequence[Image.Image], options: dict[str, Any]
 ) -> None:
     """Refuse a coarsest scale too small for the deepest layer, before anything runs.
