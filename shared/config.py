@@ -34,6 +34,12 @@ class Settings:
     max_iterations: int = 5000
     #: Most style images (uploads and presets together) in one job.
     max_styles: int = 8
+    #: Requests per minute one client (address, or token when tokens come) may make to the
+    #: API, and job submissions per minute; 0 turns a limit off.
+    rate_limit_per_minute: int = 600
+    submit_limit_per_minute: int = 30
+    #: Jobs one client may have queued at once.
+    max_queued_per_client: int = 20
     #: Loss points are written at least this often (seconds), never one commit per iteration.
     loss_flush_seconds: float = 0.5
     #: A job saves a preview every N iterations and a checkpoint every M.

@@ -48,7 +48,10 @@ class StoredImage(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_created_at", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_client_status", "client", "status"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
@@ -87,6 +90,8 @@ class Job(Base):
     #: lease on it, and keeps the lease alive while it runs (see worker/lease.py).
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Who submitted the job (the client's address), for per-client limits.
+    client: Mapped[str | None] = mapped_column(String(200))
     #: The client's ``Idempotency-Key``: the same key and request give the same job.
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     #: What determines the result (:meth:`shared.jobs.JobRequest.fingerprint`).

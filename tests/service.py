@@ -140,7 +140,7 @@ def live_service(base: Path, **overrides: Any) -> Iterator[str]:
         redis_url=redis_server.url,
         data_dir=base / "data",
         queue=f"live-{uuid.uuid4().hex[:8]}",
-        **overrides,
+        **{"rate_limit_per_minute": 0, "submit_limit_per_minute": 0, **overrides},
     )
     upgrade(settings.database_url)
     worker = WorkerProcess(settings, f"live-{uuid.uuid4().hex[:6]}", base / "worker.log")

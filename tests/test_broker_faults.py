@@ -41,6 +41,8 @@ def settings(redis_server: RedisServer, tmp_path: Path) -> Settings:
         reconcile_seconds=0.5,
         heartbeat_seconds=2.0,
         queue=f"faults-{uuid.uuid4().hex[:8]}",
+        rate_limit_per_minute=0,
+        submit_limit_per_minute=0,
     )
     upgrade(settings.database_url)
     return settings

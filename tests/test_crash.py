@@ -44,6 +44,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         heartbeat_seconds=2.0,
         max_attempts=5,
         queue=f"crash-{uuid.uuid4().hex[:8]}",
+        rate_limit_per_minute=0,
+        submit_limit_per_minute=0,
     )
     upgrade(settings.database_url)
     yield settings

@@ -64,6 +64,8 @@ def test_database_outage_mid_job(
         reconcile_seconds=0.5,
         heartbeat_seconds=2.0,
         queue=f"db-faults-{uuid.uuid4().hex[:8]}",
+        rate_limit_per_minute=0,
+        submit_limit_per_minute=0,
     )
     upgrade(url)
     app: Flask = create_app({"TESTING": True, "SETTINGS": settings})

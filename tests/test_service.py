@@ -3,6 +3,7 @@ SQLite (and PostgreSQL when TEST_DATABASE_URL is set), the Flask app."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import struct
@@ -85,6 +86,8 @@ def settings(
         preview_every=5,
         checkpoint_every=20,
         queue=f"test-{uuid.uuid4().hex[:8]}",
+        rate_limit_per_minute=0,
+        submit_limit_per_minute=0,
     )
 
 
@@ -565,3 +568,36 @@ def test_a_fixed_seed_reuses_a_finished_result_unless_opted_out(
     assert unseeded.status_code == 202
     for job in (fresh.get_json(), unseeded.get_json()):
         wait_status(client, job["id"], {"succeeded"})
+
+
+def test_rate_limits_and_queued_jobs_per_client(
+    settings: Settings, photo: bytes, painting: bytes
+) -> None:
+    def app_with(**limits: Any) -> Flask:
+        return create_app({"SETTINGS": dataclasses.replace(settings, **limits)})
+
+    api = app_with(rate_limit_per_minute=5, queue=f"limits-{uuid.uuid4().hex[:6]}")
+    statuses = [api.test_client().get("/api/presets").status_code for _ in range(7)]
+    assert statuses[:5] == [200] * 5 and statuses[5:] == [429, 429]
+    limited = api.test_client().get("/api/presets")
+    assert limited.get_json()["error"]["code"] == "rate_limited"
+    assert 0 < int(limited.headers["Retry-After"]) <= 60
+    assert api.test_client().get("/healthz").status_code == 200  # only the API is limited
+
+    # Nobody consumes this queue, so the first job stays queued.
+    queued = app_with(max_queued_per_client=1, queue=f"nobody-{uuid.uuid4().hex[:6]}")
+    client = queued.test_client()
+    first = submit(client, photo, painting, iterations=2)
+    assert first.status_code == 202
+    second = submit(client, photo, painting, iterations=2)
+    assert second.status_code == 429
+    assert "limit is 1" in second.get_json()["error"]["message"]
+    client.post(first.get_json()["links"]["cancel"])
+    assert submit(client, photo, painting, iterations=2).status_code == 202  # room again
+
+    submits = app_with(submit_limit_per_minute=1, queue=f"limits-{uuid.uuid4().hex[:6]}")
+    client = submits.test_client()
+    assert submit(client, photo, painting, iterations=2).status_code == 202
+    assert submit(client, photo, painting, iterations=2).status_code == 429
+    for app in (api, queued, submits):
+        app.extensions["stylequeue"]["engine"].dispose()

@@ -19,7 +19,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
-from sqlalchemy import Uuid, and_, insert, literal, or_, select, text
+from sqlalchemy import Uuid, and_, func, insert, literal, or_, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
@@ -79,6 +79,51 @@ def _http_error(error: HTTPException) -> Response | HTTPException:
         return error
     code = {413: "request_too_large"}.get(error.code or 500, (error.name or "error").lower())
     return error_response(error.code or 500, code.replace(" ", "_"), error.description or "")
+
+
+class RateLimited(StylequeueError):
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@bp.app_errorhandler(RateLimited)
+def _rate_limited(error: RateLimited) -> Response:
+    response = error_response(429, error.code, error.message)
+    response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def client_id() -> str:
+    """Who is asking: the client's address (behind a proxy, configure ProxyFix)."""
+    return request.remote_addr or "unknown"
+
+
+def check_rate(bucket: str, limit: int) -> None:
+    """A fixed one-minute window per client in Redis; open when Redis is away."""
+    if limit <= 0:
+        return
+    now = time.time()
+    key = f"stylequeue:rate:{bucket}:{client_id()}:{int(now // 60)}"
+    try:
+        pipe = services.redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        count = int(pipe.execute()[0])
+    except Exception:
+        return
+    if count > limit:
+        retry_after = 60 - int(now) % 60
+        raise RateLimited(f"more than {limit} {bucket} requests a minute; retry later", retry_after)
+
+
+@bp.before_app_request
+def _limit_api_rate() -> None:
+    if request.path.startswith("/api/"):
+        check_rate("api", services.settings.rate_limit_per_minute)
 
 
 def job_links(job: Job) -> dict[str, str]:
@@ -206,6 +251,7 @@ def _reuse_result(session: Session, job: Job, source: Job) -> None:
 @bp.post("/api/jobs")
 def submit_job() -> tuple[Response, int, dict[str, str]]:
     key = _idempotency_key()
+    check_rate("submit", services.settings.submit_limit_per_minute)
     form = {name: request.form.getlist(name) for name in request.form}
     uploads = []
     for field in request.files:
@@ -234,8 +280,19 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
             .order_by(Job.finished_at.desc())
             .limit(1)
         )
+    if source is None:
+        queued = session.scalar(
+            select(func.count()).where(Job.client == client_id(), Job.status == JobStatus.QUEUED)
+        )
+        if (queued or 0) >= services.settings.max_queued_per_client:
+            raise RateLimited(
+                f"{queued} of your jobs are queued already; the limit is "
+                f"{services.settings.max_queued_per_client}",
+                retry_after=30,
+            )
     job = create_job(session, services.storage, job_request)
     job.idempotency_key, job.request_fingerprint = key, fingerprint
+    job.client = client_id()
     if source is not None:
         _reuse_result(session, job, source)
     try:
