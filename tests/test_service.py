@@ -478,13 +478,8 @@ def test_loss_points_are_written_in_batches_not_per_iteration(
 
 
 def test_readyz_without_workers(app: Flask, settings: Settings) -> None:
-    other = create_app(
-        {
-            "SETTINGS": Settings.from_env(
-                {}, **{**settings.__dict__, "redis_url": "redis://127.0.0.1:1/0"}
-            )
-        }
-    )
+    nowhere = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+    other = create_app({"SETTINGS": nowhere})
     response = other.test_client().get("/readyz")
     other.extensions["stylequeue"]["engine"].dispose()
     assert response.status_code == 503
