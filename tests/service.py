@@ -65,6 +65,31 @@ class RedisServer:
             self.process = None
 
 
+def service_settings(base: Path, redis_url: str, **overrides: Any) -> Settings:
+    """Settings for a test's own service: SQLite and files under ``base``, its own queue,
+    no rate limits (tests poll fast); ``overrides`` win. The database is migrated."""
+    from shared.migrate import upgrade
+
+    settings = Settings.from_env(
+        {},
+        **{
+            "database_url": f"sqlite:///{base / 'jobs.db'}",
+            "redis_url": redis_url,
+            "data_dir": base / "data",
+            "queue": f"test-{uuid.uuid4().hex[:8]}",
+            "rate_limit_per_minute": 0,
+            "submit_limit_per_minute": 0,
+            **overrides,
+        },
+    )
+    upgrade(settings.database_url)
+    return settings
+
+
+# Short leases, heartbeats and reconciler passes, so that fault tests take seconds.
+FAST_RECOVERY = {"lease_seconds": 2.0, "reconcile_seconds": 0.5, "heartbeat_seconds": 2.0}
+
+
 def _pings(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url).ping())
@@ -130,19 +155,9 @@ class WorkerProcess:
 def live_service(base: Path, **overrides: Any) -> Iterator[str]:
     """Redis, a migrated SQLite database, one worker and ``stylequeue web`` on a free port:
     yields the server's URL."""
-    from shared.migrate import upgrade
-
     redis_server = RedisServer(base)
     redis_server.start()
-    settings = Settings.from_env(
-        {},
-        database_url=f"sqlite:///{base / 'jobs.db'}",
-        redis_url=redis_server.url,
-        data_dir=base / "data",
-        queue=f"live-{uuid.uuid4().hex[:8]}",
-        **{"rate_limit_per_minute": 0, "submit_limit_per_minute": 0, **overrides},
-    )
-    upgrade(settings.database_url)
+    settings = service_settings(base, redis_server.url, **overrides)
     worker = WorkerProcess(settings, f"live-{uuid.uuid4().hex[:6]}", base / "worker.log")
     worker.start()
     port = free_port()

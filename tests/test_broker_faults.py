@@ -7,7 +7,6 @@ the reconciler sends the queued job's lost message again.
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from shared.config import Settings
-from shared.migrate import upgrade
-from tests.service import RedisServer, WorkerProcess, wait_for
+from tests.service import FAST_RECOVERY, RedisServer, WorkerProcess, service_settings, wait_for
 from web import create_app
 
 
@@ -31,20 +29,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def settings(redis_server: RedisServer, tmp_path: Path) -> Settings:
-    settings = Settings.from_env(
-        {},
-        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
-        redis_url=redis_server.url,
-        data_dir=tmp_path / "data",
-        checkpoint_every=10,
-        lease_seconds=3.0,
-        reconcile_seconds=0.5,
-        heartbeat_seconds=2.0,
-        queue=f"faults-{uuid.uuid4().hex[:8]}",
-        rate_limit_per_minute=0,
-        submit_limit_per_minute=0,
+    settings = service_settings(
+        tmp_path, redis_server.url, checkpoint_every=10, **{**FAST_RECOVERY, "lease_seconds": 3.0}
     )
-    upgrade(settings.database_url)
     return settings
 
 

@@ -21,9 +21,8 @@ from sqlalchemy import update
 
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
-from shared.migrate import upgrade
 from shared.models import Job, JobStatus, utcnow
-from tests.service import RedisServer, WorkerProcess, wait_for
+from tests.service import FAST_RECOVERY, RedisServer, WorkerProcess, service_settings, wait_for
 from web import create_app
 
 
@@ -32,22 +31,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     base = tmp_path_factory.mktemp("crash")
     redis_server = RedisServer(base)
     redis_server.start()
-    settings = Settings.from_env(
-        {},
-        database_url=f"sqlite:///{base / 'jobs.db'}",
-        redis_url=redis_server.url,
-        data_dir=base / "data",
-        preview_every=5,
-        checkpoint_every=10,
-        lease_seconds=2.0,
-        reconcile_seconds=0.5,
-        heartbeat_seconds=2.0,
-        max_attempts=5,
-        queue=f"crash-{uuid.uuid4().hex[:8]}",
-        rate_limit_per_minute=0,
-        submit_limit_per_minute=0,
-    )
-    upgrade(settings.database_url)
+    settings = service_settings(
+        base, redis_server.url, preview_every=5, checkpoint_every=10, max_attempts=5,
+        **FAST_RECOVERY,
+    )  # fmt: skip
     yield settings
     redis_server.stop()
 

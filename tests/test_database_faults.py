@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +18,8 @@ from flask import Flask
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from shared.config import Settings
-from shared.migrate import upgrade
 from tests.proxy import TcpProxy
-from tests.service import RedisServer, WorkerProcess, wait_for
+from tests.service import FAST_RECOVERY, RedisServer, WorkerProcess, service_settings, wait_for
 from web import create_app
 
 BASE_URL = os.environ.get("TEST_DATABASE_URL")
@@ -54,20 +51,10 @@ def test_database_outage_mid_job(
     url, proxy = proxied_url
     redis_server = RedisServer(tmp_path)
     redis_server.start()
-    settings = Settings.from_env(
-        {},
-        database_url=url,
-        redis_url=redis_server.url,
-        data_dir=tmp_path / "data",
-        checkpoint_every=10,
-        lease_seconds=3.0,
-        reconcile_seconds=0.5,
-        heartbeat_seconds=2.0,
-        queue=f"db-faults-{uuid.uuid4().hex[:8]}",
-        rate_limit_per_minute=0,
-        submit_limit_per_minute=0,
-    )
-    upgrade(url)
+    settings = service_settings(
+        tmp_path, redis_server.url, database_url=url, checkpoint_every=10,
+        **{**FAST_RECOVERY, "lease_seconds": 3.0},
+    )  # fmt: skip
     app: Flask = create_app({"TESTING": True, "SETTINGS": settings})
     client = app.test_client()
     worker = WorkerProcess(settings, "db-faults", tmp_path / "worker.log")

@@ -33,7 +33,7 @@ from shared.migrate import downgrade, upgrade
 from shared.models import Job, LossPoint, StoredImage
 from shared.storage import storage_from_settings
 from tests.conftest import REPO
-from tests.service import RedisServer, WorkerProcess, wait_for
+from tests.service import RedisServer, WorkerProcess, service_settings, wait_for
 from web import create_app
 from worker.engine import Iterate
 from worker.reporting import JobReporter
@@ -77,18 +77,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def settings(
     database_url: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Settings:
-    upgrade(database_url)
-    return Settings.from_env(
-        {},
-        database_url=database_url,
-        redis_url=redis_server.url,
-        data_dir=tmp_path_factory.mktemp("data"),
-        preview_every=5,
-        checkpoint_every=20,
-        queue=f"test-{uuid.uuid4().hex[:8]}",
-        rate_limit_per_minute=0,
-        submit_limit_per_minute=0,
-    )
+    return service_settings(
+        tmp_path_factory.mktemp("service"), redis_server.url, database_url=database_url,
+        preview_every=5, checkpoint_every=20,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -571,17 +563,25 @@ def test_rate_limits_and_queued_jobs_per_client(
     def app_with(**limits: Any) -> Flask:
         return create_app({"SETTINGS": dataclasses.replace(settings, **limits)})
 
+    def new_client(app: Flask) -> FlaskClient:
+        """A client from an address of its own: limits are per client and per minute."""
+        client = app.test_client()
+        client.environ_base["REMOTE_ADDR"] = f"10.{uuid.uuid4().int % 250}.0.{os.getpid() % 250}"
+        return client
+
     api = app_with(rate_limit_per_minute=5, queue=f"limits-{uuid.uuid4().hex[:6]}")
-    statuses = [api.test_client().get("/api/presets").status_code for _ in range(7)]
+    client = new_client(api)
+    statuses = [client.get("/api/presets").status_code for _ in range(7)]
     assert statuses[:5] == [200] * 5 and statuses[5:] == [429, 429]
-    limited = api.test_client().get("/api/presets")
+    limited = client.get("/api/presets")
     assert limited.get_json()["error"]["code"] == "rate_limited"
     assert 0 < int(limited.headers["Retry-After"]) <= 60
-    assert api.test_client().get("/healthz").status_code == 200  # only the API is limited
+    assert client.get("/healthz").status_code == 200  # only the API is limited
+    assert new_client(api).get("/api/presets").status_code == 200  # another client
 
     # Nobody consumes this queue, so the first job stays queued.
     queued = app_with(max_queued_per_client=1, queue=f"nobody-{uuid.uuid4().hex[:6]}")
-    client = queued.test_client()
+    client = new_client(queued)
     first = submit(client, photo, painting, iterations=2)
     assert first.status_code == 202
     second = submit(client, photo, painting, iterations=2)
@@ -591,7 +591,7 @@ def test_rate_limits_and_queued_jobs_per_client(
     assert submit(client, photo, painting, iterations=2).status_code == 202  # room again
 
     submits = app_with(submit_limit_per_minute=1, queue=f"limits-{uuid.uuid4().hex[:6]}")
-    client = submits.test_client()
+    client = new_client(submits)
     assert submit(client, photo, painting, iterations=2).status_code == 202
     assert submit(client, photo, painting, iterations=2).status_code == 429
     for app in (api, queued, submits):
