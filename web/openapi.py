@@ -60,6 +60,10 @@ def openapi_document() -> dict[str, Any]:
                                             "type": "array",
                                             "items": {"type": "string"},
                                         },
+                                        "reuse": {
+                                            "type": "string",
+                                            "description": "false: never reuse a result",
+                                        },
                                         "style_weights": {
                                             "type": "string",
                                             "description": "comma-separated, normalized",
@@ -70,9 +74,19 @@ def openapi_document() -> dict[str, Any]:
                             }
                         },
                     },
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "schema": {"type": "string", "maxLength": 200},
+                            "description": "the same key and request give the same job",
+                        }
+                    ],
                     "responses": {
+                        "200": _json(JOB, "replayed: the job this Idempotency-Key created"),
+                        "201": _json(JOB, "a finished job's result reused (fixed seed)"),
                         "202": _json(JOB, "queued; Location names the job"),
-                        **_errors(400, 413, 415, 422, 503),
+                        **_errors(400, 409, 413, 415, 422, 429, 503),
                     },
                 },
                 "get": {
