@@ -17,12 +17,14 @@ from typing import Any
 
 from PIL import Image
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
 from shared.errors import OptionError
 from shared.images import decode_image
-from shared.models import Job, JobStatus, JobStyle, StoredImage
+from shared.models import Job, JobStatus, JobStyle, StoredImage, utcnow
 from shared.presets import presets
 from shared.storage import Storage
 from worker.engine.stylize import (
@@ -212,22 +214,29 @@ def parse_request(
 
 
 def store_image(session: Session, storage: Storage, data: bytes, image: Image.Image) -> str:
-    """Store ``data`` once under its SHA-256; returns the hash."""
+    """Store ``data`` once under its SHA-256; returns the hash.
+
+    Safe when two requests bring the same new image at once: the file write is atomic and
+    idempotent, and the row is inserted with ON CONFLICT DO NOTHING.
+    """
     digest = hashlib.sha256(data).hexdigest()
-    if session.get(StoredImage, digest) is None:
-        key = f"images/{digest[:2]}/{digest}"
-        if not storage.exists(key):
-            storage.put(key, data)
-        session.add(
-            StoredImage(
-                sha256=digest,
-                storage_key=key,
-                width=image.width,
-                height=image.height,
-                size_bytes=len(data),
-            )
+    key = f"images/{digest[:2]}/{digest}"
+    if not storage.exists(key):
+        storage.put(key, data)
+    dialect = session.get_bind().dialect.name
+    insert_image = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[dialect]
+    session.execute(
+        insert_image(StoredImage)
+        .values(
+            sha256=digest,
+            storage_key=key,
+            width=image.width,
+            height=image.height,
+            size_bytes=len(data),
+            created_at=utcnow(),
         )
-        session.flush()
+        .on_conflict_do_nothing(index_elements=["sha256"])
+    )
     return digest
 
 
