@@ -50,6 +50,9 @@ class Settings:
     #: it failed and exits, to be restarted. The broker's visibility timeout is above both.
     soft_time_limit: float = 6 * 3600.0
     hard_time_limit: float = 6 * 3600.0 + 600.0
+    #: A finished job's files (inputs no other job uses, result, preview, checkpoint) are
+    #: deleted this long after it finished; the job then says ``expired``. 0: never.
+    job_ttl_seconds: float = 7 * 24 * 3600.0
     #: Name of the queue jobs are sent to.
     queue: str = "stylequeue"
     #: A running job's lease lasts this long unless its worker renews it (every third of

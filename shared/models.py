@@ -90,6 +90,8 @@ class Job(Base):
     #: lease on it, and keeps the lease alive while it runs (see worker/lease.py).
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: When the job's files were deleted, its time to live being over.
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: Who submitted the job (the client's address), for per-client limits.
     client: Mapped[str | None] = mapped_column(String(200))
     #: The client's ``Idempotency-Key``: the same key and request give the same job.

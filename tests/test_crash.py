@@ -199,3 +199,38 @@ def test_time_limits_stop_a_job(
     finally:
         worker.stop()
         app.extensions["stylequeue"]["engine"].dispose()
+
+
+def test_finished_jobs_expire_and_their_files_are_deleted(
+    settings: Settings, sample_images: Path, tmp_path: Path
+) -> None:
+    short_lived = dataclasses.replace(
+        settings, queue=f"ttl-{uuid.uuid4().hex[:8]}", job_ttl_seconds=1.0
+    )
+    app = create_app({"TESTING": True, "SETTINGS": short_lived})
+    client = app.test_client()
+    worker = WorkerProcess(short_lived, "ttl", tmp_path / "worker.log")
+    worker.start()
+    try:
+        submitted = submit(client, sample_images, iterations=3)
+        done = wait_for(
+            lambda: (b := job(client, submitted["id"]))["status"] == "succeeded" and b,
+            60,
+            "the job",
+        )
+        assert client.get(done["links"]["result"]).status_code == 200
+        files = Path(short_lived.data_dir) / "files" / "jobs" / submitted["id"]
+        assert (files / "result.png").is_file()
+        expired = wait_for(
+            lambda: (b := job(client, submitted["id"]))["expired_at"] and b, 30, "the expiry"
+        )
+    finally:
+        worker.stop()
+        app.extensions["stylequeue"]["engine"].dispose()
+    assert expired["status"] == "succeeded"  # what happened stays on record
+    gone = client.get(done["links"]["result"])
+    assert gone.status_code == 410 and gone.get_json()["error"]["code"] == "expired"
+    assert client.get(done["links"]["preview"]).status_code == 410
+    assert not (files / "result.png").exists() and not (files / "preview.png").exists()
+    points = client.get(done["links"]["losses"]).get_json()["points"]
+    assert len(points) == 3  # the loss curve is a record, not a file: it stays

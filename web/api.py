@@ -167,6 +167,7 @@ def job_json(job: Job, *, with_position: bool = True) -> dict[str, Any]:
         "attempts": job.attempts,
         "resumed_from_iteration": job.resumed_from_iteration,
         "reused_from": str(job.reused_from) if job.reused_from else None,
+        "expired_at": iso(job.expired_at),
         "worker": job.worker,
         "device": job.device,
         "cancel_requested": job.cancel_requested,
@@ -207,6 +208,18 @@ def runnable_backbones() -> set[str] | None:
     except Exception:  # the broker is away: do not refuse jobs for it
         return None
     return {name for worker in workers for name in worker.get("backbones", [])} or None
+
+
+class Expired(StylequeueError):
+    code = "expired"
+    http_status = 410
+
+
+def _check_not_expired(job: Job) -> None:
+    if job.expired_at is not None:
+        raise Expired(
+            f"the job's files were deleted at {iso(job.expired_at)}, its time to live over"
+        )
 
 
 class IdempotencyConflict(StylequeueError):
@@ -276,6 +289,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
                 Job.request_fingerprint == fingerprint,
                 Job.status == JobStatus.SUCCEEDED,
                 Job.result_key.is_not(None),
+                Job.expired_at.is_(None),
             )
             .order_by(Job.finished_at.desc())
             .limit(1)
@@ -424,6 +438,7 @@ def get_events(job_id: str) -> Response:
 @bp.get("/api/jobs/<job_id>/result")
 def get_result(job_id: str) -> Response:
     job = load_job(job_id)
+    _check_not_expired(job)
     if job.job_status != JobStatus.SUCCEEDED or not job.result_key:
         raise Conflict(f"the job is {job.status}; the result exists once it has succeeded")
     data = services.storage.get(job.result_key)
@@ -434,6 +449,7 @@ def get_result(job_id: str) -> Response:
 @bp.get("/api/jobs/<job_id>/preview")
 def get_preview(job_id: str) -> Response:
     job = load_job(job_id)
+    _check_not_expired(job)
     if not job.preview_key or not services.storage.exists(job.preview_key):
         raise NotFound("no preview yet")
     return Response(

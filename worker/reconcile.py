@@ -5,7 +5,9 @@ Every ``reconcile_seconds`` one worker (a Redis lock elects it) looks for:
 - running jobs whose lease expired and whose worker's heartbeat is gone (it died): set
   back to queued and sent again;
 - queued jobs whose message is in no ready queue of the broker (Redis restarted without
-  persistence, a message dropped): sent again.
+  persistence, a message dropped): sent again;
+- finished jobs past their time to live: their files deleted (those no live job shares) and
+  the job marked expired.
 
 A duplicate message is harmless: :func:`worker.lease.claim` lets one worker take a job.
 """
@@ -17,11 +19,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
-from shared.models import Job, JobStatus, utcnow
+from shared.config import Settings
+from shared.models import Job, JobStatus, JobStyle, StoredImage, utcnow
+from shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +95,60 @@ def reconcile(
     return sent
 
 
+def expire_jobs(sessions: sessionmaker[Session], storage: Storage, ttl_seconds: float) -> int:
+    """Delete the files of jobs finished more than ``ttl_seconds`` ago; returns how many.
+
+    A file another live job still uses (an input stored once by hash, a reused result)
+    stays. A later submission of an expired input stores it again.
+    """
+    if ttl_seconds <= 0:
+        return 0
+    now = utcnow()
+    with sessions.begin() as session:
+        jobs = session.scalars(
+            select(Job)
+            .where(Job.finished_at < now - timedelta(seconds=ttl_seconds), Job.expired_at.is_(None))
+            .limit(100)
+        ).all()
+        for job in jobs:
+            job.expired_at = now
+        session.flush()
+        live = Job.expired_at.is_(None)
+        for job in jobs:
+            for key in {job.result_key, job.preview_key, job.checkpoint_key} - {None}:
+                shared = session.scalar(
+                    select(func.count()).where(
+                        live, or_(Job.result_key == key, Job.preview_key == key)
+                    )
+                )
+                if not shared:
+                    storage.delete(key)
+            for digest in {job.content_sha256, *(style.image_sha256 for style in job.styles)}:
+                used = session.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .outerjoin(JobStyle)
+                    .where(live, or_(Job.content_sha256 == digest, JobStyle.image_sha256 == digest))
+                )
+                stored = session.get(StoredImage, digest)
+                if not used and stored is not None:
+                    storage.delete(stored.storage_key)
+    if jobs:
+        log.info("expired %d job(s)", len(jobs))
+    return len(jobs)
+
+
 def reconcile_once_elected(
     sessions: sessionmaker[Session],
     redis_client: Any,
-    queue: str,
+    storage: Storage,
+    settings: Settings,
     enqueue: Callable[[str], None],
-    interval: float,
 ) -> list[str]:
-    """:func:`reconcile` if this worker wins the lock for this interval."""
+    """:func:`reconcile` and :func:`expire_jobs` if this worker wins the lock this time."""
+    interval = settings.reconcile_seconds
     if not redis_client.set(LOCK_KEY, "1", nx=True, px=max(100, int(interval * 900))):
         return []
-    return reconcile(sessions, redis_client, queue, enqueue, grace_seconds=interval)
+    sent = reconcile(sessions, redis_client, settings.queue, enqueue, grace_seconds=interval)
+    expire_jobs(sessions, storage, settings.job_ttl_seconds)
+    return sent

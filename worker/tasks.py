@@ -67,7 +67,7 @@ def _reconciler(ctx: Context) -> None:
 
     while not _stop_heartbeat.wait(interval):
         try:
-            reconcile_once_elected(ctx.sessions, ctx.redis, ctx.settings.queue, enqueue, interval)
+            reconcile_once_elected(ctx.sessions, ctx.redis, ctx.storage, ctx.settings, enqueue)
         except Exception as error:  # broker or database away: try again next time
             log.warning("reconciler: %s", error)
 
