@@ -19,6 +19,25 @@ from tests.conftest import REPO
 from tests.service import free_port, wait_for
 
 
+def _child_worker(queue: str) -> int:
+    """The pid of the `stylequeue worker` process serving ``queue`` (read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            b"worker" in command
+            and b"stylequeue" in command
+            and (f"STYLEQUEUE_QUEUE={queue}".encode() in environ)
+        ):
+            return int(entry.name)
+    raise AssertionError(f"no worker process for queue {queue}")
+
+
 def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images: Path) -> None:
     port, unused_redis_port = free_port(), free_port()
     env = {
@@ -77,6 +96,21 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
             .headers["Content-Type"]
             .startswith("image/png")
         )
+
+        # A worker that dies is started again by `serve`.
+        old_pids = {
+            w["pid"] for w in requests.get(url + "/api/workers", timeout=5).json()["workers"]
+        }
+        worker_pid = _child_worker(env["STYLEQUEUE_QUEUE"])
+        assert worker_pid in old_pids
+        os.kill(worker_pid, signal.SIGKILL)
+
+        def replaced() -> bool:
+            workers = requests.get(url + "/api/workers", timeout=5).json()["workers"]
+            return any(w["pid"] not in old_pids for w in workers)
+
+        wait_for(replaced, 120, "serve to start another worker", every=0.5)
+        assert "the worker exited (-9); starting another" in (tmp_path / "make-run.log").read_text()
 
         # `stylequeue submit --wait` against the same server: event-fed progress, result saved.
         out = tmp_path / "submitted.png"
