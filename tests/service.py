@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import socket
@@ -182,3 +183,29 @@ def live_service(base: Path, **overrides: Any) -> Iterator[str]:
         web.wait(10)
         worker.stop()
         redis_server.stop()
+
+
+@contextlib.contextmanager
+def service_app(settings: Settings) -> Iterator[Any]:
+    """The Flask app on ``settings``; its database connections are closed afterwards."""
+    from web import create_app
+
+    app = create_app({"TESTING": True, "SETTINGS": settings})
+    try:
+        yield app
+    finally:
+        app.extensions["stylequeue"]["engine"].dispose()
+
+
+def submit_preset(client: Any, photo: Path, iterations: int, preset: str = "starry-night") -> Any:
+    """Submit ``photo`` with a style preset through the API (64 px, offline backbone)."""
+    data = {
+        "content": (io.BytesIO(photo.read_bytes()), "photo.jpg"),
+        "style_preset": preset,
+        "backbone": "vgg19-random",
+        "size": "64",
+        "iterations": str(iterations),
+    }
+    response = client.post("/api/jobs", data=data, content_type="multipart/form-data")
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()

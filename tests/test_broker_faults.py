@@ -6,7 +6,6 @@ the reconciler sends the queued job's lost message again.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +14,15 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from shared.config import Settings
-from tests.service import FAST_RECOVERY, RedisServer, WorkerProcess, service_settings, wait_for
-from web import create_app
+from tests.service import (
+    FAST_RECOVERY,
+    RedisServer,
+    WorkerProcess,
+    service_app,
+    service_settings,
+    submit_preset,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -37,23 +43,13 @@ def settings(redis_server: RedisServer, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def app(settings: Settings) -> Iterator[Flask]:
-    app = create_app({"TESTING": True, "SETTINGS": settings})
-    yield app
-    app.extensions["stylequeue"]["engine"].dispose()
+    with service_app(settings) as app:
+        yield app
 
 
 def submit(client: FlaskClient, sample_images: Path, iterations: int) -> dict:
-    photo = (sample_images / "content" / "tubingen.jpg").read_bytes()
-    data = {
-        "content": (io.BytesIO(photo), "photo.jpg"),
-        "style_preset": "shipwreck",
-        "backbone": "vgg19-random",
-        "size": "64",
-        "iterations": str(iterations),
-    }
-    response = client.post("/api/jobs", data=data, content_type="multipart/form-data")
-    assert response.status_code == 202, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
+    photo = sample_images / "content" / "tubingen.jpg"
+    return submit_preset(client, photo, iterations, preset="shipwreck")  # type: ignore[no-any-return]
 
 
 def test_redis_restart_loses_no_job(

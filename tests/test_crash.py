@@ -7,7 +7,6 @@ test is quick; in production they last STYLEQUEUE_LEASE_SECONDS (30 s).
 from __future__ import annotations
 
 import dataclasses
-import io
 import signal
 import time
 import uuid
@@ -22,8 +21,15 @@ from sqlalchemy import update
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
 from shared.models import Job, JobStatus, utcnow
-from tests.service import FAST_RECOVERY, RedisServer, WorkerProcess, service_settings, wait_for
-from web import create_app
+from tests.service import (
+    FAST_RECOVERY,
+    RedisServer,
+    WorkerProcess,
+    service_app,
+    service_settings,
+    submit_preset,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +47,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 
 @pytest.fixture(scope="module")
 def app(settings: Settings) -> Iterator[Flask]:
-    app = create_app({"TESTING": True, "SETTINGS": settings})
-    yield app
-    app.extensions["stylequeue"]["engine"].dispose()
+    with service_app(settings) as app:
+        yield app
 
 
 @pytest.fixture
@@ -52,17 +57,7 @@ def client(app: Flask) -> FlaskClient:
 
 
 def submit(client: FlaskClient, sample_images: Path, iterations: int) -> dict:
-    with (sample_images / "content" / "tubingen.jpg").open("rb") as photo:
-        data = {
-            "content": (io.BytesIO(photo.read()), "photo.jpg"),
-            "style_preset": "starry-night",
-            "backbone": "vgg19-random",
-            "size": "64",
-            "iterations": str(iterations),
-        }
-    response = client.post("/api/jobs", data=data, content_type="multipart/form-data")
-    assert response.status_code == 202, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
+    return submit_preset(client, sample_images / "content" / "tubingen.jpg", iterations)  # type: ignore[no-any-return]
 
 
 def job(client: FlaskClient, job_id: str) -> dict:
@@ -179,26 +174,27 @@ def test_time_limits_stop_a_job(
     settings: Settings, sample_images: Path, tmp_path: Path, limits: dict, code: str
 ) -> None:
     limited = dataclasses.replace(settings, queue=f"limits-{uuid.uuid4().hex[:8]}", **limits)
-    app = create_app({"TESTING": True, "SETTINGS": limited})
-    client = app.test_client()
-    worker = WorkerProcess(limited, f"limited-{code}", tmp_path / "worker.log")
-    worker.start()
-    try:
-        submitted = submit(client, sample_images, iterations=5000)
-        final = wait_for(
-            lambda: (b := job(client, submitted["id"]))["status"] in ("failed", "succeeded") and b,
-            60,
-            "the time limit",
-        )
-        assert final["status"] == "failed"
-        assert final["error"]["code"] == code
-        assert 0 < final["progress"]["iteration"] < 5000
-        if code == "hard_time_limit":  # the worker ended itself, to be restarted
-            assert worker.process is not None
-            assert worker.process.wait(30) == 70
-    finally:
-        worker.stop()
-        app.extensions["stylequeue"]["engine"].dispose()
+    with service_app(limited) as app:
+        client = app.test_client()
+        worker = WorkerProcess(limited, f"limited-{code}", tmp_path / "worker.log")
+        worker.start()
+        try:
+            submitted = submit(client, sample_images, iterations=5000)
+            final = wait_for(
+                lambda: (
+                    (b := job(client, submitted["id"]))["status"] in ("failed", "succeeded") and b
+                ),
+                60,
+                "the time limit",
+            )
+            assert final["status"] == "failed"
+            assert final["error"]["code"] == code
+            assert 0 < final["progress"]["iteration"] < 5000
+            if code == "hard_time_limit":  # the worker ended itself, to be restarted
+                assert worker.process is not None
+                assert worker.process.wait(30) == 70
+        finally:
+            worker.stop()
 
 
 def test_finished_jobs_expire_and_their_files_are_deleted(
@@ -207,30 +203,29 @@ def test_finished_jobs_expire_and_their_files_are_deleted(
     short_lived = dataclasses.replace(
         settings, queue=f"ttl-{uuid.uuid4().hex[:8]}", job_ttl_seconds=1.0
     )
-    app = create_app({"TESTING": True, "SETTINGS": short_lived})
-    client = app.test_client()
-    worker = WorkerProcess(short_lived, "ttl", tmp_path / "worker.log")
-    worker.start()
-    try:
-        submitted = submit(client, sample_images, iterations=3)
-        done = wait_for(
-            lambda: (b := job(client, submitted["id"]))["status"] == "succeeded" and b,
-            60,
-            "the job",
-        )
-        assert client.get(done["links"]["result"]).status_code == 200
-        files = Path(short_lived.data_dir) / "files" / "jobs" / submitted["id"]
-        assert (files / "result.png").is_file()
-        expired = wait_for(
-            lambda: (b := job(client, submitted["id"]))["expired_at"] and b, 30, "the expiry"
-        )
-    finally:
-        worker.stop()
-        app.extensions["stylequeue"]["engine"].dispose()
-    assert expired["status"] == "succeeded"  # what happened stays on record
-    gone = client.get(done["links"]["result"])
-    assert gone.status_code == 410 and gone.get_json()["error"]["code"] == "expired"
-    assert client.get(done["links"]["preview"]).status_code == 410
-    assert not (files / "result.png").exists() and not (files / "preview.png").exists()
-    points = client.get(done["links"]["losses"]).get_json()["points"]
-    assert len(points) == 3  # the loss curve is a record, not a file: it stays
+    with service_app(short_lived) as app:
+        client = app.test_client()
+        worker = WorkerProcess(short_lived, "ttl", tmp_path / "worker.log")
+        worker.start()
+        try:
+            submitted = submit(client, sample_images, iterations=3)
+            done = wait_for(
+                lambda: (b := job(client, submitted["id"]))["status"] == "succeeded" and b,
+                60,
+                "the job",
+            )
+            assert client.get(done["links"]["result"]).status_code == 200
+            files = Path(short_lived.data_dir) / "files" / "jobs" / submitted["id"]
+            assert (files / "result.png").is_file()
+            expired = wait_for(
+                lambda: (b := job(client, submitted["id"]))["expired_at"] and b, 30, "the expiry"
+            )
+        finally:
+            worker.stop()
+        assert expired["status"] == "succeeded"  # what happened stays on record
+        gone = client.get(done["links"]["result"])
+        assert gone.status_code == 410 and gone.get_json()["error"]["code"] == "expired"
+        assert client.get(done["links"]["preview"]).status_code == 410
+        assert not (files / "result.png").exists() and not (files / "preview.png").exists()
+        points = client.get(done["links"]["losses"]).get_json()["points"]
+        assert len(points) == 3  # the loss curve is a record, not a file: it stays

@@ -33,7 +33,13 @@ from shared.migrate import downgrade, upgrade
 from shared.models import Job, LossPoint, StoredImage
 from shared.storage import storage_from_settings
 from tests.conftest import REPO
-from tests.service import RedisServer, WorkerProcess, service_settings, wait_for
+from tests.service import (
+    RedisServer,
+    WorkerProcess,
+    service_app,
+    service_settings,
+    wait_for,
+)
 from web import create_app
 from worker.engine import Iterate
 from worker.reporting import JobReporter
@@ -93,9 +99,8 @@ def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture(scope="module")
 def app(settings: Settings) -> Iterator[Flask]:
-    app = create_app({"TESTING": True, "SETTINGS": settings})
-    yield app
-    app.extensions["stylequeue"]["engine"].dispose()
+    with service_app(settings) as app:
+        yield app
 
 
 @pytest.fixture
