@@ -16,6 +16,15 @@ from shared.errors import OptionError
 PREFIX = "STYLEQUEUE_"
 
 
+def parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(raw)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     #: SQLAlchemy URL of the job database.
@@ -68,6 +77,20 @@ class Settings:
     device: str = "auto"
     #: A worker's name in heartbeats and in the jobs it runs (default: host and pid).
     worker_name: str = ""
+    #: With tokens required, every API call but the public ones (OpenAPI document,
+    #: presets, health) needs ``Authorization: Bearer <token>`` (``stylequeue token
+    #: create``) or the web form's session; a token sees only its own jobs, an admin all.
+    require_token: bool = False
+    #: Signs the web form's session cookie (and its CSRF token). Every web process must
+    #: share it; empty: a random key kept in ``data_dir/secret_key``.
+    secret_key: str = ""
+    #: Hosts (``host`` or ``host:port``, comma-separated) a job's ``callback_url`` may
+    #: point at; empty: callbacks are refused. Each delivery is signed with HMAC-SHA256
+    #: under ``webhook_secret`` and retried with exponential backoff.
+    webhook_hosts: str = ""
+    webhook_secret: str = ""
+    webhook_retry_seconds: float = 5.0
+    webhook_max_attempts: int = 8
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -80,7 +103,7 @@ class Settings:
                 continue
             kind = type(field.default)
             try:
-                values[field.name] = kind(raw)
+                values[field.name] = parse_bool(raw) if kind is bool else kind(raw)
             except ValueError as exc:
                 raise OptionError(
                     f"cannot read {raw!r} as {kind.__name__}", field=PREFIX + field.name.upper()

@@ -27,6 +27,7 @@ from shared.images import decode_image
 from shared.models import Job, JobStatus, JobStyle, StoredImage, utcnow
 from shared.presets import presets
 from shared.storage import Storage
+from shared.webhooks import check_callback_url
 from worker.engine.stylize import (
     INIT_CHOICES,
     check_image_sizes,
@@ -41,7 +42,9 @@ JOB_OPTIONS = (
     "tv_weight", "content_layers", "style_layers", "style_layer_weights", "init", "optimizer",
     "lr", "backbone", "pooling", "original_colors", "seed", "precision",
 )  # fmt: skip
-FORM_FIELDS = {"content", "style", "style_preset", "style_weights", "reuse", *JOB_OPTIONS}
+FORM_FIELDS = {
+    "content", "style", "style_preset", "style_weights", "reuse", "callback_url", *JOB_OPTIONS,
+}  # fmt: skip
 
 
 @dataclass
@@ -63,6 +66,8 @@ class JobRequest:
     seed_given: bool = False
     #: False when the client opted out of result reuse (``reuse=false``).
     reuse: bool = True
+    #: Where to POST the signed notice when the job finishes (an allowed host).
+    callback_url: str | None = None
 
     def fingerprint(self) -> str:
         """SHA-256 of what determines the result: input bytes, weights and options.
@@ -203,6 +208,9 @@ def parse_request(
     reuse = single.get("reuse", "true").strip().lower()
     if reuse not in ("true", "false", "1", "0", "yes", "no"):
         raise OptionError("must be true or false", field="reuse")
+    callback_url = single.get("callback_url", "").strip() or None
+    if callback_url is not None:
+        callback_url = check_callback_url(callback_url, settings)
     return JobRequest(
         content=content,
         styles=styles,
@@ -210,6 +218,7 @@ def parse_request(
         style_weights=checked.pop("style_weights"),
         seed_given=seed_given,
         reuse=reuse in ("true", "1", "yes"),
+        callback_url=callback_url,
     )
 
 
@@ -252,6 +261,8 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
         iteration=0,
         attempts=0,
         cancel_requested=False,
+        callback_url=request.callback_url,
+        callback_next_at=utcnow() if request.callback_url else None,
     )
     for position, ((data, image, preset), weight) in enumerate(
         zip(request.styles, request.style_weights, strict=True)

@@ -102,6 +102,16 @@ class Job(Base):
     reused_from: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     #: When the job's message was last sent to the broker.
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Whose job it is (``token:<id>`` or ``session:<id>``; empty: anonymous). With tokens
+    #: required, only its owner and admins see it.
+    owner: Mapped[str | None] = mapped_column(String(200), index=True)
+    #: Where to POST the signed ``job.finished`` notice (see shared/webhooks.py), and how
+    #: its delivery goes: attempts made, when the next may be made, when one succeeded.
+    callback_url: Mapped[str | None] = mapped_column(String(2000))
+    callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    callback_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    callback_delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_error: Mapped[str | None] = mapped_column(Text)
 
     styles: Mapped[list[JobStyle]] = relationship(
         order_by="JobStyle.position", cascade="all, delete-orphan", lazy="selectin"
@@ -141,3 +151,21 @@ class LossPoint(Base):
     style: Mapped[float] = mapped_column(Float)
     tv: Mapped[float] = mapped_column(Float)
     elapsed: Mapped[float] = mapped_column(Float)
+
+
+class ApiToken(Base):
+    """An API token; only the SHA-256 of its secret is stored (``stylequeue token``)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    #: An admin token sees and cancels every job.
+    admin: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    @property
+    def owner(self) -> str:
+        return f"token:{self.id}"

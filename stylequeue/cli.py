@@ -173,6 +173,18 @@ def _add_service_commands(commands: Any) -> None:
     downgrade.add_argument("revision")
     db.set_defaults(handler=command_db)
 
+    token = commands.add_parser(
+        "token", help="manage API tokens", description="Manage API tokens (shown once)."
+    )
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_commands.add_parser("create", help="make a token and print its secret")
+    create.add_argument("name", help="who or what the token is for")
+    create.add_argument("--admin", action="store_true", help="sees and cancels every job")
+    token_commands.add_parser("list", help="list the tokens (never their secrets)")
+    revoke = token_commands.add_parser("revoke", help="revoke a token at once")
+    revoke.add_argument("name")
+    token.set_defaults(handler=command_token)
+
     submit = commands.add_parser(
         "submit", help="submit a job to a server", description="Submit a job to a server."
     )
@@ -182,6 +194,11 @@ def _add_service_commands(commands: Any) -> None:
     submit.add_argument("--style-weights", metavar="W,W", help="blend weights of the styles")
     submit.add_argument(
         "--server", default=os.environ.get("STYLEQUEUE_SERVER", "http://127.0.0.1:5000")
+    )
+    submit.add_argument(
+        "--token",
+        default=os.environ.get("STYLEQUEUE_TOKEN"),
+        help="API token, when the server requires one (default: $STYLEQUEUE_TOKEN)",
     )
     submit.add_argument("--wait", action="store_true", help="follow the job and save the result")
     submit.add_argument("-o", "--output", type=Path, help="where --wait saves the PNG")
@@ -221,6 +238,36 @@ def command_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_token(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from shared.db import make_engine, make_sessionmaker
+    from shared.models import ApiToken
+    from shared.tokens import create_token, revoke_token
+
+    engine = make_engine(Settings.from_env().database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            if args.token_command == "create":
+                token, secret = create_token(session, args.name, admin=args.admin)
+                kind = "admin token" if token.admin else "token"
+                print(
+                    f"{kind} {token.name!r} created; its secret, shown only now:", file=sys.stderr
+                )
+                print(secret)
+            elif args.token_command == "revoke":
+                token = revoke_token(session, args.name)
+                print(f"token {token.name!r} revoked")
+            else:
+                for token in session.scalars(select(ApiToken).order_by(ApiToken.created_at)):
+                    state = f"revoked {token.revoked_at:%Y-%m-%d}" if token.revoked_at else "live"
+                    role = "admin" if token.admin else "user"
+                    print(f"{token.name}\t{role}\t{state}\tcreated {token.created_at:%Y-%m-%d}")
+    finally:
+        engine.dispose()
+    return 0
+
+
 def command_submit(args: argparse.Namespace) -> int:
     from shared.jobs import JOB_OPTIONS
     from stylequeue.submit import submit_and_wait
@@ -236,7 +283,9 @@ def command_submit(args: argparse.Namespace) -> int:
         options["style_preset"] = ",".join(args.preset)
     if not args.styles and not args.preset:
         raise StylequeueError("give a STYLE image or --preset NAME", field="style")
-    return submit_and_wait(args.server, args.content, args.styles, options, args.output, args.wait)
+    return submit_and_wait(
+        args.server, args.content, args.styles, options, args.output, args.wait, args.token
+    )
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:

@@ -31,8 +31,20 @@ def _check(response: requests.Response) -> dict[str, Any]:
     return body  # type: ignore[no-any-return]
 
 
+def client(token: str | None) -> requests.Session:
+    """An HTTP session sending ``token`` (when the server requires tokens)."""
+    http = requests.Session()
+    if token:
+        http.headers["Authorization"] = f"Bearer {token}"
+    return http
+
+
 def submit(
-    server: str, content: Path, styles: Sequence[Path], options: dict[str, str]
+    http: requests.Session,
+    server: str,
+    content: Path,
+    styles: Sequence[Path],
+    options: dict[str, str],
 ) -> dict[str, Any]:
     for path in (content, *styles):
         if not path.is_file():
@@ -41,19 +53,19 @@ def submit(
         files = [("content", (content.name, stack.enter_context(content.open("rb"))))]
         files += [("style", (p.name, stack.enter_context(p.open("rb")))) for p in styles]
         try:
-            response = requests.post(f"{server}/api/jobs", files=files, data=options, timeout=60)
+            response = http.post(f"{server}/api/jobs", files=files, data=options, timeout=60)
         except requests.RequestException as error:
             raise ServerError(f"cannot reach {server}: {error}") from None
     return _check(response)
 
 
-def events(server: str, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def events(http: requests.Session, server: str, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(event, data) pairs from a Server-Sent Events stream, reconnecting where it broke."""
     last_id = "0"
     while True:
         headers = {"Accept": "text/event-stream", "Last-Event-ID": last_id}
         try:
-            with requests.get(server + path, headers=headers, stream=True, timeout=60) as stream:
+            with http.get(server + path, headers=headers, stream=True, timeout=60) as stream:
                 if stream.status_code >= 400:
                     _check(stream)
                 event, data = "message", ""
@@ -81,9 +93,11 @@ def submit_and_wait(
     options: dict[str, str],
     output: Path | None,
     wait: bool,
+    token: str | None = None,
 ) -> int:
     server = server.rstrip("/")
-    job = submit(server, content, styles, options)
+    http = client(token)
+    job = submit(http, server, content, styles, options)
     print(f"job {job['id']} {job['status']}: {server}{job['links']['page']}", flush=True)
     if not wait:
         return 0
@@ -91,7 +105,7 @@ def submit_and_wait(
 
     bar = tqdm(total=job["progress"]["total"], unit="it", file=sys.stderr, leave=False)
     status = job["status"]
-    for event, data in events(server, job["links"]["events"]):
+    for event, data in events(http, server, job["links"]["events"]):
         if event == "loss":
             bar.update(data["iteration"] - bar.n)
             bar.set_postfix(loss=f"{data['total']:.4g}")
@@ -99,14 +113,14 @@ def submit_and_wait(
             status = data["status"]
     bar.close()
     if status != "succeeded":
-        final = _check(requests.get(server + job["links"]["self"], timeout=30))
+        final = _check(http.get(server + job["links"]["self"], timeout=30))
         detail = final.get("error") or {}
         message = f"job {job['id']} {status}"
         if detail:
             message += f": {detail.get('code')}: {detail.get('message')}"
         raise ServerError(message)
     output = output or Path(f"stylequeue-{job['id']}.png")
-    response = requests.get(server + job["links"]["result"], timeout=60)
+    response = http.get(server + job["links"]["result"], timeout=60)
     _check(response)
     output.write_bytes(response.content)
     print(f"done: {output}")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.bad_input import BAD_INPUT, NOISE, encoded
 from tests.service import live_service, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -22,9 +24,22 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with live_service(tmp_path_factory.mktemp("browser"), preview_every=5) as url:
-        yield url
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The live service's URL and its base folder (database and files)."""
+    base = tmp_path_factory.mktemp("browser")
+    with live_service(base, preview_every=5) as url:
+        yield url, base
+
+
+@pytest.fixture(scope="module")
+def server(service: tuple[str, Path]) -> str:
+    return service[0]
+
+
+BROWSER_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
 
 
 def test_submit_watch_the_plot_grow_and_see_the_result(
@@ -40,12 +55,7 @@ def test_submit_watch_the_plot_grow_and_see_the_result(
         image.save(target)
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"],
-        )  # fmt: skip
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
             page = browser.new_page()
             page.goto(server + "/")
@@ -82,9 +92,7 @@ def test_the_form_shows_an_error_from_the_api(server: str, tmp_path: Path) -> No
     text = tmp_path / "notes.png"
     text.write_text("not an image at all")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
             page = browser.new_page()
             page.goto(server + "/")
@@ -95,5 +103,77 @@ def test_the_form_shows_an_error_from_the_api(server: str, tmp_path: Path) -> No
             error.wait_for(state="visible", timeout=10_000)
             assert error.inner_text().startswith("content: ")
             assert page.url == server + "/"
+        finally:
+            browser.close()
+
+
+def stored(base: Path) -> tuple[int, int, int]:
+    """Jobs, images and files the service holds."""
+    with sqlite3.connect(base / "jobs.db") as db:
+        jobs = db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        images = db.execute("SELECT count(*) FROM images").fetchone()[0]
+    files = sum(1 for path in (base / "data").rglob("*") if path.is_file())
+    return jobs, images, files
+
+
+# A tampered form: the field's inputs replaced by hidden ones carrying the bad values (the
+# server must refuse what the page's own controls would not let a user type).
+SET_FIELD = """([name, values]) => {
+  const form = document.getElementById("job-form");
+  form.querySelectorAll(`[name="${name}"]`).forEach((element) => element.remove());
+  for (const value of values) {
+    const input = document.createElement("input");
+    Object.assign(input, { type: "hidden", name, value });
+    form.appendChild(input);
+  }
+}"""
+
+
+def test_the_bad_input_table_through_the_form(
+    service: tuple[str, Path], sample_images: Path
+) -> None:
+    """Every case of the API's bad-input table, submitted through the page: the form
+    shows the API's message for the right field, stays on the page, and nothing is stored."""
+    from playwright.sync_api import sync_playwright
+
+    url, base = service
+    photo_image = Image.open(sample_images / "content" / "tubingen.jpg").convert("RGB")
+    photo_image.thumbnail((128, 128))
+    photo, painting = encoded(photo_image, "PNG"), encoded(NOISE, "PNG")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            # The page's own checks come first: a size below the minimum is not even sent.
+            page.fill("input[name=size]", "5")
+            assert not page.eval_on_selector("#job-form", "form => form.checkValidity()")
+            for case, content, fields, _status, _code, field in BAD_INPUT:
+                before = stored(base)
+                page.goto(url + "/")
+                page.eval_on_selector("#job-form", "form => { form.noValidate = true; }")
+                if content == "photo":
+                    content = photo
+                elif content == "huge":
+                    content = b"\x89PNG" + b"0" * (20 * 1024 * 1024 + 10)
+                if content is not None:
+                    page.set_input_files(
+                        "#content",
+                        {"name": "photo.png", "mimeType": "image/png", "buffer": content},
+                    )
+                fields = {"size": "64", **fields}
+                if fields.pop("style", "given") is not None:
+                    page.set_input_files(
+                        "#style", {"name": "art.png", "mimeType": "image/png", "buffer": painting}
+                    )
+                for name, value in fields.items():
+                    page.evaluate(SET_FIELD, [name, value if isinstance(value, list) else [value]])
+                page.click("#submit")
+                error = page.locator("#form-error")
+                error.wait_for(state="visible", timeout=30_000)
+                shown = error.inner_text()
+                assert shown.startswith(f"{field}: ") and len(shown) > len(field) + 4, (case, shown)
+                assert page.url == url + "/", case
+                assert stored(base) == before, case
         finally:
             browser.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -12,10 +13,18 @@ from tests.conftest import REPO
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
 def test_docker_compose_config_passes() -> None:
-    done = subprocess.run(
-        ["docker-compose", "config"], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    def config(**env: str) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("STYLEQUEUE_")}
+        return subprocess.run(
+            ["docker-compose", "config"], cwd=REPO, capture_output=True, text=True, timeout=60,
+            env=clean | env,
+        )  # fmt: skip
+
+    unsigned = config()  # production refuses to start without a session key
+    assert unsigned.returncode != 0 and "STYLEQUEUE_SECRET_KEY" in unsigned.stderr
+    done = config(STYLEQUEUE_SECRET_KEY="0123456789abcdef")
     assert done.returncode == 0, done.stderr
+    assert 'STYLEQUEUE_REQUIRE_TOKEN: "true"' in done.stdout
     for service in ("web:", "worker:", "migrate:", "redis:", "postgres:"):
         assert f"  {service}" in done.stdout
     assert "appendonly" in done.stdout and "nvidia" in done.stdout

@@ -17,6 +17,8 @@ from shared.config import Settings
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """The application; ``test_config`` may hold ``SETTINGS`` (a :class:`Settings`)."""
     app = Flask(__name__)
+    # The form's session cookie: not sent on cross-site subrequests, not readable by scripts.
+    app.config.update(SESSION_COOKIE_NAME="stylequeue_session", SESSION_COOKIE_SAMESITE="Lax")
     settings = Settings.from_env()
     if test_config is not None:
         app.config.update(test_config)
@@ -24,6 +26,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config["SETTINGS"] = settings
     # Room for a content image and a few style images in one request.
     app.config.setdefault("MAX_CONTENT_LENGTH", settings.max_image_bytes * 6)
+    from web.auth import secret_key
+
+    if not app.config.get("SECRET_KEY"):  # Flask's default is None
+        app.config["SECRET_KEY"] = secret_key(app)
 
     from web import api, pages
     from web.extensions import services

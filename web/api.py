@@ -29,6 +29,7 @@ from shared.errors import OptionError, StylequeueError
 from shared.jobs import Upload, create_job, parse_request, queue_position
 from shared.models import Job, JobStatus, LossPoint, utcnow
 from shared.presets import presets
+from web.auth import Unauthorized, current_principal, may_see, require_access, visible
 from web.extensions import services
 from web.openapi import openapi_document
 
@@ -97,9 +98,17 @@ def _rate_limited(error: RateLimited) -> Response:
     return response
 
 
+@bp.app_errorhandler(Unauthorized)
+def _unauthorized(error: Unauthorized) -> Response:
+    response = error_response(401, error.code, error.message)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="stylequeue"'
+    return response
+
+
 def client_id() -> str:
-    """Who is asking: the client's address (behind a proxy, configure ProxyFix)."""
-    return request.remote_addr or "unknown"
+    """Whose limits apply: the token's, else the client's address (behind a reverse proxy,
+    configure werkzeug's ProxyFix so that this is the real client)."""
+    return current_principal().bucket
 
 
 def check_rate(bucket: str, limit: int) -> None:
@@ -121,8 +130,9 @@ def check_rate(bucket: str, limit: int) -> None:
 
 
 @bp.before_app_request
-def _limit_api_rate() -> None:
+def _authenticate_and_limit() -> None:
     if request.path.startswith("/api/"):
+        require_access()
         check_rate("api", services.settings.rate_limit_per_minute)
 
 
@@ -177,6 +187,14 @@ def job_json(job: Job, *, with_position: bool = True) -> dict[str, Any]:
         body["queue_position"] = queue_position(services.session, job)
     if status == JobStatus.FAILED:
         body["error"] = {"code": job.error_code, "message": job.error_message}
+    if job.callback_url:
+        body["callback"] = {
+            "url": job.callback_url,
+            "attempts": job.callback_attempts,
+            "delivered_at": iso(job.callback_delivered_at),
+            "next_attempt_at": iso(job.callback_next_at),
+            "error": job.callback_error,
+        }
     return body
 
 
@@ -186,7 +204,7 @@ def load_job(job_id: str) -> Job:
     except ValueError:
         raise NotFound(f"no job {job_id!r}") from None
     job = services.session.get(Job, key)
-    if job is None:
+    if job is None or not may_see(job):  # another's job: as if it did not exist
         raise NotFound(f"no job {job_id!r}")
     return job
 
@@ -236,7 +254,7 @@ def _idempotency_key() -> str | None:
 
 def _replay(job: Job, fingerprint: str) -> tuple[Response, int, dict[str, str]]:
     """The answer to a request repeated with its Idempotency-Key."""
-    if job.request_fingerprint != fingerprint:
+    if job.request_fingerprint != fingerprint or job.owner != current_principal().owner:
         raise IdempotencyConflict(
             "this Idempotency-Key was used for a different request", field="Idempotency-Key"
         )
@@ -306,7 +324,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
             )
     job = create_job(session, services.storage, job_request)
     job.idempotency_key, job.request_fingerprint = key, fingerprint
-    job.client = client_id()
+    job.client, job.owner = client_id(), current_principal().owner
     if source is not None:
         _reuse_result(session, job, source)
     try:
@@ -490,7 +508,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 @bp.get("/api/jobs")
 def list_jobs() -> Response:
     limit = _int_arg("limit", 20, 1, 100)
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    query = visible(select(Job)).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     status = request.args.get("status")
     if status:
         if status not in {s.value for s in JobStatus}:

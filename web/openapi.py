@@ -22,7 +22,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 JOB_FIELDS = (
     "id", "status", "params", "created_at", "started_at", "finished_at", "progress",
     "eta_seconds", "loss", "queue_position", "error", "attempts", "resumed_from_iteration",
-    "worker", "device", "links",
+    "worker", "device", "links", "reused_from", "expired_at", "cancel_requested", "callback",
+    "styles",
 )  # fmt: skip
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -67,6 +68,11 @@ def openapi_document() -> dict[str, Any]:
                                         "style_weights": {
                                             "type": "string",
                                             "description": "comma-separated, normalized",
+                                        },
+                                        "callback_url": {
+                                            "type": "string",
+                                            "description": "receives a signed POST when the "
+                                            "job finishes (allow-listed hosts only)",
                                         },
                                         **options,
                                     },
@@ -188,7 +194,11 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
         },
+        # With STYLEQUEUE_REQUIRE_TOKEN on, every API path but the OpenAPI document and the
+        # presets needs a token (401 without); the web form's session cookie works too.
+        "security": [{"bearer": []}, {}],
         "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": {
                     "type": "object",

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, render_template, send_file
+from flask import Blueprint, abort, g, render_template, send_file
 from werkzeug.wrappers import Response
 
 from shared import broker
 from shared.presets import presets
+from web.auth import start_browser_session
 from web.extensions import services
 from worker.engine.registry import BACKBONES, DEFAULT_BACKBONE, OFFLINE_BACKBONE
 from worker.engine.stylize import INIT_CHOICES, OPTIMIZER_CHOICES, defaults
 
 bp = Blueprint("pages", __name__)
+
+
+@bp.before_request
+def _browser_session() -> None:
+    """Every page gives the browser its session (and the CSRF token its scripts send)."""
+    g.csrf_token = start_browser_session()
 
 
 def worker_backbones() -> list[str]:

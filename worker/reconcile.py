@@ -7,7 +7,8 @@ Every ``reconcile_seconds`` one worker (a Redis lock elects it) looks for:
 - queued jobs whose message is in no ready queue of the broker (Redis restarted without
   persistence, a message dropped): sent again;
 - finished jobs past their time to live: their files deleted (those no live job shares) and
-  the job marked expired.
+  the job marked expired;
+- callbacks due: a finished job's first delivery (if its worker did not make it) and retries.
 
 A duplicate message is harmless: :func:`worker.lease.claim` lets one worker take a job.
 """
@@ -26,6 +27,7 @@ from shared import broker
 from shared.config import Settings
 from shared.models import Job, JobStatus, JobStyle, StoredImage, utcnow
 from shared.storage import Storage
+from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 
@@ -151,4 +153,5 @@ def reconcile_once_elected(
         return []
     sent = reconcile(sessions, redis_client, settings.queue, enqueue, grace_seconds=interval)
     expire_jobs(sessions, storage, settings.job_ttl_seconds)
+    deliver_due(sessions, settings)
     return sent

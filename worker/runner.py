@@ -25,6 +25,7 @@ from worker.context import Context
 from worker.engine import Checkpoint, Iterate, stylize
 from worker.lease import Claim
 from worker.reporting import JobReporter, forget_points_after, result_key
+from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ def _finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> Non
         return True
 
     _while_database_away(write)
+    try:  # the callback now, not at the reconciler's next pass; it retries failures
+        deliver_due(ctx.sessions, ctx.settings, claim.job_id)
+    except Exception as error:
+        log.warning("callback of job %s: %s; the reconciler will retry", claim.job_id, error)
 
 
 def run(ctx: Context, job_uuid: uuid.UUID) -> None:

@@ -2,6 +2,8 @@
 "use strict";
 const form = document.getElementById("job-form");
 const errorBox = document.getElementById("form-error");
+// The session's CSRF token: the API refuses a POST made with our cookie but without it.
+const csrfToken = document.querySelector("meta[name=csrf-token]").content;
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
   errorBox.hidden = true;
@@ -12,7 +14,7 @@ form.addEventListener("submit", async (event) => {
   const button = document.getElementById("submit");
   button.disabled = true;
   try {
-    const response = await fetch("/api/jobs", { method: "POST", body: data });
+    const response = await fetch("/api/jobs", { method: "POST", body: data, headers: { "X-CSRF-Token": csrfToken } });
     const body = await response.json();
     if (response.status === 202) {
       window.location = body.links.page;

@@ -86,6 +86,7 @@ events.addEventListener("done", (e) => {
 
 $("cancel").addEventListener("click", async () => {
   $("cancel").disabled = true;
-  await fetch(section.dataset.cancel, { method: "POST" });
+  const csrfToken = document.querySelector("meta[name=csrf-token]").content;
+  await fetch(section.dataset.cancel, { method: "POST", headers: { "X-CSRF-Token": csrfToken } });
 });
 drawPlot();

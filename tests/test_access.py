@@ -1,0 +1,288 @@
+"""Access: API tokens (own jobs only, admins see all), the web form's session-bound token
+with its CSRF token, rate limits per token; and signed, retried, allow-listed webhooks.
+
+Real parts: a redis-server of the test's own, SQLite, the Flask app, the ``stylequeue token``
+command, and for webhooks a real worker process and a real HTTP receiver."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import io
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from shared import webhooks
+from shared.config import Settings
+from tests.conftest import REPO
+from tests.service import (
+    FAST_RECOVERY,
+    RedisServer,
+    WorkerProcess,
+    child_env,
+    service_app,
+    service_settings,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str) -> Settings:
+    # Nobody consumes this queue: submitted jobs stay queued, which is all these tests need.
+    return service_settings(tmp_path, redis_url, require_token=True)
+
+
+def token_command(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stylequeue", "token", *args],
+        cwd=REPO, env=child_env(settings), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def make_token(settings: Settings, name: str, *more: str) -> str:
+    done = token_command(settings, "create", name, *more)
+    assert done.returncode == 0, done.stderr
+    secret = done.stdout.strip()
+    assert secret.startswith("sq_") and len(secret) > 40
+    return secret
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def submit(client: FlaskClient, photo: Path, headers: dict[str, str]) -> Any:
+    data = {
+        "content": (io.BytesIO(photo.read_bytes()), "photo.jpg"),
+        "style_preset": "starry-night",
+        "backbone": "vgg19-random",
+        "size": "64",
+        "iterations": "2",
+    }
+    return client.post("/api/jobs", data=data, headers=headers, content_type="multipart/form-data")
+
+
+def test_tokens_see_only_their_own_jobs_and_admins_see_all(
+    settings: Settings, sample_images: Path
+) -> None:
+    photo = sample_images / "content" / "tubingen.jpg"
+    alice, bob = make_token(settings, "alice"), make_token(settings, "bob")
+    admin = make_token(settings, "ops", "--admin")
+    duplicate = token_command(settings, "create", "alice")
+    assert duplicate.returncode == 1 and "exists already" in duplicate.stderr
+    assert "Traceback" not in duplicate.stderr
+
+    with service_app(settings) as app:
+        client = app.test_client()
+        # Without a token: only the public endpoints answer.
+        refused = client.get("/api/jobs")
+        assert refused.status_code == 401
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+        assert refused.get_json()["error"]["code"] == "unauthorized"
+        assert submit(client, photo, {}).status_code == 401
+        for public in ("/api/openapi.json", "/api/presets", "/healthz"):
+            assert client.get(public).status_code == 200, public
+        for wrong in ({"Authorization": "Basic YWxpY2U6eA=="}, bearer("sq_not-a-token")):
+            assert client.get("/api/jobs", headers=wrong).status_code == 401
+
+        response = submit(client, photo, bearer(alice))
+        assert response.status_code == 202, response.get_json()
+        job = response.get_json()
+        links = job["links"]
+        assert client.get(links["self"], headers=bearer(alice)).status_code == 200
+        assert client.get(links["self"], headers=bearer(admin)).status_code == 200
+        # Bob cannot tell Alice's job from one that does not exist.
+        for path in (links["self"], links["losses"], links["result"], links["events"]):
+            hidden = client.get(path, headers=bearer(bob))
+            assert hidden.status_code == 404, path
+        assert client.post(links["cancel"], headers=bearer(bob)).status_code == 404
+
+        def listed(secret: str) -> list[str]:
+            page = client.get("/api/jobs", headers=bearer(secret)).get_json()
+            return [entry["id"] for entry in page["jobs"]]
+
+        assert listed(alice) == [job["id"]]
+        assert listed(bob) == []
+        assert listed(admin) == [job["id"]]
+        # The same Idempotency-Key from another owner is not a way to Alice's job.
+        keyed = {"Idempotency-Key": "k-1"}
+        assert submit(client, photo, bearer(alice) | keyed).status_code == 202
+        assert submit(client, photo, bearer(bob) | keyed).status_code == 409
+
+        # An admin cancels anyone's job; a revoked token stops working at once.
+        assert client.post(links["cancel"], headers=bearer(admin)).status_code in (200, 202)
+        listing = token_command(settings, "list")
+        assert listing.returncode == 0 and "alice\tuser\tlive" in listing.stdout
+        assert "ops\tadmin\tlive" in listing.stdout and "sq_" not in listing.stdout
+        assert token_command(settings, "revoke", "alice").returncode == 0
+        assert client.get(links["self"], headers=bearer(alice)).status_code == 401
+        assert "alice\tuser\trevoked" in token_command(settings, "list").stdout
+
+
+def csrf_token(client: FlaskClient) -> str:
+    page = client.get("/").get_data(as_text=True)
+    found = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+    assert found, "the page carries no CSRF token"
+    return found.group(1)
+
+
+def test_the_form_session_is_a_token_and_needs_its_csrf_token(
+    settings: Settings, sample_images: Path
+) -> None:
+    photo = sample_images / "content" / "tubingen.jpg"
+    alice = make_token(settings, "alice")
+    with service_app(settings) as app:
+        browser = app.test_client()
+        token = csrf_token(browser)
+        cookie = browser.get_cookie("stylequeue_session")
+        assert cookie is not None and cookie.http_only and cookie.same_site == "Lax"
+        # The cookie alone (what another site can make a browser send) is not enough.
+        forged = submit(browser, photo, {})
+        assert forged.status_code == 403
+        assert forged.get_json()["error"]["code"] == "forbidden"
+        assert submit(browser, photo, {"X-CSRF-Token": "guess"}).status_code == 403
+        response = submit(browser, photo, {"X-CSRF-Token": token})
+        assert response.status_code == 202, response.get_json()
+        job = response.get_json()
+        assert browser.get(job["links"]["self"]).status_code == 200
+        assert browser.get(job["links"]["page"]).status_code == 200
+        # Another browser (another session) and another token do not see it.
+        stranger = app.test_client()
+        csrf_token(stranger)
+        assert stranger.get(job["links"]["self"]).status_code == 404
+        assert stranger.get(job["links"]["page"]).status_code == 404
+        assert app.test_client().get(job["links"]["self"], headers=bearer(alice)).status_code == 404
+        # The session id is signed: a tampered cookie is no session at all.
+        tampered = app.test_client()
+        tampered.set_cookie("stylequeue_session", cookie.value[:-4] + "AAAA")
+        assert tampered.get(job["links"]["self"]).status_code == 401
+
+
+def test_rate_limits_are_per_token(settings: Settings) -> None:
+    alice, bob = make_token(settings, "alice"), make_token(settings, "bob")
+    limited = dataclasses.replace(settings, rate_limit_per_minute=3)
+    with service_app(limited) as app:
+        client = app.test_client()  # one address for both tokens
+        codes = [client.get("/api/jobs", headers=bearer(alice)).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        assert client.get("/api/jobs", headers=bearer(bob)).status_code == 200
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A webhook receiver on loopback: records each delivery, answers from a script."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[str, dict[str, str], bytes]] = []
+        self.times: dict[str, list[float]] = {}
+        self.answers: dict[str, list[int]] = {}
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.deliveries.append((self.path, dict(self.headers), body))
+                receiver.times.setdefault(self.path, []).append(time.monotonic())
+                script = receiver.answers.get(self.path, [200])
+                status = script.pop(0) if len(script) > 1 else script[0]
+                self.send_response(status)
+                if status == 302:  # off the allow-list: must not be followed
+                    self.send_header("Location", "http://example.invalid/")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+
+def test_webhooks_are_signed_retried_with_backoff_and_allow_listed(
+    tmp_path: Path, redis_url: str, sample_images: Path
+) -> None:
+    receiver = Receiver()
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    secret = "webhook-secret"
+    settings = service_settings(
+        tmp_path, redis_url, **FAST_RECOVERY,
+        webhook_hosts=f"127.0.0.1:{receiver.server_address[1]}", webhook_secret=secret,
+        webhook_retry_seconds=0.5, webhook_max_attempts=3,
+    )  # fmt: skip
+    receiver.answers = {"/flaky": [500, 200], "/broken": [302]}
+    worker = WorkerProcess(settings, "hooks", tmp_path / "worker.log")
+    worker.start()
+    photo = sample_images / "content" / "tubingen.jpg"
+    try:
+        with service_app(settings) as app:
+            client = app.test_client()
+
+            def submit_with(callback: str) -> Any:
+                data = {
+                    "content": (io.BytesIO(photo.read_bytes()), "photo.jpg"),
+                    "style_preset": "starry-night", "backbone": "vgg19-random",
+                    "size": "32", "iterations": "3", "callback_url": callback,
+                }  # fmt: skip
+                return client.post("/api/jobs", data=data, content_type="multipart/form-data")
+
+            for refused in ("http://127.0.0.1:1/elsewhere", "ftp://127.0.0.1/x",
+                            receiver.url("/x").replace("http://", "http://user:pw@")):  # fmt: skip
+                response = submit_with(refused)
+                assert response.status_code == 422, refused
+                assert response.get_json()["error"]["field"] == "callback_url"
+
+            flaky = submit_with(receiver.url("/flaky")).get_json()
+            broken = submit_with(receiver.url("/broken")).get_json()
+
+            def callback(job: dict[str, Any]) -> dict[str, Any]:
+                return client.get(job["links"]["self"]).get_json()["callback"]  # type: ignore[no-any-return]
+
+            wait_for(lambda: callback(flaky)["delivered_at"], 120, "the flaky callback")
+            wait_for(lambda: callback(broken)["next_attempt_at"] is None, 120, "giving up")
+            assert callback(flaky)["attempts"] == 2
+            gave_up = callback(broken)
+            assert gave_up["attempts"] == 3 and gave_up["delivered_at"] is None
+            assert gave_up["error"] == "HTTP 302"
+    finally:
+        worker.stop()
+        receiver.shutdown()
+        receiver.server_close()
+
+    by_path: dict[str, list[tuple[dict[str, str], bytes]]] = {}
+    for path, headers, body in receiver.deliveries:
+        by_path.setdefault(path, []).append((headers, body))
+    assert len(by_path["/flaky"]) == 2 and len(by_path["/broken"]) == 3
+    assert set(by_path) == {"/flaky", "/broken"}  # the redirect was not followed
+    # Backoff: retry n waits webhook_retry_seconds × 2^(n-1) after the attempt before it.
+    first_gap, second_gap = (
+        b - a
+        for a, b in zip(receiver.times["/broken"][:-1], receiver.times["/broken"][1:], strict=True)
+    )
+    assert first_gap >= 0.45 and second_gap >= 0.95
+    for headers, body in by_path["/flaky"] + by_path["/broken"]:
+        assert webhooks.verify(secret, headers, body)
+        assert not webhooks.verify("another secret", headers, body)
+        assert not webhooks.verify(secret, headers, body + b" ")
+        event = json.loads(body)
+        assert event["event"] == "job.finished" and event["job"]["status"] == "succeeded"
+    assert json.loads(by_path["/flaky"][0][1])["job"]["id"] == flaky["id"]
+    assert json.loads(by_path["/broken"][0][1])["job"]["id"] == broken["id"]

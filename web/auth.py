@@ -1,0 +1,127 @@
+"""Who is asking: an API token, the web form's session, or nobody; and what they may see.
+
+- ``Authorization: Bearer <token>``: a token made with ``stylequeue token create``. A token
+  sent but unknown or revoked is refused (``401``), whatever the settings.
+- The web form's session: the pages give each browser a signed session cookie holding a
+  random session id (its "session-bound token") and a CSRF token. Requests that
+  authenticate by that cookie must echo the CSRF token in ``X-CSRF-Token`` on every POST:
+  another site can make a browser send the cookie, but cannot read the token.
+- Nobody: allowed when ``require_token`` is off (the default for one machine), where every
+  job is visible to whoever knows its id (ids are random UUIDs). With tokens required,
+  only the public endpoints answer, and each job is visible to its owner and to admins.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from flask import Flask, g, request, session
+from sqlalchemy import Select
+
+from shared.errors import StylequeueError
+from shared.models import Job
+from shared.tokens import find_token
+from web.extensions import services
+
+CSRF_HEADER = "X-CSRF-Token"
+#: API paths anyone may call, even with tokens required.
+PUBLIC_PATHS = {"/api/openapi.json", "/api/presets"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+class Unauthorized(StylequeueError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(StylequeueError):
+    code = "forbidden"
+    http_status = 403
+
+
+@dataclass(frozen=True)
+class Principal:
+    #: ``token:<id>``, ``session:<id>`` or None (anonymous).
+    owner: str | None
+    admin: bool = False
+    #: The rate-limit bucket: the token, else the client's address.
+    bucket: str = ""
+
+
+def secret_key(app: Flask) -> str:
+    """The configured key, or a random one kept in ``data_dir/secret_key`` so that the
+    processes of one machine (and restarts) agree."""
+    configured: str = app.config["SETTINGS"].secret_key
+    if configured:
+        return configured
+    path = Path(app.config["SETTINGS"].data_dir) / "secret_key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with path.open("x") as created:  # exclusive: the first process writes it
+            path.chmod(0o600)
+            created.write(secrets.token_urlsafe(48))
+    except FileExistsError:
+        pass
+    return path.read_text().strip()
+
+
+def start_browser_session() -> str:
+    """Give this browser a session id and a CSRF token (once); returns the CSRF token."""
+    session.setdefault("sid", secrets.token_urlsafe(18))
+    session.setdefault("csrf", secrets.token_urlsafe(32))
+    session.permanent = True
+    return str(session["csrf"])
+
+
+def current_principal() -> Principal:
+    if "principal" not in g:
+        g.principal = _authenticate()
+    return g.principal  # type: ignore[no-any-return]
+
+
+def _authenticate() -> Principal:
+    address = request.remote_addr or "unknown"
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise Unauthorized("send the token as 'Authorization: Bearer <token>'")
+        token = find_token(services.session, secret.strip())
+        if token is None:
+            raise Unauthorized("unknown or revoked token")
+        return Principal(owner=token.owner, admin=token.admin, bucket=token.owner)
+    if "sid" in session:
+        if request.method not in SAFE_METHODS:
+            sent = request.headers.get(CSRF_HEADER, "")
+            if not hmac.compare_digest(sent, str(session.get("csrf", ""))):
+                raise Forbidden(f"missing or wrong {CSRF_HEADER}; reload the form")
+        return Principal(owner=f"session:{session['sid']}", bucket=address)
+    return Principal(owner=None, bucket=address)
+
+
+def require_access() -> None:
+    """Before every API request: authenticate, and refuse anonymous calls when tokens are
+    required (except the public endpoints)."""
+    principal = current_principal()
+    if (
+        principal.owner is None
+        and services.settings.require_token
+        and request.path not in PUBLIC_PATHS
+    ):
+        raise Unauthorized("this server requires an API token ('Authorization: Bearer ...')")
+
+
+def may_see(job: Job) -> bool:
+    principal = current_principal()
+    return not services.settings.require_token or principal.admin or job.owner == principal.owner
+
+
+def visible(query: Select[tuple[Job]]) -> Select[tuple[Job]]:
+    """``query`` narrowed to the jobs the caller may see."""
+    principal = current_principal()
+    if not services.settings.require_token or principal.admin:
+        return query
+    return query.where(Job.owner == principal.owner)
