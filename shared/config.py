@@ -31,8 +31,16 @@ class Settings:
     database_url: str = "sqlite:///var/stylequeue.db"
     #: The Celery broker, and where workers publish their heartbeats and cancel flags.
     redis_url: str = "redis://127.0.0.1:6379/0"
-    #: Where files live (uploads, results, previews, checkpoints).
+    #: Where local files live: the default file store (``data_dir/files``), the session
+    #: key. With several machines, use ``storage_url`` instead.
     data_dir: Path = Path("var")
+    #: Where job files live (inputs, checkpoints, previews, results): empty for
+    #: ``data_dir/files``, a folder path, or ``s3://bucket/prefix`` for S3-compatible object
+    #: storage (credentials from the usual AWS variables), which every machine can reach.
+    storage_url: str = ""
+    #: The S3 endpoint (MinIO, Ceph, moto, ...); empty for AWS. And its region.
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
     #: Largest accepted image file, in bytes.
     max_image_bytes: int = 20 * 1024 * 1024
     #: Largest accepted image, in pixels (width × height), checked before decoding.
@@ -77,6 +85,13 @@ class Settings:
     device: str = "auto"
     #: A worker's name in heartbeats and in the jobs it runs (default: host and pid).
     worker_name: str = ""
+    #: The machine's name in heartbeats and job runs (default: the host name).
+    host_name: str = ""
+    #: Memory (GiB) a worker offers jobs; 0: measured (free GPU memory, or available RAM
+    #: for a CPU worker). Jobs are routed to workers with enough (shared/routing.py).
+    worker_memory_gb: float = 0.0
+    #: ``text`` or ``json`` (one object per line, with the job id where there is one).
+    log_format: str = "text"
     #: With tokens required, every API call but the public ones (OpenAPI document,
     #: presets, health) needs ``Authorization: Bearer <token>`` (``stylequeue token
     #: create``) or the web form's session; a token sees only its own jobs, an admin all.

@@ -11,7 +11,18 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, Uuid
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    Uuid,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from shared.db import Base
@@ -102,6 +113,10 @@ class Job(Base):
     reused_from: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     #: When the job's message was last sent to the broker.
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The broker queue the job was routed to (by device class and size; shared/routing.py)
+    #: and the memory it is estimated to need there.
+    queue: Mapped[str | None] = mapped_column(String(100))
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     #: Whose job it is (``token:<id>`` or ``session:<id>``; empty: anonymous). With tokens
     #: required, only its owner and admins see it.
     owner: Mapped[str | None] = mapped_column(String(200), index=True)
@@ -115,6 +130,9 @@ class Job(Base):
 
     styles: Mapped[list[JobStyle]] = relationship(
         order_by="JobStyle.position", cascade="all, delete-orphan", lazy="selectin"
+    )
+    runs: Mapped[list[JobRun]] = relationship(
+        order_by="JobRun.attempt", cascade="all, delete-orphan", lazy="selectin"
     )
 
     @property
@@ -169,3 +187,23 @@ class ApiToken(Base):
     @property
     def owner(self) -> str:
         return f"token:{self.id}"
+
+
+class JobRun(Base):
+    """One attempt at a job: where it ran (host, worker, device), from which checkpoint,
+    how it ended (empty while running, or when its worker died)."""
+
+    __tablename__ = "job_runs"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    worker: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(64))
+    queue: Mapped[str | None] = mapped_column(String(100))
+    resumed_from_iteration: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    outcome: Mapped[str | None] = mapped_column(String(32))

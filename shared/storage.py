@@ -1,4 +1,5 @@
-"""Where files live, behind a small interface: the local filesystem now, S3 later.
+"""Where files live, behind a small interface: a local folder (one machine) or an
+S3-compatible bucket (several machines).
 
 Keys are relative paths such as ``images/ab/abcd….png`` or ``jobs/<id>/result.png``.
 """
@@ -8,7 +9,11 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from shared.config import Settings
+from shared.errors import OptionError
 
 
 class Storage(Protocol):
@@ -52,5 +57,64 @@ class FileStorage:
         self._path(key).unlink(missing_ok=True)
 
 
-def storage_from_settings(data_dir: Path) -> Storage:
-    return FileStorage(Path(data_dir) / "files")
+class S3Storage:
+    """Objects in an S3-compatible bucket under a prefix: what every machine can reach, so
+    that any worker can resume any job and any web process can serve any result."""
+
+    def __init__(self, bucket: str, prefix: str, client: Any) -> None:
+        self.bucket, self.prefix, self.client = bucket, prefix.strip("/"), client
+
+    def _key(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"storage key escapes the prefix: {key!r}")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(key) from None
+        return response["Body"].read()  # type: ignore[no-any-return]
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise
+        return True
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def storage_from_settings(settings: Settings) -> Storage:
+    """``settings.storage_url``: empty (``data_dir/files``), a folder, or ``s3://bucket/prefix``."""
+    url = settings.storage_url
+    if not url:
+        return FileStorage(Path(settings.data_dir) / "files")
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise OptionError("s3:// URLs name a bucket: s3://bucket/prefix", field="storage_url")
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url or None,
+            region_name=settings.s3_region or None,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+        )
+        return S3Storage(parts.netloc, parts.path, client)
+    if parts.scheme in ("", "file"):
+        return FileStorage(Path(parts.path))
+    raise OptionError(
+        f"unknown storage {parts.scheme!r}: use a folder or s3://", field="storage_url"
+    )

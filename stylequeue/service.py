@@ -27,10 +27,13 @@ def run_web(host: str, port: int) -> None:
 
 
 def run_worker(settings: Settings, name: str | None = None) -> None:
-    """One Celery worker process, one job at a time (``--pool solo``): one per GPU."""
+    """One Celery worker process, one job at a time (``--pool solo``): one per GPU. It
+    consumes the queues its device and memory qualify it for (shared/routing.py)."""
     from worker.celery_app import app
+    from worker.context import context
 
-    argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", settings.queue]
+    queues = ",".join(context().capacity.queues)
+    argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", queues]
     argv += ["--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     if name:
         argv += ["--hostname", name]

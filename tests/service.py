@@ -209,3 +209,21 @@ def submit_preset(client: Any, photo: Path, iterations: int, preset: str = "star
     response = client.post("/api/jobs", data=data, content_type="multipart/form-data")
     assert response.status_code == 202, response.get_json()
     return response.get_json()
+
+
+def reset_database(url: str) -> None:
+    """Drop our tables from a PostgreSQL test database, so that migrations start afresh."""
+    from sqlalchemy import text
+
+    from shared.db import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(
+                text(
+                    "DROP TABLE IF EXISTS loss_points, job_styles, job_runs, jobs, images,"
+                    " api_tokens, alembic_version CASCADE"
+                )
+            )
+    engine.dispose()

@@ -19,7 +19,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import func, inspect, select
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import encode_multipart
 
@@ -35,6 +35,7 @@ from tests.conftest import REPO
 from tests.service import (
     RedisServer,
     WorkerProcess,
+    reset_database,
     service_app,
     service_settings,
     wait_for,
@@ -43,20 +44,7 @@ from web import create_app
 from worker.engine import Iterate
 from worker.reporting import JobReporter
 
-TABLES = {"images", "jobs", "job_styles", "loss_points", "api_tokens"}
-
-
-def reset_database(url: str) -> None:
-    engine = make_engine(url)
-    with engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            connection.execute(
-                text(
-                    "DROP TABLE IF EXISTS loss_points, job_styles, jobs, images, api_tokens,"
-                    " alembic_version CASCADE"
-                )
-            )
-    engine.dispose()
+TABLES = {"images", "jobs", "job_styles", "loss_points", "api_tokens", "job_runs"}
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -383,9 +371,9 @@ def test_loss_points_are_written_in_batches_not_per_iteration(
     uploads = [Upload("content", "c.png", photo), Upload("style", "s.png", painting)]
     request = parse_request({"iterations": ["2000"]}, uploads, settings)
     with sessions.begin() as session:
-        job_id = create_job(session, storage_from_settings(settings.data_dir), request).id
+        job_id = create_job(session, storage_from_settings(settings), request).id
     reporter = JobReporter(
-        job_id, sessions, storage_from_settings(settings.data_dir),
+        job_id, sessions, storage_from_settings(settings),
         broker.connect(redis_server.url), flush_seconds=0.5,
     )  # fmt: skip
     started = time.monotonic()

@@ -26,9 +26,10 @@ from werkzeug.exceptions import HTTPException
 
 from shared import broker
 from shared.errors import OptionError, StylequeueError
-from shared.jobs import Upload, create_job, parse_request, queue_position
+from shared.jobs import JobRequest, Upload, create_job, parse_request, queue_position
 from shared.models import Job, JobStatus, LossPoint, utcnow
 from shared.presets import presets
+from shared.routing import choose_queue, job_memory_bytes
 from web.auth import Unauthorized, current_principal, may_see, require_access, visible
 from web.extensions import services
 from web.openapi import openapi_document
@@ -180,6 +181,21 @@ def job_json(job: Job, *, with_position: bool = True) -> dict[str, Any]:
         "expired_at": iso(job.expired_at),
         "worker": job.worker,
         "device": job.device,
+        "queue": job.queue,
+        "runs": [
+            {
+                "attempt": run.attempt,
+                "host": run.host,
+                "worker": run.worker,
+                "device": run.device,
+                "queue": run.queue,
+                "resumed_from_iteration": run.resumed_from_iteration,
+                "started_at": iso(run.started_at),
+                "ended_at": iso(run.ended_at),
+                "outcome": run.outcome,
+            }
+            for run in job.runs
+        ],
         "cancel_requested": job.cancel_requested,
         "links": job_links(job),
     }
@@ -219,13 +235,22 @@ class Conflict(StylequeueError):
     http_status = 409
 
 
-def runnable_backbones() -> set[str] | None:
-    """Backbones at least one live worker can run; None when no worker is known."""
+def live_workers() -> list[dict[str, Any]]:
+    """The workers' heartbeats; none when the broker is away (jobs are not refused for it)."""
     try:
-        workers = broker.live_workers(services.redis)
-    except Exception:  # the broker is away: do not refuse jobs for it
-        return None
-    return {name for worker in workers for name in worker.get("backbones", [])} or None
+        return broker.live_workers(services.redis)
+    except Exception:
+        return []
+
+
+def route(job_request: JobRequest, workers: list[dict[str, Any]]) -> tuple[str, int]:
+    """The queue for this job and the memory it needs (shared/routing.py); refused with
+    ``job_too_large`` when no live worker could hold it. With no worker known, the base
+    queue, which every worker consumes."""
+    image = job_request.content[1]
+    options = job_request.options
+    need = job_memory_bytes(image.width, image.height, options["size"], options["optimizer"])
+    return choose_queue(services.settings.queue, need, workers), need
 
 
 class Expired(StylequeueError):
@@ -292,7 +317,10 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
                     uploads.append(Upload(field, upload.filename, upload.read()))
             finally:
                 upload.close()  # large uploads are spooled to temporary files
-    job_request = parse_request(form, uploads, services.settings, runnable_backbones())
+    workers = live_workers()
+    backbones = {name for worker in workers for name in worker.get("backbones", [])}
+    job_request = parse_request(form, uploads, services.settings, backbones or None)
+    queue, memory_bytes = route(job_request, workers)
     fingerprint = job_request.fingerprint()
     session = services.session
     if key is not None:
@@ -325,6 +353,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     job = create_job(session, services.storage, job_request)
     job.idempotency_key, job.request_fingerprint = key, fingerprint
     job.client, job.owner = client_id(), current_principal().owner
+    job.queue, job.memory_bytes = queue, memory_bytes
     if source is not None:
         _reuse_result(session, job, source)
     try:
@@ -339,7 +368,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     if source is not None:
         return jsonify(job_json(job)), 201, location
     try:
-        services.enqueue(str(job.id))
+        services.enqueue(str(job.id), queue)
         job.enqueued_at = utcnow()
         session.commit()
     except Exception:
@@ -577,10 +606,16 @@ def readyz() -> tuple[Response, int]:
         services.redis.ping()
         workers = broker.live_workers(services.redis)
         checks["redis"] = "ok"
-        checks["workers"] = len(workers)
     except Exception as error:
         checks["redis"] = f"error: {error}"
-        checks["workers"] = 0
+        workers = []
+    checks["workers"] = len(workers)
+    # Where jobs can run: each worker's host, device, memory and queues.
+    checks["capacity"] = [
+        {key: worker.get(key) for key in ("name", "host", "kind", "device", "device_name",
+                                          "memory_bytes", "queues", "backbones", "job")}
+        for worker in workers
+    ]  # fmt: skip
     ready = checks["database"] == "ok" and checks["redis"] == "ok" and checks["workers"] > 0
     return jsonify({"status": "ready" if ready else "not ready", **checks}), 200 if ready else 503
 

@@ -24,7 +24,7 @@ class Services:
         app.extensions["stylequeue"] = {
             "engine": engine,
             "sessions": make_sessionmaker(engine),
-            "storage": storage_from_settings(settings.data_dir),
+            "storage": storage_from_settings(settings),
             "redis": broker.connect(settings.redis_url),
             "celery": Celery("stylequeue", broker=settings.redis_url, set_as_current=False),
         }
@@ -57,9 +57,9 @@ class Services:
     def redis(self) -> redis.Redis:
         return self._get("redis")  # type: ignore[no-any-return]
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, queue: str) -> None:
         celery: Celery = self._get("celery")
-        celery.send_task(broker.RUN_JOB_TASK, args=[job_id], queue=self.settings.queue)
+        celery.send_task(broker.RUN_JOB_TASK, args=[job_id], queue=queue)
 
     @staticmethod
     def _close_session(_: BaseException | None) -> None:

@@ -217,6 +217,6 @@ def openapi_document() -> dict[str, Any]:
                     "type": "object",
                     "properties": {name: {} for name in JOB_FIELDS},
                 },
-            }
+            },
         },
     }

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, abort, g, render_template, send_file
 from werkzeug.wrappers import Response
 
-from shared import broker
 from shared.presets import presets
+from shared.routing import GIB
 from web.auth import start_browser_session
 from web.extensions import services
 from worker.engine.registry import BACKBONES, DEFAULT_BACKBONE, OFFLINE_BACKBONE
@@ -21,18 +21,12 @@ def _browser_session() -> None:
     g.csrf_token = start_browser_session()
 
 
-def worker_backbones() -> list[str]:
-    """Backbones at least one live worker can run (empty when none is up or Redis is down)."""
-    try:
-        workers = broker.live_workers(services.redis)
-    except Exception:
-        return []
-    return sorted({name for worker in workers for name in worker.get("backbones", [])})
-
-
 @bp.get("/")
 def index() -> str:
-    available = worker_backbones()
+    from web.api import live_workers
+
+    workers = sorted(live_workers(), key=lambda worker: str(worker.get("name")))
+    available = sorted({name for worker in workers for name in worker.get("backbones", [])})
     if DEFAULT_BACKBONE in available or not available:
         chosen = DEFAULT_BACKBONE if DEFAULT_BACKBONE in available else OFFLINE_BACKBONE
     else:
@@ -48,6 +42,8 @@ def index() -> str:
         inits=INIT_CHOICES,
         max_size=services.settings.max_size,
         max_iterations=services.settings.max_iterations,
+        workers=workers,
+        gib=GIB,
     )
 
 

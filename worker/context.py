@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from functools import cache
+from functools import cache, cached_property
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -12,20 +13,28 @@ from shared import broker
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
 from shared.storage import Storage, storage_from_settings
+from worker.capacity import Capacity, measure
 from worker.engine import BACKBONES
 
 
 class Context:
-    """What a worker process opens once: settings, database, storage, Redis."""
+    """What a worker process opens once: settings, database, storage, Redis; and what it
+    tells others in its heartbeat (``activity``: the job it runs and how fast)."""
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
         self.sessions: sessionmaker[Session] = make_sessionmaker(
             make_engine(self.settings.database_url)
         )
-        self.storage: Storage = storage_from_settings(self.settings.data_dir)
+        self.storage: Storage = storage_from_settings(self.settings)
         self.redis = broker.connect(self.settings.redis_url)
-        self.name = self.settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.host = self.settings.host_name or socket.gethostname()
+        self.name = self.settings.worker_name or f"{self.host}:{os.getpid()}"
+        self.activity: dict[str, Any] = {"job": None, "iterations_per_second": 0.0}
+
+    @cached_property
+    def capacity(self) -> Capacity:
+        return measure(self.settings)
 
 
 @cache

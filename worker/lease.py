@@ -19,7 +19,7 @@ from datetime import timedelta
 from sqlalchemy import and_, func, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.models import Job, JobStatus, utcnow
+from shared.models import Job, JobRun, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,15 @@ def claim(
     job_id: uuid.UUID,
     owner: str,
     lease_seconds: float,
-    **values: object,
+    *,
+    host: str,
+    worker: str,
+    device: str,
 ) -> Claim | None:
     """Take the job if it is queued, or running under an expired lease; None otherwise.
 
-    ``values`` (the worker's name and device) are written in the same statement.
+    The worker's name and device are written in the same statement, and the attempt is
+    recorded as a :class:`JobRun` in the same transaction.
     """
     now = utcnow()
     with sessions.begin() as session:
@@ -63,11 +67,30 @@ def claim(
                 # Where this attempt starts: the last checkpoint, if any.
                 resumed_from_iteration=func.coalesce(Job.checkpoint_iteration, 0),
                 iteration=func.coalesce(Job.checkpoint_iteration, 0),
-                **values,
+                worker=worker,
+                device=device,
             )
-            .returning(Job.attempts)
-        ).scalar_one_or_none()
-    return None if taken is None else Claim(job_id, owner, int(taken))
+            .returning(Job.attempts, Job.resumed_from_iteration, Job.queue)
+        ).one_or_none()
+        if taken is None:
+            return None
+        attempts, resumed_from, queue = taken
+        session.add(
+            JobRun(
+                job_id=job_id, attempt=attempts, host=host, worker=worker, device=device,
+                queue=queue, resumed_from_iteration=resumed_from, started_at=now,
+            )
+        )  # fmt: skip
+    return Claim(job_id, owner, int(attempts))
+
+
+def end_run(session: Session, job_id: uuid.UUID, attempt: int, outcome: str) -> None:
+    """Record how an attempt ended (a job's status, or ``worker_lost``)."""
+    session.execute(
+        update(JobRun)
+        .where(JobRun.job_id == job_id, JobRun.attempt == attempt, JobRun.ended_at.is_(None))
+        .values(ended_at=utcnow(), outcome=outcome)
+    )
 
 
 def renew(sessions: sessionmaker[Session], job: Claim, lease_seconds: float) -> bool:

@@ -16,6 +16,7 @@ A duplicate message is harmless: :func:`worker.lease.claim` lets one worker take
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -26,7 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import broker
 from shared.config import Settings
 from shared.models import Job, JobStatus, JobStyle, StoredImage, utcnow
+from shared.routing import JobTooLarge, choose_queue
 from shared.storage import Storage
+from worker.lease import end_run
 from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
@@ -47,19 +50,20 @@ def reconcile(
     sessions: sessionmaker[Session],
     redis_client: Any,
     queue: str,
-    enqueue: Callable[[str], None],
+    enqueue: Callable[[str, str], None],
     grace_seconds: float,
 ) -> list[str]:
-    """One pass; returns the ids sent again."""
+    """One pass; returns the ids sent again, each routed afresh among the live workers (a
+    job's old queue may have lost its consumers with the machine that died)."""
     now = utcnow()
-    sent: list[str] = []
+    resend: list[uuid.UUID] = []
     with sessions.begin() as session:
         expired = session.execute(
-            select(Job.id, Job.lease_owner).where(
+            select(Job.id, Job.lease_owner, Job.attempts).where(
                 Job.status == JobStatus.RUNNING, Job.lease_expires_at < now
             )
         ).all()
-        for job_id, owner in expired:
+        for job_id, owner, attempt in expired:
             # A lease also runs out while the database is away; a worker whose heartbeat
             # is still in Redis is alive and renews it once the database answers again.
             if owner and broker.worker_alive(redis_client, owner.split("/")[0]):
@@ -71,10 +75,11 @@ def reconcile(
                     Job.status == JobStatus.RUNNING,
                     Job.lease_expires_at < now,
                 )
-                .values(status=JobStatus.QUEUED, lease_owner=None, enqueued_at=now)
+                .values(status=JobStatus.QUEUED, lease_owner=None, enqueued_at=None)
             )
             if requeued.rowcount:  # type: ignore[attr-defined]
-                sent.append(str(job_id))
+                end_run(session, job_id, attempt, "worker_lost")
+                resend.append(job_id)
         stale = session.scalars(
             select(Job.id).where(
                 Job.status == JobStatus.QUEUED,
@@ -86,15 +91,25 @@ def reconcile(
         ).all()
         if stale:
             waiting = messages_in_queue(redis_client, queue)
-            missing = [job_id for job_id in stale if str(job_id) not in waiting]
-            for job_id in missing:
-                session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=now))
-                sent.append(str(job_id))
-    for job_id in sent:
-        enqueue(job_id)
+            resend += [job_id for job_id in stale if str(job_id) not in waiting]
+        workers = broker.live_workers(redis_client)
+        sent: list[tuple[str, str]] = []
+        for job_id in dict.fromkeys(resend):
+            memory = session.scalar(select(Job.memory_bytes).where(Job.id == job_id)) or 0
+            try:
+                target = choose_queue(queue, memory, workers)
+            except JobTooLarge as error:  # a larger worker may come back: keep it queued
+                log.warning("job %s waits: %s", job_id, error.message)
+                continue
+            session.execute(
+                update(Job).where(Job.id == job_id).values(enqueued_at=now, queue=target)
+            )
+            sent.append((str(job_id), target))
+    for job_id, target in sent:
+        enqueue(job_id, target)
     if sent:
-        log.info("re-enqueued %d job(s): %s", len(sent), ", ".join(sent))
-    return sent
+        log.info("re-enqueued %d job(s): %s", len(sent), ", ".join(i for i, _ in sent))
+    return [job_id for job_id, _ in sent]
 
 
 def expire_jobs(sessions: sessionmaker[Session], storage: Storage, ttl_seconds: float) -> int:
@@ -145,7 +160,7 @@ def reconcile_once_elected(
     redis_client: Any,
     storage: Storage,
     settings: Settings,
-    enqueue: Callable[[str], None],
+    enqueue: Callable[[str, str], None],
 ) -> list[str]:
     """:func:`reconcile` and :func:`expire_jobs` if this worker wins the lock this time."""
     interval = settings.reconcile_seconds

@@ -44,11 +44,13 @@ def _finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> Non
 
     def write() -> bool:
         with ctx.sessions.begin() as session:
-            session.execute(
+            ours = session.execute(
                 update(Job)
                 .where(Job.id == claim.job_id, Job.lease_owner == claim.owner)
                 .values(status=status, finished_at=utcnow(), lease_expires_at=None, **values)
             )
+            if ours.rowcount:  # type: ignore[attr-defined]
+                lease.end_run(session, claim.job_id, claim.attempts, status.value)
         return True
 
     _while_database_away(write)
@@ -66,7 +68,7 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
     device = resolve_device(settings.device)
     claim = lease.claim(
         ctx.sessions, job_uuid, f"{ctx.name}/{uuid.uuid4().hex[:8]}", settings.lease_seconds,
-        worker=ctx.name, device=str(device),
+        host=ctx.host, worker=ctx.name, device=str(device),
     )  # fmt: skip
     if claim is None:
         _drop_unclaimable(ctx, job_uuid)
@@ -102,10 +104,14 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
     )
     started = time.monotonic()
     soft_limit_reached = False
+    first_iteration = resume_from.iteration if resume_from else 0
 
     def progress(iterate: Iterate) -> bool:
         nonlocal soft_limit_reached
         soft_limit_reached = time.monotonic() - started > settings.soft_time_limit
+        if iterate.elapsed > 0:  # for the heartbeat, and so for /metrics
+            speed = (iterate.iteration - first_iteration) / iterate.elapsed
+            ctx.activity.update(job=str(job_uuid), iterations_per_second=round(speed, 3))
         return reporter.progress(iterate) or keeper.lost or soft_limit_reached
 
     watchdog = threading.Timer(settings.hard_time_limit, _hard_time_limit, args=(ctx, claim))
@@ -138,6 +144,7 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
     finally:
         watchdog.cancel()
         keeper.stop()
+        ctx.activity.update(job=None, iterations_per_second=0.0)
     if keeper.lost:
         return  # another worker has the job now; its points and files win
     _while_database_away(reporter.flush)

@@ -34,7 +34,8 @@ _stop_heartbeat = threading.Event()
 def _heartbeat(ctx: Context, record: dict[str, Any]) -> None:
     while not _stop_heartbeat.is_set():
         try:
-            broker.publish_heartbeat(ctx.redis, ctx.name, record, ctx.settings.heartbeat_seconds)
+            current = {**record, **ctx.activity}
+            broker.publish_heartbeat(ctx.redis, ctx.name, current, ctx.settings.heartbeat_seconds)
         except Exception as error:  # the broker may be down for a while; keep trying
             log.warning("heartbeat failed: %s", error)
         _stop_heartbeat.wait(ctx.settings.heartbeat_seconds / 3)
@@ -54,7 +55,18 @@ def _on_worker_ready(**_: Any) -> None:
         device=device,
         channels_last=resolve_precision("auto", device) != "fp32",
     )
-    record = {"name": ctx.name, "device": str(device), "backbones": backbones, "pid": os.getpid()}
+    capacity = ctx.capacity
+    record = {
+        "name": ctx.name,
+        "host": capacity.host,
+        "pid": os.getpid(),
+        "kind": capacity.kind,
+        "device": str(device),
+        "device_name": capacity.device_name,
+        "memory_bytes": capacity.memory_bytes,
+        "queues": list(capacity.queues),
+        "backbones": backbones,
+    }
     threading.Thread(target=_heartbeat, args=(ctx, record), daemon=True).start()
     threading.Thread(target=_reconciler, args=(ctx,), daemon=True).start()
 
@@ -62,8 +74,8 @@ def _on_worker_ready(**_: Any) -> None:
 def _reconciler(ctx: Context) -> None:
     interval = ctx.settings.reconcile_seconds
 
-    def enqueue(job_id: str) -> None:
-        app.send_task(broker.RUN_JOB_TASK, args=[job_id], queue=ctx.settings.queue)
+    def enqueue(job_id: str, queue: str) -> None:
+        app.send_task(broker.RUN_JOB_TASK, args=[job_id], queue=queue)
 
     while not _stop_heartbeat.wait(interval):
         try:

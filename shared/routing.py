@@ -1,0 +1,94 @@
+"""Routing: which broker queue a job goes to, by device class and by the memory it needs.
+
+Queues are named ``<queue>.gpu.<tier>`` and ``<queue>.cpu``. A GPU worker with M bytes of
+free memory consumes every GPU tier whose bound is at most M (so it can run any job there);
+a CPU worker consumes the CPU queue. A job goes to the smallest GPU tier that holds it if a
+live GPU worker consumes that tier, else to the CPU queue if a CPU worker has the memory,
+else it is refused at submission: no worker could ever run it. CPU workers are the
+fallback, never preferred over a GPU that fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from shared.errors import StylequeueError
+
+GIB = 1024**3
+#: Upper bounds of the GPU tiers (GiB): 2 for previews and small jobs, 8, 24 (consumer
+#: cards), 80 (A100/H100), 140 (H200).
+GPU_TIERS: tuple[tuple[str, int], ...] = (
+    ("2g", 2), ("8g", 8), ("24g", 24), ("80g", 80), ("140g", 140),
+)  # fmt: skip
+#: Peak memory per output pixel, measured on the CPU here (fp32, VGG19 up to relu5_1):
+#: ≈ 2.5 KB for the activations kept for the backward pass and their gradients, plus
+#: L-BFGS's history (100 pairs of image-sized tensors ≈ 2.4 KB); Adam keeps 2 moments.
+ACTIVATION_BYTES_PER_PIXEL = 2_600
+LBFGS_BYTES_PER_PIXEL = 2_400
+ADAM_BYTES_PER_PIXEL = 24
+#: The backbone's weights, the framework's workspace and the inputs.
+FIXED_BYTES = GIB
+
+
+class JobTooLarge(StylequeueError):
+    code = "job_too_large"
+    http_status = 422
+
+
+def output_pixels(width: int, height: int, size: int) -> int:
+    """Pixels of the output: the content image scaled so that its long side is ``size``."""
+    scale = size / max(width, height)
+    return max(1, round(width * scale)) * max(1, round(height * scale))
+
+
+def job_memory_bytes(width: int, height: int, size: int, optimizer: str) -> int:
+    """An upper estimate of the memory a job needs on its device."""
+    per_pixel = ACTIVATION_BYTES_PER_PIXEL + (
+        LBFGS_BYTES_PER_PIXEL if optimizer == "lbfgs" else ADAM_BYTES_PER_PIXEL
+    )
+    return FIXED_BYTES + per_pixel * output_pixels(width, height, size)
+
+
+def gpu_tier(memory_bytes: int) -> str | None:
+    """The smallest GPU tier that holds a job needing ``memory_bytes``."""
+    for name, bound in GPU_TIERS:
+        if memory_bytes <= bound * GIB:
+            return name
+    return None
+
+
+def worker_queues(base: str, kind: str, memory_bytes: int) -> list[str]:
+    """The queues a worker consumes: its tiers, and ``base`` itself (messages sent before
+    routing existed, or by hand)."""
+    if kind == "gpu":
+        tiers = [f"{base}.gpu.{name}" for name, bound in GPU_TIERS if bound * GIB <= memory_bytes]
+        # A small GPU still takes the smallest tier's jobs that fit it, via the CPU queue.
+        return [*tiers, base] if tiers else [f"{base}.cpu", base]
+    return [f"{base}.cpu", base]
+
+
+def choose_queue(base: str, memory_bytes: int, workers: Iterable[Mapping[str, Any]]) -> str:
+    """The queue for a job among the live ``workers``' queues; :class:`JobTooLarge` if no
+    worker consumes one that fits. With no worker of this service (``base``) known, the
+    base queue, which every worker consumes."""
+    workers = [worker for worker in workers if base in worker.get("queues", [])]
+    if not workers:
+        return base
+    consumed = {queue for worker in workers for queue in worker.get("queues", [])}
+    tier = gpu_tier(memory_bytes)
+    if tier is not None and f"{base}.gpu.{tier}" in consumed:
+        return f"{base}.gpu.{tier}"
+    cpu_memory = [
+        int(worker.get("memory_bytes", 0))
+        for worker in workers
+        if f"{base}.cpu" in worker.get("queues", [])
+    ]
+    if any(memory >= memory_bytes for memory in cpu_memory):
+        return f"{base}.cpu"
+    largest = max([int(worker.get("memory_bytes", 0)) for worker in workers] or [0])
+    raise JobTooLarge(
+        f"the job needs about {memory_bytes / GIB:.1f} GiB; the largest live worker offers "
+        f"{largest / GIB:.1f} GiB: choose a smaller size",
+        field="size",
+    )
