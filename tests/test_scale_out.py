@@ -7,6 +7,7 @@ checkpoint only the object store held. No machine's disk holds a job's files."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -91,6 +92,17 @@ def database_url(tmp_path: Path) -> str:
     return url.set(database="stylequeue_scale").render_as_string(hide_password=False)
 
 
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text → {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def files_under(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.is_file()] if folder.exists() else []
 
@@ -106,7 +118,8 @@ def test_two_hosts_share_the_work_and_one_dies_mid_job(
     settings = service_settings(
         tmp_path / "web", redis_server.url, database_url=database_url(tmp_path),
         storage_url=f"s3://{BUCKET}/{prefix}", s3_endpoint_url=s3_endpoint,
-        checkpoint_every=20, preview_every=10, worker_memory_gb=4.0, **FAST_RECOVERY,
+        checkpoint_every=20, preview_every=10, worker_memory_gb=4.0, log_format="json",
+        **FAST_RECOVERY,
     )  # fmt: skip
 
     def host(name: str) -> WorkerProcess:
@@ -149,6 +162,7 @@ def test_two_hosts_share_the_work_and_one_dies_mid_job(
                 return None
 
             victim = wait_for(running_on_a, 240, "host-a mid-job past a checkpoint", every=0.1)
+            busy = scrape(client.get("/metrics").get_data(as_text=True))
             assert victim["queue"] == f"{settings.queue}.cpu"
             process = hosts["host-a"].process
             assert process is not None
@@ -162,6 +176,7 @@ def test_two_hosts_share_the_work_and_one_dies_mid_job(
             finished = [job(entry["id"]) for entry in jobs]
             resumed = job(victim["id"])
             hosts_used = {run["host"] for entry in finished for run in entry["runs"]}
+            after = scrape(client.get("/metrics").get_data(as_text=True))
             result = client.get(resumed["links"]["result"])
             assert result.status_code == 200 and result.data[:4] == b"\x89PNG"
     finally:
@@ -170,6 +185,20 @@ def test_two_hosts_share_the_work_and_one_dies_mid_job(
         redis_server.stop()
 
     assert hosts_used == {"host-a", "host-b"}
+    # /metrics: a busy worker's speed; jobs by status; durations; the live workers.
+    speeds = {k: v for k, v in busy.items() if k[0] == "stylequeue_worker_iterations_per_second"}
+    assert any(
+        dict(labels)["host"] == "host-a" and value > 0 for (_, labels), value in speeds.items()
+    )
+    assert busy[("stylequeue_jobs", (("status", "running"),))] >= 1
+    assert after[("stylequeue_jobs", (("status", "succeeded"),))] == 4
+    assert after[("stylequeue_job_duration_seconds_count", ())] == 4
+    assert after[("stylequeue_workers", (("kind", "cpu"),))] == 1  # host-a is gone
+    assert after[("stylequeue_queue_depth", (("queue", f"{settings.queue}.cpu"),))] == 0
+    # Structured logs: JSON lines naming the host and the job they concern.
+    records = [json.loads(line) for line in (tmp_path / "host-b.log").read_text().splitlines()
+               if line.startswith("{")]  # fmt: skip
+    assert any(r["job_id"] == resumed["id"] and r["host"] == "host-b" for r in records)
     lost, taken_over = resumed["runs"]
     assert (lost["host"], lost["outcome"]) == ("host-a", "worker_lost") and lost["ended_at"]
     assert (taken_over["host"], taken_over["outcome"]) == ("host-b", "succeeded")

@@ -31,12 +31,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if not app.config.get("SECRET_KEY"):  # Flask's default is None
         app.config["SECRET_KEY"] = secret_key(app)
 
-    from web import api, pages
+    from web import api, metrics, pages
     from web.extensions import services
 
     services.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(metrics.bp)
     app.after_request(security_headers)
     return app
 

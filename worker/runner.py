@@ -54,6 +54,7 @@ def _finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> Non
         return True
 
     _while_database_away(write)
+    log.info("attempt %d ended: %s", claim.attempts, status.value)
     try:  # the callback now, not at the reconciler's next pass; it retries failures
         deliver_due(ctx.sessions, ctx.settings, claim.job_id)
     except Exception as error:
@@ -97,6 +98,10 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
             # checkpoint file and recording its iteration.
             job.resumed_from_iteration = job.iteration = resume_from.iteration
 
+    log.info(
+        "attempt %d on %s (%s): %s", claim.attempts, ctx.host, device,
+        f"resumed from iteration {resume_from.iteration}" if resume_from else "from the start",
+    )  # fmt: skip
     keeper = lease.LeaseKeeper(ctx.sessions, claim, settings.lease_seconds)
     keeper.start()
     reporter = JobReporter(

@@ -9,9 +9,10 @@ import threading
 import uuid
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import setup_logging, worker_ready, worker_shutdown
 
 from shared import broker
+from shared.logs import configure_logging, job_context
 from worker import runner
 from worker.celery_app import app
 from worker.context import Context, available_backbones, context
@@ -23,7 +24,18 @@ log = logging.getLogger(__name__)
 
 @app.task(name=broker.RUN_JOB_TASK)
 def run_job(job_id: str) -> None:
-    runner.run(context(), uuid.UUID(job_id))
+    with job_context(job_id):
+        runner.run(context(), uuid.UUID(job_id))
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Our format (text or JSON, with the job id) instead of Celery's."""
+    ctx = context()
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
+    configure_logging(
+        ctx.settings.log_format, level or logging.INFO, worker=ctx.name, host=ctx.host
+    )
 
 
 # --- Worker lifecycle: warm backbone and heartbeats ----------------------------------------
