@@ -163,6 +163,12 @@ def _add_service_commands(commands: Any) -> None:
 
     worker = commands.add_parser("worker", help="run a worker (one per GPU)")
     worker.add_argument("--name", help="the worker's name (default: host:pid)")
+    worker.add_argument(
+        "--gpus",
+        metavar="all|0,1,...",
+        help="one worker process per GPU, each seeing only its own (default: one worker on "
+        "STYLEQUEUE_DEVICE)",
+    )
     worker.set_defaults(handler=command_worker)
 
     db = commands.add_parser("db", help="manage the job database")
@@ -220,8 +226,10 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def command_worker(args: argparse.Namespace) -> int:
-    from stylequeue.service import run_worker
+    from stylequeue.service import run_gpu_workers, run_worker
 
+    if args.gpus:
+        return run_gpu_workers(args.gpus, args.name)
     run_worker(Settings.from_env(), args.name)
     return 0
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared import broker
@@ -118,43 +119,129 @@ def serve(host: str, port: int) -> int:
         )
     env = {**os.environ, **settings.environ()}
     command = [sys.executable, "-m", "stylequeue"]
-
-    def start_worker() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([*command, "worker"], env=env)
-
-    worker = start_worker()
-    web = subprocess.Popen([*command, "web", "--host", host, "--port", str(port)], env=env)
+    supervisor = Supervisor()
+    supervisor.add("the worker", lambda: subprocess.Popen([*command, "worker"], env=env))
+    supervisor.add(
+        "the web server",
+        lambda: subprocess.Popen([*command, "web", "--host", host, "--port", str(port)], env=env),
+        restart=False,
+    )
+    for process in children:
+        supervisor.adopt(process)
     print(f"stylequeue: serving on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
-
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
-        while not stopping:
-            if web.poll() is not None:
-                print("stylequeue: the web server exited", file=sys.stderr, flush=True)
-                return 1
-            if worker.poll() is not None:
-                print(
-                    f"stylequeue: the worker exited ({worker.returncode}); starting another",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                worker = start_worker()
-            time.sleep(0.5)
+        return supervisor.run()
     finally:
-        for process in (web, worker, *children):
-            if process.poll() is None:
-                process.terminate()
-        for process in (web, worker, *children):
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
         shutil.rmtree(scratch, ignore_errors=True)
-    return 0
+
+
+class Supervisor:
+    """Child processes, started again when they die (or, for ``restart=False``, ending
+    everything); SIGTERM and SIGINT stop them all."""
+
+    def __init__(self) -> None:
+        self.starters: dict[str, tuple[Callable[[], subprocess.Popen[bytes]], bool]] = {}
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.adopted: list[subprocess.Popen[bytes]] = []
+        self.stopping = False
+
+    def add(
+        self, name: str, start: Callable[[], subprocess.Popen[bytes]], restart: bool = True
+    ) -> None:
+        self.starters[name] = (start, restart)
+        self.running[name] = start()
+
+    def adopt(self, process: subprocess.Popen[bytes]) -> None:
+        """A process to stop at the end (not watched), e.g. the embedded Redis."""
+        self.adopted.append(process)
+
+    def _stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        try:
+            while not self.stopping:
+                for name, process in list(self.running.items()):
+                    if process.poll() is None:
+                        continue
+                    start, restart = self.starters[name]
+                    if not restart:
+                        print(f"stylequeue: {name} exited", file=sys.stderr, flush=True)
+                        return 1
+                    print(
+                        f"stylequeue: {name} exited ({process.returncode}); starting another",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    self.running[name] = start()
+                time.sleep(0.5)
+        finally:
+            everything = [*self.running.values(), *self.adopted]
+            for process in everything:
+                if process.poll() is None:
+                    process.terminate()
+            for process in everything:
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        return 0
+
+
+def gpu_indices(spec: str) -> list[int]:
+    """``all`` or ``0,1,...`` → the GPU indices to run a worker on, checked against what
+    this machine has."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise StylequeueError(
+            "no CUDA GPU is visible here; run `stylequeue worker` without --gpus for a CPU worker",
+            field="--gpus",
+        )
+    if spec.strip() == "all":
+        return list(range(count))
+    try:
+        indices = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise StylequeueError(
+            f"{spec!r}: give 'all' or GPU indices like 0,1", field="--gpus"
+        ) from None
+    missing = [index for index in indices if not 0 <= index < count]
+    if missing or not indices:
+        raise StylequeueError(
+            f"no GPU {missing[0] if missing else spec!r} here; this machine has {count} "
+            f"(0 to {count - 1})",
+            field="--gpus",
+        )
+    return sorted(set(indices))
+
+
+def gpu_worker_env(base: dict[str, str], index: int, name: str) -> dict[str, str]:
+    """A worker that sees only GPU ``index`` (as its ``cuda:0``) and says which it is."""
+    return base | {
+        "CUDA_VISIBLE_DEVICES": str(index),
+        "STYLEQUEUE_DEVICE": "cuda:0",
+        "STYLEQUEUE_WORKER_NAME": f"{name}-gpu{index}",
+    }
+
+
+def run_gpu_workers(spec: str, name: str | None = None) -> int:
+    """One worker process per GPU, each restarted if it dies; Ctrl-C stops them all."""
+    indices = gpu_indices(spec)
+    base_name = name or Settings.from_env().host_name or socket.gethostname()
+    supervisor = Supervisor()
+    for index in indices:
+        env = gpu_worker_env(dict(os.environ), index, base_name)
+        supervisor.add(
+            f"the worker on GPU {index}",
+            lambda env=env: subprocess.Popen(
+                [sys.executable, "-m", "stylequeue", "worker"], env=env
+            ),
+        )
+    print(
+        f"stylequeue: {len(indices)} worker(s), on GPU {', '.join(map(str, indices))}", flush=True
+    )
+    return supervisor.run()

@@ -1,0 +1,74 @@
+"""Routing by device class and memory, and one worker per GPU (unit tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from shared.routing import (
+    GIB,
+    JobTooLarge,
+    choose_queue,
+    gpu_tier,
+    job_memory_bytes,
+    output_pixels,
+    worker_queues,
+)
+from stylequeue.service import gpu_worker_env
+from tests.conftest import REPO
+
+
+def worker(kind: str, memory_gib: float, base: str = "sq") -> dict[str, object]:
+    memory = int(memory_gib * GIB)
+    return {"kind": kind, "memory_bytes": memory, "queues": worker_queues(base, kind, memory)}
+
+
+def test_memory_grows_with_output_pixels_and_lbfgs_history() -> None:
+    assert output_pixels(4000, 3000, 512) == 512 * 384
+    small = job_memory_bytes(4000, 3000, 512, "lbfgs")
+    large = job_memory_bytes(4000, 3000, 1024, "lbfgs")
+    assert large - small == pytest.approx(3 * (small - GIB), rel=0.01)  # 4× the pixels
+    assert job_memory_bytes(4000, 3000, 1024, "adam") < large
+
+
+def test_gpu_workers_consume_the_tiers_they_can_hold() -> None:
+    assert worker_queues("sq", "gpu", 30 * GIB) == ["sq.gpu.2g", "sq.gpu.8g", "sq.gpu.24g", "sq"]
+    assert worker_queues("sq", "cpu", 30 * GIB) == ["sq.cpu", "sq"]
+    assert gpu_tier(3 * GIB) == "8g" and gpu_tier(200 * GIB) is None
+
+
+def test_jobs_go_to_a_gpu_that_fits_then_to_cpus_then_are_refused() -> None:
+    fleet = [worker("gpu", 10), worker("gpu", 30), worker("cpu", 64)]
+    assert choose_queue("sq", 1 * GIB, fleet) == "sq.gpu.2g"
+    assert choose_queue("sq", 20 * GIB, fleet) == "sq.gpu.24g"
+    assert choose_queue("sq", 50 * GIB, fleet) == "sq.cpu"  # no GPU holds it: the fallback
+    with pytest.raises(JobTooLarge, match=r"largest live worker offers 64\.0 GiB"):
+        choose_queue("sq", 100 * GIB, fleet)
+    assert choose_queue("sq", 100 * GIB, []) == "sq"  # nobody known yet: the shared queue
+    # Workers of another service on the same Redis do not count.
+    assert choose_queue("other", 1 * GIB, fleet) == "other"
+
+
+def test_one_worker_per_gpu_sees_only_its_own() -> None:
+    env = gpu_worker_env({"PATH": "/bin"}, 3, "node7")
+    assert env == {
+        "PATH": "/bin",
+        "CUDA_VISIBLE_DEVICES": "3",
+        "STYLEQUEUE_DEVICE": "cuda:0",
+        "STYLEQUEUE_WORKER_NAME": "node7-gpu3",
+    }
+
+
+def test_gpus_on_a_machine_without_one_is_a_clear_error() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run(
+        [sys.executable, "-m", "stylequeue", "worker", "--gpus", "all"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "no CUDA GPU is visible here" in done.stderr and "Traceback" not in done.stderr
