@@ -308,7 +308,11 @@ def main() -> None:
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    # Sections other benches own (bench/throughput.py) start at the first "<!-- " marker.
+    kept = ""
+    if args.out.exists() and "\n<!-- " in args.out.read_text():
+        kept = "\n<!-- " + args.out.read_text().split("\n<!-- ", 1)[1]
+    args.out.write_text("\n".join(lines).rstrip("\n") + "\n" + kept)
     print(f"wrote {args.out}")
 
 

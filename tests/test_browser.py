@@ -60,6 +60,9 @@ def test_submit_watch_the_plot_grow_and_see_the_result(
             page = browser.new_page()
             page.goto(server + "/")
             assert page.locator("#backbone").input_value() == "vgg19-random"
+            # The live workers, from their heartbeats: host, device, memory offered.
+            assert page.locator("#workers").inner_text().startswith("1 worker:")
+            assert "cpu" in page.locator("#workers").inner_text()
             page.set_input_files("#content", str(photo))
             page.set_input_files("#style", str(painting))
             page.fill("input[name=size]", "64")

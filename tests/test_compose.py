@@ -25,6 +25,8 @@ def test_docker_compose_config_passes() -> None:
     done = config(STYLEQUEUE_SECRET_KEY="0123456789abcdef")
     assert done.returncode == 0, done.stderr
     assert 'STYLEQUEUE_REQUIRE_TOKEN: "true"' in done.stdout
-    for service in ("web:", "worker:", "migrate:", "redis:", "postgres:"):
+    assert "STYLEQUEUE_STORAGE_URL: s3://stylequeue/jobs" in done.stdout
+    for service in ("web:", "worker:", "migrate:", "redis:", "postgres:", "minio:", "bucket:",
+                    "flower:"):  # fmt: skip
         assert f"  {service}" in done.stdout
     assert "appendonly" in done.stdout and "nvidia" in done.stdout

@@ -1,0 +1,208 @@
+"""Job throughput of the service: what the queue and the database sustain on small jobs.
+
+Not a test. Starts its own redis-server, a fresh database (SQLite, or ``--database-url``),
+N real worker processes (``stylequeue worker``) and the Flask app in this process; submits
+``--jobs`` tiny jobs (32 px, 5 iterations, so the engine's share is small) through the API
+at once and waits for all of them. For N = 1, 2 and 4 workers, side by side in one run:
+
+* jobs per minute, first submission to last finish;
+* per job, from the job rows: engine seconds (the run's own clock), worker-side overhead
+  (``finished_at - started_at`` minus the engine: claim, inputs, result, bookkeeping), and,
+  with one worker, the gap between one job's end and the next one's start (the broker's
+  dispatch).
+
+Every worker runs torch on one thread (``OMP_NUM_THREADS=1``) so that worker counts are
+compared on the same footing on a small machine; the cores this machine has bound the
+figures at N > cores.
+
+Usage: ``python bench/throughput.py [--jobs 40] [--workers 1,2,4] [--update docs/benchmarks.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from shared import broker
+from shared.config import Settings
+from shared.db import make_engine, make_sessionmaker
+from shared.migrate import upgrade
+from shared.models import Job
+from stylequeue.service import start_embedded_redis
+from web import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK_BEGIN, MARK_END = "<!-- throughput: begin -->", "<!-- throughput: end -->"
+
+
+def photo_bytes() -> bytes:
+    image = Image.effect_noise((96, 72), 64).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wait(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def seconds(start: datetime, end: datetime) -> float:
+    return (end - start).total_seconds()
+
+
+def run(workers: int, jobs: int, database_url: str | None, scratch: Path) -> dict[str, float]:
+    base = scratch / f"n{workers}"
+    base.mkdir()
+    redis_process, redis_url = start_embedded_redis(base)
+    settings = Settings.from_env(
+        {},
+        database_url=database_url or f"sqlite:///{base / 'jobs.db'}",
+        redis_url=redis_url,
+        data_dir=base / "data",
+        queue=f"bench-{uuid.uuid4().hex[:6]}",
+        rate_limit_per_minute=0,
+        submit_limit_per_minute=0,
+        max_queued_per_client=10_000,
+        preview_every=0,
+        checkpoint_every=0,
+    )
+    upgrade(settings.database_url)
+    env = {**os.environ, **settings.environ(), "OMP_NUM_THREADS": "1"}
+    processes = []
+    client = broker.connect(redis_url)
+    try:
+        for index in range(workers):
+            with (base / f"worker{index}.log").open("wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "stylequeue", "worker"],
+                        env=env | {"STYLEQUEUE_WORKER_NAME": f"bench{index}"},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=ROOT,
+                    )
+                )
+        wait(lambda: len(broker.live_workers(client)) == workers, 180, "the workers")
+        app = create_app({"SETTINGS": settings})
+        web = app.test_client()
+        photo = photo_bytes()
+        started = time.perf_counter()
+        ids = []
+        for _ in range(jobs):
+            response = web.post(
+                "/api/jobs",
+                data={"content": (io.BytesIO(photo), "p.png"), "style_preset": "starry-night",
+                      "backbone": "vgg19-random", "size": "32", "iterations": "5",
+                      "scales": "1"},
+                content_type="multipart/form-data",
+            )  # fmt: skip
+            assert response.status_code == 202, response.get_json()
+            ids.append(uuid.UUID(response.get_json()["id"]))
+        sessions = make_sessionmaker(make_engine(settings.database_url))
+
+        def all_done() -> bool:
+            with sessions() as session:
+                done = [session.get(Job, job_id) for job_id in ids]
+                return all(job is not None and job.finished_at for job in done)
+
+        wait(all_done, 1800, "the jobs")
+        wall = time.perf_counter() - started
+        with sessions() as session:
+            rows = [session.get(Job, job_id) for job_id in ids]
+            assert all(job is not None and job.status == "succeeded" for job in rows)
+            finished = sorted((job for job in rows if job), key=lambda job: job.started_at)
+            engine = [job.elapsed or 0.0 for job in finished]
+            worker_side = [
+                seconds(job.started_at, job.finished_at) - (job.elapsed or 0.0) for job in finished
+            ]
+            gaps = [
+                seconds(before.finished_at, after.started_at)
+                for before, after in itertools.pairwise(finished)
+            ]
+        app.extensions["stylequeue"]["engine"].dispose()
+        return {
+            "workers": workers,
+            "jobs_per_minute": jobs / wall * 60,
+            "engine_ms": statistics.mean(engine) * 1000,
+            "worker_overhead_ms": statistics.median(worker_side) * 1000,
+            "dispatch_gap_ms": statistics.median(gaps) * 1000 if workers == 1 else float("nan"),
+        }
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+        redis_process.terminate()
+        redis_process.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=40)
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--database-url", help="default: a fresh SQLite file per run")
+    parser.add_argument("--update", type=Path, help="replace the section in this Markdown file")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="stylequeue-bench-"))
+    try:
+        results = [
+            run(int(n), args.jobs, args.database_url, scratch) for n in args.workers.split(",")
+        ]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    database = "PostgreSQL" if args.database_url else "SQLite"
+    lines = [
+        MARK_BEGIN,
+        f"## Job throughput ({args.jobs} small jobs, {database}, one run)",
+        "",
+        f"`python bench/throughput.py` on {platform.machine()}, {os.cpu_count()} cores, "
+        f"{datetime.now():%Y-%m-%d}: 32 px, 5 iterations, one torch thread per worker.",
+        "",
+        "| workers | jobs / min | vs 1 worker | engine per job | worker-side overhead per job "
+        "| dispatch gap (1 worker) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        gap = result["dispatch_gap_ms"]
+        lines.append(
+            f"| {result['workers']} | {result['jobs_per_minute']:.0f} | "
+            f"{result['jobs_per_minute'] / results[0]['jobs_per_minute']:.2f}× | "
+            f"{result['engine_ms']:.0f} ms | {result['worker_overhead_ms']:.0f} ms | "
+            + ("–" if gap != gap else f"{gap:.1f} ms")
+            + " |"
+        )
+    lines.append(MARK_END)
+    section = "\n".join(lines)
+    print(section)
+    if args.update:
+        text = args.update.read_text()
+        if MARK_BEGIN in text:
+            head, rest = text.split(MARK_BEGIN, 1)
+            text = head + section + rest.split(MARK_END, 1)[1]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+        args.update.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
