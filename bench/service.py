@@ -1,0 +1,274 @@
+"""Service benchmarks, side by side in one run: what the job system costs around the engine.
+
+Not a test. Starts its own redis-server, a fresh database (SQLite, or ``--database-url``),
+one warm worker process (``stylequeue worker``) and the Flask app in this process.
+
+1. Job system overhead: the same job (128 px, 100 iterations, one scale, fixed seed) run
+   by the bare engine in this process and through the queue (``created_at`` to
+   ``finished_at``, with the production defaults: a preview every 10 iterations, a
+   checkpoint every 50, loss points written in batches), alternately, ``--repeats`` times.
+2. Queue latency: ``--latency-jobs`` tiny jobs, each submitted once the previous one has
+   finished (an idle, warm worker): ``created_at`` → ``started_at``, p50 and p99, and a
+   histogram; beside it, a bare Celery task (``stylequeue.ping``) on the same Redis and
+   worker, from ``send_task`` to the task's start.
+3. Loss streaming: a worker's reporter fed loss points as fast as it takes them: the
+   points per second it writes to this database (a worker at 100 iterations per second
+   needs 100).
+
+Usage: ``python bench/service.py [--database-url URL] [--update docs/benchmarks.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from shared import broker
+from shared.config import Settings
+from shared.db import make_engine, make_sessionmaker
+from shared.jobs import Upload, create_job, parse_request
+from shared.migrate import upgrade
+from shared.models import Job
+from shared.storage import storage_from_settings
+from stylequeue.service import start_embedded_redis
+from web import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK_BEGIN, MARK_END = "<!-- service: begin -->", "<!-- service: end -->"
+
+
+def wait(condition: Any, timeout: float, what: str, every: float = 0.002) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+class Service:
+    def __init__(self, scratch: Path, database_url: str | None) -> None:
+        self.redis_process, redis_url = start_embedded_redis(scratch)
+        self.settings = Settings.from_env(
+            {},
+            database_url=database_url or f"sqlite:///{scratch / 'jobs.db'}",
+            redis_url=redis_url,
+            data_dir=scratch / "data",
+            queue=f"bench-{uuid.uuid4().hex[:6]}",
+            rate_limit_per_minute=0,
+            submit_limit_per_minute=0,
+            max_queued_per_client=10_000,
+        )
+        upgrade(self.settings.database_url)
+        self.log = (scratch / "worker.log").open("wb")
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "stylequeue", "worker"],
+            env={**os.environ, **self.settings.environ(), "STYLEQUEUE_WORKER_NAME": "bench"},
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+        self.redis = broker.connect(redis_url)
+        wait(lambda: broker.live_workers(self.redis), 180, "the worker", every=0.1)
+        self.app = create_app({"SETTINGS": self.settings})
+        self.client = self.app.test_client()
+        self.sessions = make_sessionmaker(make_engine(self.settings.database_url))
+
+    def submit(self, photo: bytes, **fields: str) -> uuid.UUID:
+        data = {"content": (io.BytesIO(photo), "photo.png"), "style_preset": "starry-night",
+                "backbone": "vgg19-random", "scales": "1", **fields}  # fmt: skip
+        response = self.client.post("/api/jobs", data=data, content_type="multipart/form-data")
+        assert response.status_code == 202, response.get_json()
+        return uuid.UUID(response.get_json()["id"])
+
+    def finished(self, job_id: uuid.UUID) -> Job:
+        def done() -> Job | None:
+            with self.sessions() as session:
+                job = session.get(Job, job_id)
+                return job if job is not None and job.finished_at is not None else None
+
+        job = wait(done, 600, f"job {job_id}")
+        assert job.status == "succeeded", (job.status, job.error_message)
+        return job  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.app.extensions["stylequeue"]["engine"].dispose()
+        self.worker.terminate()
+        self.worker.wait(30)
+        self.log.close()
+        self.redis_process.terminate()
+        self.redis_process.wait(10)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def overhead(service: Service, images: Path, repeats: int) -> dict[str, float]:
+    from shared.presets import presets
+    from worker.engine import stylize
+
+    content = Image.open(images / "content" / "tubingen.jpg").convert("RGB")
+    content.thumbnail((256, 256))
+    style = Image.open(presets()["starry-night"].path).convert("RGB")
+    options = {"size": 128, "iterations": 100, "scales": 1, "seed": 1, "backbone": "vgg19-random"}
+    photo = png(content)
+    bare, queued = [], []
+    stylize(content=content, styles=[style], **{**options, "iterations": 3})  # warm up
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        stylize(content=content, styles=[style], **options)  # type: ignore[arg-type]
+        bare.append(time.perf_counter() - begin)
+        job = service.finished(
+            service.submit(photo, **{k: str(v) for k, v in options.items()}, reuse="false")
+        )
+        assert job.started_at is not None and job.finished_at is not None
+        queued.append((job.finished_at - job.created_at).total_seconds())
+    return {"bare": statistics.median(bare), "queued": statistics.median(queued)}
+
+
+def latency(service: Service, jobs: int) -> dict[str, Any]:
+    photo = png(Image.effect_noise((48, 36), 64).convert("RGB"))
+    delays = []
+    for _ in range(jobs):
+        job = service.finished(service.submit(photo, size="32", iterations="1"))
+        assert job.started_at is not None
+        delays.append((job.started_at - job.created_at).total_seconds() * 1000)
+    celery = service.app.extensions["stylequeue"]["celery"]
+    pings = []
+    for _ in range(jobs):
+        key = f"stylequeue:ping:{uuid.uuid4().hex}"
+        sent = time.time()
+        celery.send_task(broker.PING_TASK, args=[key], queue=service.settings.queue)
+        started = float(wait(lambda key=key: service.redis.get(key), 30, "the ping"))
+        pings.append((started - sent) * 1000)
+    return {"job_ms": delays, "ping_ms": pings}
+
+
+def streaming(settings: Settings, points: int) -> float:
+    """Points per second a reporter writes, fed as fast as it takes them."""
+    from worker.engine import Iterate
+    from worker.reporting import JobReporter
+
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    photo = png(Image.effect_noise((64, 48), 64).convert("RGB"))
+    uploads = [Upload("content", "p.png", photo), Upload("style", "s.png", photo)]
+    request = parse_request({"iterations": [str(points)], "size": ["32"]}, uploads, settings)
+    storage = storage_from_settings(settings)
+    with sessions.begin() as session:
+        job_id = create_job(session, storage, request).id
+    reporter = JobReporter(job_id, sessions, storage, broker.connect(settings.redis_url), 0.5)
+    begin = time.perf_counter()
+    for iteration in range(1, points + 1):
+        reporter.progress(
+            Iterate(iteration=iteration, total=points, scale=0, scales=1, loss=1.0, content=0.5,
+                    style=0.5, tv=0.0, elapsed=time.perf_counter() - begin)
+        )  # fmt: skip
+    reporter.close()
+    elapsed = time.perf_counter() - begin
+    engine.dispose()
+    return points / elapsed
+
+
+def histogram(delays: list[float], pings: list[float], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    top = max(percentile(delays, 99.5), percentile(pings, 99.5)) * 1.1
+    bins = np.linspace(0, top, 60)
+    axis.hist(delays, bins=bins, alpha=0.7, label="job: created_at → started_at")
+    axis.hist(pings, bins=bins, alpha=0.7, label="bare Celery task: send → start")
+    axis.set(xlabel="milliseconds", ylabel="count", title="Queue latency, idle warm worker")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "images")
+    parser.add_argument("--database-url", help="default: a fresh SQLite file")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-jobs", type=int, default=200)
+    parser.add_argument("--stream-points", type=int, default=5000)
+    parser.add_argument("--update", type=Path, help="replace the section in this Markdown file")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="stylequeue-bench-"))
+    service = Service(scratch, args.database_url)
+    try:
+        cost = overhead(service, args.images, args.repeats)
+        print(f"overhead: bare {cost['bare']:.2f} s, queued {cost['queued']:.2f} s", flush=True)
+        waits = latency(service, args.latency_jobs)
+        print(f"latency p50 {percentile(waits['job_ms'], 50):.1f} ms", flush=True)
+        rate = streaming(service.settings, args.stream_points)
+        print(f"streaming {rate:.0f} points/s", flush=True)
+    finally:
+        service.close()
+    database = "PostgreSQL" if args.database_url else "SQLite"
+    ratio = cost["queued"] / cost["bare"]
+    job_ms, ping_ms = waits["job_ms"], waits["ping_ms"]
+    lines = [
+        MARK_BEGIN,
+        f"## The job system around the engine ({database}, one run)",
+        "",
+        f"`python bench/service.py` on {platform.machine()}, {os.cpu_count()} cores, "
+        f"{datetime.now():%Y-%m-%d}; one warm worker, the app in the bench's process.",
+        "",
+        "| figure | measured | goal | |",
+        "|---|---|---|---|",
+        f"| the same job (128 px, 100 iterations) through the queue vs the bare engine | "
+        f"{cost['queued']:.2f} s vs {cost['bare']:.2f} s: {100 * (ratio - 1):+.1f} % | ≤ +2 % | "
+        f"{'met' if ratio <= 1.02 else 'not met'} |",
+        f"| queue latency p50, `created_at` → `started_at` ({len(job_ms)} jobs) | "
+        f"{percentile(job_ms, 50):.1f} ms | ≤ 25 ms | "
+        f"{'met' if percentile(job_ms, 50) <= 25 else 'not met'} |",
+        f"| queue latency p99 | {percentile(job_ms, 99):.1f} ms | ≤ 100 ms | "
+        f"{'met' if percentile(job_ms, 99) <= 100 else 'not met'} |",
+        f"| bare Celery task, send → start, p50 / p99 | {percentile(ping_ms, 50):.1f} / "
+        f"{percentile(ping_ms, 99):.1f} ms | (reference) | |",
+        f"| loss points a worker's reporter writes per second | {rate:,.0f} | ≥ 100 "
+        f"(100 iterations/s) | {'met' if rate >= 100 else 'not met'} |",
+        "",
+        "![queue latency histogram](queue-latency.png)",
+        MARK_END,
+    ]
+    section = "\n".join(lines)
+    print(section)
+    if args.update:
+        histogram(job_ms, ping_ms, args.update.parent / "queue-latency.png")
+        text = args.update.read_text()
+        if MARK_BEGIN in text:
+            head, rest = text.split(MARK_BEGIN, 1)
+            text = head + section + rest.split(MARK_END, 1)[1]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+        args.update.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
