@@ -19,6 +19,9 @@ WORKER_PREFIX = "stylequeue:worker:"
 HEARTBEAT_TTL_SECONDS = 15
 #: Task name the web sends jobs under; the worker registers its task with it.
 RUN_JOB_TASK = "stylequeue.run_job"
+#: A probe: the worker writes the time it picked the message up under the key it is given
+#: (bench/service.py measures the bare queue's latency with it).
+PING_TASK = "stylequeue.ping"
 
 
 def connect(url: str) -> redis.Redis:

@@ -384,6 +384,7 @@ def test_loss_points_are_written_in_batches_not_per_iteration(
                     elapsed=time.monotonic() - started)
         )  # fmt: skip
         time.sleep(0.001)
+    reporter.close()
     reporter.flush()
     with sessions() as session:
         iterations = session.scalars(

@@ -2,16 +2,19 @@
 
 Loss points are buffered and written in one statement at most every
 ``loss_flush_seconds`` (and at the end, and before every checkpoint), never one commit per
-iteration; the job's progress and latest loss are updated in the same transaction.
+iteration; the job's progress and latest loss are updated in the same transaction. The
+writing happens on a thread of its own, off the engine's path.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from typing import Any
 
+from PIL import Image
 from sqlalchemy import delete, insert, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,7 +41,16 @@ def result_key(job_id: uuid.UUID) -> str:
 
 
 class JobReporter:
-    """The ``progress`` and ``on_checkpoint`` callbacks of one job's run."""
+    """The ``progress`` and ``on_checkpoint`` callbacks of one job's run.
+
+    ``progress`` only appends to a buffer and reads a flag: a writer thread encodes and
+    stores previews, writes the buffered points every ``flush_seconds`` and checks for a
+    cancel every ``CANCEL_POLL_SECONDS``, so that neither PNG encoding nor a database or
+    Redis round trip sits between two iterations (at 100 iterations a second, a 30 ms
+    preview encode would cost 30 %). ``checkpoint`` and ``flush`` write synchronously.
+    """
+
+    CANCEL_POLL_SECONDS = 0.1
 
     def __init__(
         self,
@@ -55,31 +67,54 @@ class JobReporter:
         self.flush_seconds = flush_seconds
         self.points: list[dict[str, Any]] = []
         self.latest: Iterate | None = None
+        #: The newest preview not yet stored (an older one is simply replaced).
+        self.pending_preview: tuple[int, Image.Image] | None = None
         self.preview_iteration: int | None = None
         self.last_flush = time.monotonic()
         self.flushes = 0
         self.db_errors = 0
+        self.cancel = False
+        self._buffer_lock = threading.Lock()  # the buffer, between engine and writer
+        self._write_lock = threading.Lock()  # one writer at a time
+        self._closing = threading.Event()
+        self._writer = threading.Thread(target=self._write_loop, daemon=True)
+        self._writer.start()
 
     def progress(self, iterate: Iterate) -> bool:
-        """Buffer the loss point; flush when due. True asks the engine to stop (cancel)."""
-        self.points.append(
-            {
-                "job_id": self.job_id,
-                "iteration": iterate.iteration,
-                "total": iterate.loss,
-                "content": iterate.content,
-                "style": iterate.style,
-                "tv": iterate.tv,
-                "elapsed": iterate.elapsed,
-            }
-        )
-        self.latest = iterate
-        if iterate.preview is not None:
-            self.storage.put(preview_key(self.job_id), encode_png(iterate.preview))
-            self.preview_iteration = iterate.iteration
-        if time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
-        return broker.cancel_requested(self.redis, str(self.job_id))
+        """Buffer the loss point (and preview). True asks the engine to stop (cancel)."""
+        point = {
+            "job_id": self.job_id,
+            "iteration": iterate.iteration,
+            "total": iterate.loss,
+            "content": iterate.content,
+            "style": iterate.style,
+            "tv": iterate.tv,
+            "elapsed": iterate.elapsed,
+        }
+        with self._buffer_lock:
+            self.points.append(point)
+            self.latest = iterate
+            if iterate.preview is not None:
+                self.pending_preview = (iterate.iteration, iterate.preview)
+        return self.cancel
+
+    def _write_loop(self) -> None:
+        last_cancel_check = 0.0
+        while not self._closing.wait(min(self.CANCEL_POLL_SECONDS, self.flush_seconds)):
+            now = time.monotonic()
+            if now - last_cancel_check >= self.CANCEL_POLL_SECONDS:
+                last_cancel_check = now
+                self.cancel = self.cancel or broker.cancel_requested(self.redis, str(self.job_id))
+            if now - self.last_flush >= self.flush_seconds:
+                try:
+                    self.flush()
+                except Exception:  # never let the writer die: the final flush reports it
+                    log.exception("job %s: writing progress failed", self.job_id)
+
+    def close(self) -> None:
+        """Stop the writer thread (the caller then flushes what is left)."""
+        self._closing.set()
+        self._writer.join()
 
     def checkpoint(self, checkpoint: Checkpoint) -> None:
         # A checkpoint is recorded only once every point up to it is in the database, so a
@@ -103,45 +138,62 @@ class JobReporter:
                         checkpoint.iteration, error.orig)  # fmt: skip
 
     def flush(self) -> bool:
-        """Write the buffered points and progress; False (points kept) if the database is
-        unreachable: they are written by a later flush, nothing is lost."""
-        self.last_flush = time.monotonic()
-        if not self.points and self.latest is None:
+        """Write the buffered points, progress and preview; False (points kept) if the
+        database is unreachable: they are written by a later flush, nothing is lost."""
+        with self._write_lock:
+            self.last_flush = time.monotonic()
+            with self._buffer_lock:
+                points, self.points = self.points, []
+                latest, preview = self.latest, self.pending_preview
+                self.pending_preview = None
+            if not points and latest is None and preview is None:
+                return True
+            try:
+                self._write(points, latest, preview)
+            except Exception as error:  # the database or the storage is away
+                with self._buffer_lock:  # put them back, before any newer ones
+                    self.points = points + self.points
+                    self.pending_preview = self.pending_preview or preview
+                if self.db_errors == 0:
+                    log.warning("job %s: cannot write, buffering %d loss points: %s",
+                                self.job_id, len(self.points),
+                                getattr(error, "orig", None) or error)  # fmt: skip
+                self.db_errors += 1
+                return False
+            if self.db_errors:
+                log.info("job %s: database back after %d failed writes", self.job_id,
+                         self.db_errors)  # fmt: skip
+                self.db_errors = 0
             return True
-        try:
-            self._write()
-        except DBAPIError as error:
-            if self.db_errors == 0:
-                log.warning("job %s: database unavailable, buffering %d loss points: %s",
-                            self.job_id, len(self.points), error.orig)  # fmt: skip
-            self.db_errors += 1
-            return False
-        if self.db_errors:
-            log.info("job %s: database back after %d failed writes", self.job_id, self.db_errors)
-            self.db_errors = 0
-        return True
 
-    def _write(self) -> None:
+    def _write(
+        self,
+        points: list[dict[str, Any]],
+        latest: Iterate | None,
+        preview: tuple[int, Image.Image] | None,
+    ) -> None:
         values: dict[str, Any] = {}
-        if self.latest is not None:
+        if preview is not None:
+            self.storage.put(preview_key(self.job_id), encode_png(preview[1]))
+            self.preview_iteration = preview[0]
+        if latest is not None:
             values = {
-                "iteration": self.latest.iteration,
-                "elapsed": self.latest.elapsed,
-                "loss_total": self.latest.loss,
-                "loss_content": self.latest.content,
-                "loss_style": self.latest.style,
-                "loss_tv": self.latest.tv,
+                "iteration": latest.iteration,
+                "elapsed": latest.elapsed,
+                "loss_total": latest.loss,
+                "loss_content": latest.content,
+                "loss_style": latest.style,
+                "loss_tv": latest.tv,
             }
         if self.preview_iteration is not None:
             values["preview_key"] = preview_key(self.job_id)
             values["preview_iteration"] = self.preview_iteration
         with self.sessions.begin() as session:
-            if self.points:
-                session.execute(insert(LossPoint), self.points)
+            if points:
+                session.execute(insert(LossPoint), points)
             if values:
                 session.execute(update(Job).where(Job.id == self.job_id).values(**values))
         self.flushes += 1
-        self.points = []
 
 
 def forget_points_after(session: Session, job_id: uuid.UUID, iteration: int) -> None:

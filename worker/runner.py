@@ -149,6 +149,7 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
     finally:
         watchdog.cancel()
         keeper.stop()
+        reporter.close()
         ctx.activity.update(job=None, iterations_per_second=0.0)
     if keeper.lost:
         return  # another worker has the job now; its points and files win

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 def run_job(job_id: str) -> None:
     with job_context(job_id):
         runner.run(context(), uuid.UUID(job_id))
+
+
+@app.task(name=broker.PING_TASK)
+def ping(key: str) -> None:
+    context().redis.set(key, repr(time.time()), ex=600)
 
 
 @setup_logging.connect
