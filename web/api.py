@@ -119,7 +119,7 @@ def check_rate(bucket: str, limit: int) -> None:
     now = time.time()
     key = f"stylequeue:rate:{bucket}:{client_id()}:{int(now // 60)}"
     try:
-        pipe = services.redis.pipeline()
+        pipe = services.redis.pipeline(transaction=False)  # one round trip, no MULTI/EXEC
         pipe.incr(key)
         pipe.expire(key, 120)
         count = int(pipe.execute()[0])
