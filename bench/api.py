@@ -21,13 +21,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from datetime import datetime
 from pathlib import Path
 
 import requests
 from PIL import Image
+from report import update_section, wait  # bench/report.py (run as a script)
 
 from shared import broker
 from shared.config import Settings
@@ -35,19 +35,6 @@ from shared.migrate import upgrade
 from stylequeue.service import free_port, start_embedded_redis
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK_BEGIN, MARK_END = "<!-- api: begin -->", "<!-- api: end -->"
-
-
-def wait(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():  # type: ignore[operator]
-                return
-        except requests.RequestException:
-            pass  # not listening yet
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def wrk(url: str, clients: int, seconds: int) -> tuple[float, dict[str, float], int]:
@@ -101,7 +88,12 @@ def main() -> None:
         )  # fmt: skip
         processes.append(worker)
         client = broker.connect(redis_url)
-        wait(lambda: broker.live_workers(client), 180, "the worker")
+        wait(
+            lambda: broker.live_workers(client),
+            180,
+            "the worker",
+            tolerate=(requests.RequestException,),
+        )
         web = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--worker-class",
              "gthread", "--workers", str(args.gunicorn_workers), "--threads", str(args.threads),
@@ -109,7 +101,12 @@ def main() -> None:
             env=env, cwd=ROOT,
         )  # fmt: skip
         processes.append(web)
-        wait(lambda: requests.get(base + "/healthz", timeout=1).ok, 60, "gunicorn")
+        wait(
+            lambda: requests.get(base + "/healthz", timeout=1).ok,
+            60,
+            "gunicorn",
+            tolerate=(requests.RequestException,),
+        )
         photo = io.BytesIO()
         Image.effect_noise((48, 36), 64).convert("RGB").save(photo, format="PNG")
         job = requests.post(
@@ -120,7 +117,12 @@ def main() -> None:
             timeout=30,
         ).json()  # fmt: skip
         url = base + job["links"]["self"]
-        wait(lambda: requests.get(url, timeout=5).json()["status"] == "succeeded", 120, "the job")
+        wait(
+            lambda: requests.get(url, timeout=5).json()["status"] == "succeeded",
+            120,
+            "the job",
+            tolerate=(requests.RequestException,),
+        )
         worker.terminate()
         worker.wait(30)
         wrk(url, args.clients, 2)  # warm-up: connections, caches
@@ -137,7 +139,6 @@ def main() -> None:
     database = "PostgreSQL" if args.database_url else "SQLite"
     p99 = latency.get("99", float("nan"))
     lines = [
-        MARK_BEGIN,
         f"## API: status polls under {args.clients} concurrent clients ({database}, one run)",
         "",
         f"`python bench/api.py` on {platform.machine()}, {os.cpu_count()} cores, "
@@ -151,18 +152,10 @@ def main() -> None:
         f"| latency p50 / p90 | {latency.get('50', 0):.1f} / {latency.get('90', 0):.1f} ms | | |",
         f"| latency p99 | {p99:.1f} ms | ≤ 50 ms | {'met' if p99 <= 50 else 'not met'} |",
         f"| errors (non-2xx) | {errors} | 0 | {'met' if errors == 0 else 'not met'} |",
-        MARK_END,
     ]
-    section = "\n".join(lines)
-    print(section)
+    print("\n".join(lines))
     if args.update:
-        text = args.update.read_text()
-        if MARK_BEGIN in text:
-            head, rest = text.split(MARK_BEGIN, 1)
-            text = head + section + rest.split(MARK_END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        args.update.write_text(text)
+        update_section(args.update, "api", lines)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from report import update_section, wait  # bench/report.py (run as a script)
 
 from shared import broker
 from shared.config import Settings
@@ -48,17 +49,6 @@ from stylequeue.service import start_embedded_redis
 from web import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK_BEGIN, MARK_END = "<!-- service: begin -->", "<!-- service: end -->"
-
-
-def wait(condition: Any, timeout: float, what: str, every: float = 0.002) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -240,7 +230,6 @@ def main() -> None:
     best_ratio = cost["queued_best"] / cost["bare_best"]
     job_ms, ping_ms = waits["job_ms"], waits["ping_ms"]
     lines = [
-        MARK_BEGIN,
         f"## The job system around the engine ({database}, one run)",
         "",
         f"`python bench/service.py` on {platform.machine()}, {os.cpu_count()} cores, "
@@ -265,19 +254,11 @@ def main() -> None:
         f"(100 iterations/s) | {'met' if rate >= 100 else 'not met'} |",
         "",
         "![queue latency histogram](queue-latency.png)",
-        MARK_END,
     ]
-    section = "\n".join(lines)
-    print(section)
+    print("\n".join(lines))
     if args.update:
         histogram(job_ms, ping_ms, args.update.parent / "queue-latency.png")
-        text = args.update.read_text()
-        if MARK_BEGIN in text:
-            head, rest = text.split(MARK_BEGIN, 1)
-            text = head + section + rest.split(MARK_END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        args.update.write_text(text)
+        update_section(args.update, "service", lines)
 
 
 if __name__ == "__main__":

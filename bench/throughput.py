@@ -34,9 +34,9 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
+from report import update_section, wait  # bench/report.py (run as a script)
 
 from shared import broker
 from shared.config import Settings
@@ -47,7 +47,6 @@ from stylequeue.service import start_embedded_redis
 from web import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK_BEGIN, MARK_END = "<!-- throughput: begin -->", "<!-- throughput: end -->"
 
 
 def photo_bytes() -> bytes:
@@ -55,15 +54,6 @@ def photo_bytes() -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def wait(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def seconds(start: datetime, end: datetime) -> float:
@@ -172,7 +162,6 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     database = "PostgreSQL" if args.database_url else "SQLite"
     lines = [
-        MARK_BEGIN,
         f"## Job throughput ({args.jobs} small jobs, {database}, one run)",
         "",
         f"`python bench/throughput.py` on {platform.machine()}, {os.cpu_count()} cores, "
@@ -191,17 +180,9 @@ def main() -> None:
             + ("–" if gap != gap else f"{gap:.1f} ms")
             + " |"
         )
-    lines.append(MARK_END)
-    section = "\n".join(lines)
-    print(section)
+    print("\n".join(lines))
     if args.update:
-        text = args.update.read_text()
-        if MARK_BEGIN in text:
-            head, rest = text.split(MARK_BEGIN, 1)
-            text = head + section + rest.split(MARK_END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        args.update.write_text(text)
+        update_section(args.update, "throughput", lines)
 
 
 if __name__ == "__main__":

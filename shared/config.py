@@ -96,6 +96,9 @@ class Settings:
     #: presets, health) needs ``Authorization: Bearer <token>`` (``stylequeue token
     #: create``) or the web form's session; a token sees only its own jobs, an admin all.
     require_token: bool = False
+    #: Whether the web form's browser sessions act as tokens (off: with tokens required,
+    #: only token holders can use the API; the form then cannot submit).
+    form_sessions: bool = True
     #: Signs the web form's session cookie (and its CSRF token). Every web process must
     #: share it; empty: a random key kept in ``data_dir/secret_key``.
     secret_key: str = ""

@@ -16,10 +16,11 @@ from typing import Any
 from shared.errors import StylequeueError
 
 GIB = 1024**3
-#: Upper bounds of the GPU tiers (GiB): 2 for previews and small jobs, 8, 24 (consumer
-#: cards), 80 (A100/H100), 140 (H200).
-GPU_TIERS: tuple[tuple[str, int], ...] = (
-    ("2g", 2), ("8g", 8), ("24g", 24), ("80g", 80), ("140g", 140),
+#: The GPU tiers: named after the cards they suit (2 GB for previews, 8, 24 for consumer
+#: cards, 80 for A100/H100, 141 for H200), bounded by what such a card has free for a job
+#: (GiB; a "24 GB" card shows about 23.6 GiB, less the driver's and the framework's share).
+GPU_TIERS: tuple[tuple[str, float], ...] = (
+    ("2g", 1.5), ("8g", 6), ("24g", 21), ("80g", 72), ("140g", 128),
 )  # fmt: skip
 #: Peak memory per output pixel, measured on the CPU here (fp32, VGG19 up to relu5_1):
 #: ≈ 2.5 KB for the activations kept for the backward pass and their gradients, plus

@@ -36,8 +36,9 @@ def run_worker(settings: Settings, name: str | None = None) -> None:
     queues = ",".join(context().capacity.queues)
     argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", queues]
     argv += ["--loglevel", "INFO", "--without-gossip", "--without-mingle"]
-    if name:
-        argv += ["--hostname", name]
+    # Celery's node name: unique per worker, so that one per GPU on a machine do not clash.
+    if name or settings.worker_name:
+        argv += ["--hostname", name or f"{settings.worker_name}@%h"]
     app.worker_main(argv)
 
 
@@ -155,14 +156,23 @@ class Supervisor:
         """A process to stop at the end (not watched), e.g. the embedded Redis."""
         self.adopted.append(process)
 
+    #: A child that dies within this many seconds of its start is restarted after a growing
+    #: pause (up to ``MAX_RESTART_DELAY``), not in a tight loop.
+    QUICK_DEATH_SECONDS = 10.0
+    MAX_RESTART_DELAY = 30.0
+
     def _stop(self, *_: object) -> None:
         self.stopping = True
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        started = dict.fromkeys(self.running, time.monotonic())
+        delays = dict.fromkeys(self.running, 0.0)
+        due: dict[str, float] = {}
         try:
             while not self.stopping:
+                now = time.monotonic()
                 for name, process in list(self.running.items()):
                     if process.poll() is None:
                         continue
@@ -170,12 +180,23 @@ class Supervisor:
                     if not restart:
                         print(f"stylequeue: {name} exited", file=sys.stderr, flush=True)
                         return 1
-                    print(
-                        f"stylequeue: {name} exited ({process.returncode}); starting another",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    self.running[name] = start()
+                    if name not in due:
+                        quick = now - started[name] < self.QUICK_DEATH_SECONDS
+                        delays[name] = (
+                            min(max(1.0, delays[name] * 2), self.MAX_RESTART_DELAY)
+                            if quick
+                            else 0.0
+                        )
+                        due[name] = now + delays[name]
+                        print(
+                            f"stylequeue: {name} exited ({process.returncode}); starting another"
+                            + (f" in {delays[name]:.0f} s" if delays[name] else ""),
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    if now >= due[name]:
+                        del due[name]
+                        self.running[name], started[name] = start(), now
                 time.sleep(0.5)
         finally:
             everything = [*self.running.values(), *self.adopted]
@@ -220,9 +241,15 @@ def gpu_indices(spec: str) -> list[int]:
 
 
 def gpu_worker_env(base: dict[str, str], index: int, name: str) -> dict[str, str]:
-    """A worker that sees only GPU ``index`` (as its ``cuda:0``) and says which it is."""
+    """A worker that sees only GPU ``index`` (as its ``cuda:0``) and says which it is.
+
+    ``index`` counts the GPUs this process sees: when ``CUDA_VISIBLE_DEVICES`` already
+    narrows them, the child gets the entry at that position, not the physical index.
+    """
+    visible = [part.strip() for part in base.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    device = visible[index] if base.get("CUDA_VISIBLE_DEVICES") and index < len(visible) else index
     return base | {
-        "CUDA_VISIBLE_DEVICES": str(index),
+        "CUDA_VISIBLE_DEVICES": str(device),
         "STYLEQUEUE_DEVICE": "cuda:0",
         "STYLEQUEUE_WORKER_NAME": f"{name}-gpu{index}",
     }

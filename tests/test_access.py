@@ -122,10 +122,15 @@ def test_tokens_see_only_their_own_jobs_and_admins_see_all(
         assert listed(alice) == [job["id"]]
         assert listed(bob) == []
         assert listed(admin) == [job["id"]]
-        # The same Idempotency-Key from another owner is not a way to Alice's job.
+        # Keys are per owner: Bob's "k-1" is not Alice's, and leads to neither her job nor
+        # a conflict with it.
         keyed = {"Idempotency-Key": "k-1"}
-        assert submit(client, photo, bearer(alice) | keyed).status_code == 202
-        assert submit(client, photo, bearer(bob) | keyed).status_code == 409
+        first = submit(client, photo, bearer(alice) | keyed)
+        assert first.status_code == 202
+        bobs = submit(client, photo, bearer(bob) | keyed)
+        assert bobs.status_code == 202 and bobs.get_json()["id"] != first.get_json()["id"]
+        again = submit(client, photo, bearer(alice) | keyed)
+        assert again.status_code == 200 and again.get_json()["id"] == first.get_json()["id"]
 
         # An admin cancels anyone's job; a revoked token stops working at once.
         assert client.post(links["cancel"], headers=bearer(admin)).status_code in (200, 202)
@@ -174,6 +179,11 @@ def test_the_form_session_is_a_token_and_needs_its_csrf_token(
         tampered = app.test_client()
         tampered.set_cookie("stylequeue_session", cookie.value[:-4] + "AAAA")
         assert tampered.get(job["links"]["self"]).status_code == 401
+    # With form sessions off, tokens required means token holders only.
+    with service_app(dataclasses.replace(settings, form_sessions=False)) as app:
+        browser = app.test_client()
+        token = csrf_token(browser)
+        assert submit(browser, photo, {"X-CSRF-Token": token}).status_code == 401
 
 
 def test_rate_limits_are_per_token(settings: Settings) -> None:

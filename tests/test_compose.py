@@ -20,9 +20,12 @@ def test_docker_compose_config_passes() -> None:
             env=clean | env,
         )  # fmt: skip
 
-    unsigned = config()  # production refuses to start without a session key
-    assert unsigned.returncode != 0 and "STYLEQUEUE_SECRET_KEY" in unsigned.stderr
-    done = config(STYLEQUEUE_SECRET_KEY="0123456789abcdef")
+    secrets = {"STYLEQUEUE_SECRET_KEY": "0123456789abcdef", "MINIO_ROOT_PASSWORD": "m" * 16,
+               "FLOWER_BASIC_AUTH": "ops:pw"}  # fmt: skip
+    for missing in secrets:  # production refuses to start without each of its secrets
+        refused = config(**{k: v for k, v in secrets.items() if k != missing})
+        assert refused.returncode != 0 and missing in refused.stderr
+    done = config(**secrets)
     assert done.returncode == 0, done.stderr
     assert 'STYLEQUEUE_REQUIRE_TOKEN: "true"' in done.stdout
     assert "STYLEQUEUE_STORAGE_URL: s3://stylequeue/jobs" in done.stdout

@@ -59,6 +59,9 @@ def test_one_worker_per_gpu_sees_only_its_own() -> None:
         "STYLEQUEUE_DEVICE": "cuda:0",
         "STYLEQUEUE_WORKER_NAME": "node7-gpu3",
     }
+    # Already narrowed to physical GPUs 4 and 6: index 1 is physical GPU 6.
+    narrowed = gpu_worker_env({"CUDA_VISIBLE_DEVICES": "4,6"}, 1, "node7")
+    assert narrowed["CUDA_VISIBLE_DEVICES"] == "6"
 
 
 def test_gpus_on_a_machine_without_one_is_a_clear_error() -> None:

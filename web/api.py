@@ -19,7 +19,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
-from sqlalchemy import Uuid, and_, func, insert, literal, or_, select, text
+from sqlalchemy import Uuid, and_, func, insert, literal, or_, select, text, true
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
@@ -271,10 +271,14 @@ class IdempotencyConflict(StylequeueError):
 
 
 def _idempotency_key() -> str | None:
+    """The client's key, scoped to its owner: two owners' equal keys are different keys
+    (one cannot block or reach the other's job by guessing them)."""
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
-        raise OptionError("must be 1 to 200 printable characters", field="Idempotency-Key")
-    return key
+    if key is None:
+        return None
+    if not (0 < len(key) <= 150 and key.isprintable()):
+        raise OptionError("must be 1 to 150 printable characters", field="Idempotency-Key")
+    return f"{current_principal().owner or ''}|{key}"
 
 
 def _replay(job: Job, fingerprint: str) -> tuple[Response, int, dict[str, str]]:
@@ -336,6 +340,11 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
                 Job.status == JobStatus.SUCCEEDED,
                 Job.result_key.is_not(None),
                 Job.expired_at.is_(None),
+                # With tokens, only one's own results: reuse must not reveal that someone
+                # else submitted the same images.
+                Job.owner == current_principal().owner
+                if services.settings.require_token
+                else true(),
             )
             .order_by(Job.finished_at.desc())
             .limit(1)

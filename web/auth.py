@@ -3,7 +3,9 @@
 - ``Authorization: Bearer <token>``: a token made with ``stylequeue token create``. A token
   sent but unknown or revoked is refused (``401``), whatever the settings.
 - The web form's session: the pages give each browser a signed session cookie holding a
-  random session id (its "session-bound token") and a CSRF token. Requests that
+  random session id (its "session-bound token") and a CSRF token. Anyone who can load the
+  form gets one: with tokens required, set ``form_sessions`` off (or put the pages behind
+  your own sign-in) to keep the service to token holders. Requests that
   authenticate by that cookie must echo the CSRF token in ``X-CSRF-Token`` on every POST:
   another site can make a browser send the cookie, but cannot read the token.
 - Nobody: allowed when ``require_token`` is off (the default for one machine), where every
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +62,19 @@ def secret_key(app: Flask) -> str:
         return configured
     path = Path(app.config["SETTINGS"].data_dir) / "secret_key"
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with path.open("x") as created:  # exclusive: the first process writes it
-            path.chmod(0o600)
-            created.write(secrets.token_urlsafe(48))
-    except FileExistsError:
-        pass
+    if not path.exists():
+        # Written whole under a temporary name, then linked into place: a process starting
+        # at the same moment sees no file or the whole key, never an empty one.
+        draft = path.with_name(f".secret_key.{os.getpid()}.{secrets.token_hex(4)}")
+        draft.write_text(secrets.token_urlsafe(48))
+        draft.chmod(0o600)
+        try:
+            os.link(draft, path)
+        except FileExistsError:  # another process was first: use its key
+            pass
+        except OSError:  # a file system without hard links: last writer wins, whole
+            os.replace(draft, path)
+        draft.unlink(missing_ok=True)
     return path.read_text().strip()
 
 
@@ -84,19 +94,19 @@ def current_principal() -> Principal:
 
 def _authenticate() -> Principal:
     address = request.remote_addr or "unknown"
-    header = request.headers.get("Authorization")
-    if header is not None:
-        scheme, _, secret = header.partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
+    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+    # Another scheme (a reverse proxy's Basic sign-in, say) is not ours to judge.
+    if scheme.lower() == "bearer":
+        if not secret.strip():
             raise Unauthorized("send the token as 'Authorization: Bearer <token>'")
         token = find_token(services.session, secret.strip())
         if token is None:
             raise Unauthorized("unknown or revoked token")
         return Principal(owner=token.owner, admin=token.admin, bucket=token.owner)
-    if "sid" in session:
+    if "sid" in session and services.settings.form_sessions:
         if request.method not in SAFE_METHODS:
-            sent = request.headers.get(CSRF_HEADER, "")
-            if not hmac.compare_digest(sent, str(session.get("csrf", ""))):
+            sent = request.headers.get(CSRF_HEADER, "").encode("utf-8", "replace")
+            if not hmac.compare_digest(sent, str(session.get("csrf", "")).encode()):
                 raise Forbidden(f"missing or wrong {CSRF_HEADER}; reload the form")
         return Principal(owner=f"session:{session['sid']}", bucket=address)
     return Principal(owner=None, bucket=address)

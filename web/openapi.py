@@ -84,7 +84,7 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "name": "Idempotency-Key",
                             "in": "header",
-                            "schema": {"type": "string", "maxLength": 200},
+                            "schema": {"type": "string", "maxLength": 150},
                             "description": "the same key and request give the same job",
                         }
                     ],

@@ -75,6 +75,7 @@ def claim(
         if taken is None:
             return None
         attempts, resumed_from, queue = taken
+        end_run(session, job_id, attempts - 1, "worker_lost")  # taken over: the last one died
         session.add(
             JobRun(
                 job_id=job_id, attempt=attempts, host=host, worker=worker, device=device,

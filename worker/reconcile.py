@@ -80,8 +80,8 @@ def reconcile(
             if requeued.rowcount:  # type: ignore[attr-defined]
                 end_run(session, job_id, attempt, "worker_lost")
                 resend.append(job_id)
-        stale = session.scalars(
-            select(Job.id).where(
+        stale = session.execute(
+            select(Job.id, Job.queue).where(
                 Job.status == JobStatus.QUEUED,
                 or_(
                     Job.enqueued_at.is_(None),  # the web could not reach the broker
@@ -89,10 +89,17 @@ def reconcile(
                 ),
             )
         ).all()
+        workers = broker.live_workers(redis_client)
         if stale:
             waiting = messages_in_queue(redis_client, queue)
-            resend += [job_id for job_id in stale if str(job_id) not in waiting]
-        workers = broker.live_workers(redis_client)
+            consumed = {q for worker in workers for q in worker.get("queues", [])}
+            # Sent again: a lost message, or one waiting in a queue nobody consumes any
+            # more (its machine died); the old message, if it is ever taken, is harmless.
+            resend += [
+                job_id
+                for job_id, job_queue in stale
+                if str(job_id) not in waiting or (consumed and job_queue not in consumed)
+            ]
         sent: list[tuple[str, str]] = []
         for job_id in dict.fromkeys(resend):
             memory = session.scalar(select(Job.memory_bytes).where(Job.id == job_id)) or 0

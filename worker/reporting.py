@@ -15,7 +15,9 @@ import uuid
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import delete, insert, update
+from sqlalchemy import delete, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,6 +28,9 @@ from shared.storage import Storage
 from worker.engine import Checkpoint, Iterate
 
 log = logging.getLogger(__name__)
+
+#: Loss points per INSERT statement (7 bound values each; SQLite allows 32,766).
+INSERT_CHUNK = 1000
 
 
 def checkpoint_key(job_id: uuid.UUID) -> str:
@@ -174,8 +179,11 @@ class JobReporter:
     ) -> None:
         values: dict[str, Any] = {}
         if preview is not None:
-            self.storage.put(preview_key(self.job_id), encode_png(preview[1]))
-            self.preview_iteration = preview[0]
+            try:  # a preview is a nicety: storage trouble must not hold up the loss points
+                self.storage.put(preview_key(self.job_id), encode_png(preview[1]))
+                self.preview_iteration = preview[0]
+            except Exception as error:
+                log.warning("job %s: preview not stored: %s", self.job_id, error)
         if latest is not None:
             values = {
                 "iteration": latest.iteration,
@@ -190,10 +198,21 @@ class JobReporter:
             values["preview_iteration"] = self.preview_iteration
         with self.sessions.begin() as session:
             if points:
-                session.execute(insert(LossPoint), points)
+                # Idempotent: a write that committed but whose answer was lost (the
+                # connection dropped) is sent again on the next flush.
+                # In chunks: a backlog from a database outage can be large.
+                for start in range(0, len(points), INSERT_CHUNK):
+                    chunk = points[start : start + INSERT_CHUNK]
+                    session.execute(_insert_ignoring_duplicates(session, chunk))
             if values:
                 session.execute(update(Job).where(Job.id == self.job_id).values(**values))
         self.flushes += 1
+
+
+def _insert_ignoring_duplicates(session: Session, points: list[dict[str, Any]]) -> Any:
+    dialect = session.get_bind().dialect.name
+    insert_points = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[dialect]
+    return insert_points(LossPoint).values(points).on_conflict_do_nothing()
 
 
 def forget_points_after(session: Session, job_id: uuid.UUID, iteration: int) -> None:

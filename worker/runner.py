@@ -55,10 +55,16 @@ def _finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> Non
 
     _while_database_away(write)
     log.info("attempt %d ended: %s", claim.attempts, status.value)
-    try:  # the callback now, not at the reconciler's next pass; it retries failures
-        deliver_due(ctx.sessions, ctx.settings, claim.job_id)
+    # The callback now, not at the reconciler's next pass (which retries failures), and on
+    # a thread of its own: a slow receiver must not hold up the worker's next job.
+    threading.Thread(target=_deliver_callback, args=(ctx, claim.job_id), daemon=True).start()
+
+
+def _deliver_callback(ctx: Context, job_id: uuid.UUID) -> None:
+    try:
+        deliver_due(ctx.sessions, ctx.settings, job_id)
     except Exception as error:
-        log.warning("callback of job %s: %s; the reconciler will retry", claim.job_id, error)
+        log.warning("callback of job %s: %s; the reconciler will retry", job_id, error)
 
 
 def run(ctx: Context, job_uuid: uuid.UUID) -> None:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FINISHED = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED]
 MAX_BACKOFF_SECONDS = 3600.0
+CLAIM_SECONDS = webhooks.DELIVERY_TIMEOUT_SECONDS * 3
 
 
 def backoff_seconds(settings: Settings, attempt: int) -> float:
@@ -64,7 +65,9 @@ def _claim(session: Session, job: Job, settings: Settings) -> int | None:
         )
         .values(
             callback_attempts=attempt,
-            callback_next_at=utcnow() + timedelta(seconds=backoff_seconds(settings, attempt)),
+            # Held for longer than a delivery can take, so nobody sends this attempt again
+            # while it is in flight; the outcome sets the real next time.
+            callback_next_at=utcnow() + timedelta(seconds=CLAIM_SECONDS),
         )
     )
     return attempt if taken.rowcount else None  # type: ignore[attr-defined]
@@ -101,13 +104,19 @@ def deliver_due(
             except Exception as error:
                 message = str(error)[:500]
                 log.warning("callback of job %s, attempt %d: %s", job.id, attempt, message)
-                values = {"callback_error": message}
+                retry_at = utcnow() + timedelta(seconds=backoff_seconds(settings, attempt))
+                values = {"callback_error": message, "callback_next_at": retry_at}
                 if attempt >= settings.webhook_max_attempts:
                     values["callback_next_at"] = None  # given up; the error says why
             else:
                 values = {"callback_delivered_at": utcnow(), "callback_next_at": None,
                           "callback_error": None}  # fmt: skip
                 delivered += 1
-            session.execute(update(Job).where(Job.id == job.id).values(**values))
+            # Only if no later attempt has started since (ours outlived its claim).
+            session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.callback_attempts == attempt)
+                .values(**values)
+            )
             session.commit()
     return delivered
