@@ -99,7 +99,7 @@ def test_database_outage_mid_job(
         during = [p for p in points if 2 < p["elapsed"] - points[19]["elapsed"] < 6]
         assert during
         log = (tmp_path / "worker.log").read_text()
-        assert "database unavailable, buffering" in log
+        assert "cannot write, buffering" in log
     finally:
         worker.stop()
         app.extensions["stylequeue"]["engine"].dispose()
