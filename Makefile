@@ -36,7 +36,7 @@ lint: $(STAMP)
 run: $(STAMP)
 	$(BIN)/stylequeue serve
 
-# Every figure in docs/benchmarks.md, side by side in one run each (about 30 minutes on
+# Every figure in docs/benchmarks.md, side by side in one run each (about 35 minutes on
 # 2 cores; bench/api.py needs wrk). The GPU figures come from bench/gpu.sh on a GPU machine.
 bench: $(STAMP)
 	$(BIN)/python bench/service.py --update docs/benchmarks.md
