@@ -21,17 +21,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from datetime import datetime
 from pathlib import Path
 
 import requests
 from PIL import Image
-from report import update_section, wait  # bench/report.py (run as a script)
+from report import (  # bench/report.py (run as a script)
+    bench_settings,
+    start_workers,
+    stop,
+    update_section,
+    wait,
+)
 
-from shared import broker
-from shared.config import Settings
-from shared.migrate import upgrade
 from stylequeue.service import free_port, start_embedded_redis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,32 +70,19 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="stylequeue-bench-"))
     redis_process, redis_url = start_embedded_redis(scratch)
-    settings = Settings.from_env(
-        {},
-        database_url=args.database_url or f"sqlite:///{scratch / 'jobs.db'}",
-        redis_url=redis_url,
-        data_dir=scratch / "data",
-        queue=f"bench-{uuid.uuid4().hex[:6]}",
+    settings = bench_settings(
+        scratch,
+        redis_url,
+        args.database_url,
         rate_limit_per_minute=10**9,
     )
-    upgrade(settings.database_url)
     env = {**os.environ, **settings.environ()}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     processes = []
     try:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "stylequeue", "worker"], env=env, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        (worker,) = start_workers(settings, 1, scratch)
         processes.append(worker)
-        client = broker.connect(redis_url)
-        wait(
-            lambda: broker.live_workers(client),
-            180,
-            "the worker",
-            tolerate=(requests.RequestException,),
-        )
         web = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--worker-class",
              "gthread", "--workers", str(args.gunicorn_workers), "--threads", str(args.threads),
@@ -128,10 +117,7 @@ def main() -> None:
         wrk(url, args.clients, 2)  # warm-up: connections, caches
         rate, latency, errors = wrk(url, args.clients, args.seconds)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(30)
+        stop(processes)
         redis_process.terminate()
         redis_process.wait(10)
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,12 +1,23 @@
-"""What the service benches share: waiting for a condition, and writing their section of
-``docs/benchmarks.md`` between its markers (each bench owns one section)."""
+"""What the service benches share: their service's settings and workers, waiting for a
+condition, and writing their section of ``docs/benchmarks.md`` between its markers (each
+bench owns one section)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from shared import broker
+from shared.config import Settings
+from shared.migrate import upgrade
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def wait(
@@ -46,3 +57,59 @@ def update_section(path: Path, name: str, body: list[str]) -> str:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
     return section
+
+
+def bench_settings(
+    base: Path, redis_url: str, database_url: str | None = None, **overrides: Any
+) -> Settings:
+    """A bench's own service settings (a fresh SQLite file unless ``database_url``, its own
+    queue, no per-client limits), with the database migrated."""
+    settings = Settings.from_env(
+        {},
+        **{
+            "database_url": database_url or f"sqlite:///{base / 'jobs.db'}",
+            "redis_url": redis_url,
+            "data_dir": base / "data",
+            "queue": f"bench-{uuid.uuid4().hex[:6]}",
+            "rate_limit_per_minute": 0,
+            "submit_limit_per_minute": 0,
+            "max_queued_per_client": 10_000,
+            **overrides,
+        },
+    )
+    upgrade(settings.database_url)
+    return settings
+
+
+def start_workers(
+    settings: Settings, count: int, logs: Path, **env: str
+) -> list[subprocess.Popen[bytes]]:
+    """``count`` real ``stylequeue worker`` processes, returned once all heartbeat."""
+    processes = []
+    for index in range(count):
+        with (logs / f"worker{index}.log").open("wb") as log:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "stylequeue", "worker"],
+                    env={
+                        **os.environ,
+                        **settings.environ(),
+                        **env,
+                        "STYLEQUEUE_WORKER_NAME": f"bench{index}",
+                    },
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            )
+    client = broker.connect(settings.redis_url)
+    wait(lambda: len(broker.live_workers(client)) >= count, 180, "the workers", every=0.1)
+    return processes
+
+
+def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        process.wait(30)

@@ -25,8 +25,6 @@ import io
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -36,13 +34,18 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from report import update_section, wait  # bench/report.py (run as a script)
+from report import (  # bench/report.py (run as a script)
+    bench_settings,
+    start_workers,
+    stop,
+    update_section,
+    wait,
+)
 
 from shared import broker
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
 from shared.jobs import Upload, create_job, parse_request
-from shared.migrate import upgrade
 from shared.models import Job
 from shared.storage import storage_from_settings
 from stylequeue.service import start_embedded_redis
@@ -58,25 +61,9 @@ def percentile(values: list[float], q: float) -> float:
 class Service:
     def __init__(self, scratch: Path, database_url: str | None) -> None:
         self.redis_process, redis_url = start_embedded_redis(scratch)
-        self.settings = Settings.from_env(
-            {},
-            database_url=database_url or f"sqlite:///{scratch / 'jobs.db'}",
-            redis_url=redis_url,
-            data_dir=scratch / "data",
-            queue=f"bench-{uuid.uuid4().hex[:6]}",
-            rate_limit_per_minute=0,
-            submit_limit_per_minute=0,
-            max_queued_per_client=10_000,
-        )
-        upgrade(self.settings.database_url)
-        self.log = (scratch / "worker.log").open("wb")
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "stylequeue", "worker"],
-            env={**os.environ, **self.settings.environ(), "STYLEQUEUE_WORKER_NAME": "bench"},
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
+        self.settings = bench_settings(scratch, redis_url, database_url)
+        self.workers = start_workers(self.settings, 1, scratch)
         self.redis = broker.connect(redis_url)
-        wait(lambda: broker.live_workers(self.redis), 180, "the worker", every=0.1)
         self.app = create_app({"SETTINGS": self.settings})
         self.client = self.app.test_client()
         self.sessions = make_sessionmaker(make_engine(self.settings.database_url))
@@ -102,9 +89,7 @@ class Service:
 
     def close(self) -> None:
         self.app.extensions["stylequeue"]["engine"].dispose()
-        self.worker.terminate()
-        self.worker.wait(30)
-        self.log.close()
+        stop(self.workers)
         self.redis_process.terminate()
         self.redis_process.wait(10)
 

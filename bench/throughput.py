@@ -27,8 +27,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -36,12 +34,15 @@ from datetime import datetime
 from pathlib import Path
 
 from PIL import Image
-from report import update_section, wait  # bench/report.py (run as a script)
+from report import (  # bench/report.py (run as a script)
+    bench_settings,
+    start_workers,
+    stop,
+    update_section,
+    wait,
+)
 
-from shared import broker
-from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
-from shared.migrate import upgrade
 from shared.models import Job
 from stylequeue.service import start_embedded_redis
 from web import create_app
@@ -64,35 +65,10 @@ def run(workers: int, jobs: int, database_url: str | None, scratch: Path) -> dic
     base = scratch / f"n{workers}"
     base.mkdir()
     redis_process, redis_url = start_embedded_redis(base)
-    settings = Settings.from_env(
-        {},
-        database_url=database_url or f"sqlite:///{base / 'jobs.db'}",
-        redis_url=redis_url,
-        data_dir=base / "data",
-        queue=f"bench-{uuid.uuid4().hex[:6]}",
-        rate_limit_per_minute=0,
-        submit_limit_per_minute=0,
-        max_queued_per_client=10_000,
-        preview_every=0,
-        checkpoint_every=0,
-    )
-    upgrade(settings.database_url)
-    env = {**os.environ, **settings.environ(), "OMP_NUM_THREADS": "1"}
+    settings = bench_settings(base, redis_url, database_url, preview_every=0, checkpoint_every=0)
     processes = []
-    client = broker.connect(redis_url)
     try:
-        for index in range(workers):
-            with (base / f"worker{index}.log").open("wb") as log:
-                processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "stylequeue", "worker"],
-                        env=env | {"STYLEQUEUE_WORKER_NAME": f"bench{index}"},
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        cwd=ROOT,
-                    )
-                )
-        wait(lambda: len(broker.live_workers(client)) == workers, 180, "the workers")
+        processes = start_workers(settings, workers, base, OMP_NUM_THREADS="1")
         app = create_app({"SETTINGS": settings})
         web = app.test_client()
         photo = photo_bytes()
@@ -138,10 +114,7 @@ def run(workers: int, jobs: int, database_url: str | None, scratch: Path) -> dic
             "dispatch_gap_ms": statistics.median(gaps) * 1000 if workers == 1 else float("nan"),
         }
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(30)
+        stop(processes)
         redis_process.terminate()
         redis_process.wait(10)
 
