@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -50,3 +52,18 @@ def style_image(sample_images: Path) -> Image.Image:
 @pytest.fixture(scope="session")
 def second_style_image(sample_images: Path) -> Image.Image:
     return small(sample_images / "style" / "shipwreck.jpg")
+
+
+# The service's Flask app and a client, for a module whose ``settings`` fixture (module
+# scoped) says which database, Redis and queue to use.
+@pytest.fixture(scope="module")
+def app(settings: Any) -> Iterator[Any]:
+    from tests.service import service_app
+
+    with service_app(settings) as app:
+        yield app
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()

@@ -36,7 +36,6 @@ from tests.service import (
     RedisServer,
     WorkerProcess,
     reset_database,
-    service_app,
     service_settings,
     wait_for,
 )
@@ -82,17 +81,6 @@ def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
     process.start()
     yield process
     process.stop()
-
-
-@pytest.fixture(scope="module")
-def app(settings: Settings) -> Iterator[Flask]:
-    with service_app(settings) as app:
-        yield app
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
 
 
 def png_bytes(path: Path, long_side: int = 128) -> bytes:
