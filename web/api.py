@@ -326,7 +326,6 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     workers = live_workers()
     backbones = {name for worker in workers for name in worker.get("backbones", [])}
     job_request = parse_request(form, uploads, services.settings, backbones or None)
-    queue, memory_bytes = route(job_request, workers)
     fingerprint = job_request.fingerprint()
     session = services.session
     if key is not None:
@@ -351,7 +350,9 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
             .order_by(Job.finished_at.desc())
             .limit(1)
         )
-    if source is None:
+    queue, memory_bytes = None, None
+    if source is None:  # it will run: somewhere must hold it (before anything is stored)
+        queue, memory_bytes = route(job_request, workers)
         queued = session.scalar(
             select(func.count()).where(Job.client == client_id(), Job.status == JobStatus.QUEUED)
         )
@@ -378,6 +379,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     location = {"Location": url_for("api.get_job", job_id=str(job.id))}
     if source is not None:
         return jsonify(job_json(job)), 201, location
+    assert queue is not None
     try:
         services.enqueue(str(job.id), queue)
         job.enqueued_at = utcnow()
