@@ -31,7 +31,7 @@ from torch import nn
 
 from worker.engine import Iterate, stylize
 from worker.engine.backbones import load_backbone
-from worker.engine.optimize import cpu_has_fast_bf16, resolve_precision
+from worker.engine.optimize import cpu_has_fast_bf16, load_extractor, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT_LAYER = "relu4_2"
@@ -214,7 +214,7 @@ def memory_probe(side: str, size: int, steps: int, backbone: str, images: Path) 
     style = Image.open(images / "style" / "starry_night.jpg").convert("RGB")
     cpu = torch.device("cpu")
     layers = load_backbone(backbone, device=cpu).layers
-    load_backbone(backbone, device=cpu, channels_last=True)  # the engine's copy, cached
+    load_extractor(backbone, device=cpu, precision=resolve_precision("auto", cpu))  # cached
     if side == "reference":
         c, s = to_tensor(content, size), to_tensor(style, size)
         objective = ReferenceObjective(layers, c, s)

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from worker.engine import Iterate, stylize
-from worker.engine.backbones import load_backbone
 from worker.engine.losses import gram_matrix
+from worker.engine.optimize import load_extractor
 
 ROOT = Path(__file__).resolve().parents[1]
 STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
@@ -75,9 +75,10 @@ def batched(size: int, batch: int, repeats: int, device: torch.device, mode: str
     """Images per second of one loss evaluation (forward, Grams, backward) on ``batch``
     images at once."""
     set_tf32(mode == "tf32")
-    extractor = load_backbone(
-        "vgg19-random", device=device, channels_last=mode == "bf16"
-    ).truncated("relu5_1")
+    precision = "bf16" if mode == "bf16" else "fp32"
+    extractor = load_extractor("vgg19-random", device=device, precision=precision).truncated(
+        "relu5_1"
+    )
     height = size * 3 // 4
     images = torch.rand(batch, 3, height, size, device=device)
     if mode == "bf16":  # as the engine runs bf16: channels_last

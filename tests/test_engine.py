@@ -13,6 +13,7 @@ from shared.errors import OptionError
 from worker.engine import Checkpoint, Iterate, Result, check_options, defaults, stylize
 from worker.engine.backbones import load_backbone
 from worker.engine.imaging import rgb_to_yiq, to_tensor
+from worker.engine.optimize import load_extractor
 from worker.engine.stylize import auto_scales, normalize_weights, pyramid
 
 FAST = {"backbone": "vgg19-random", "size": 64, "device": "cpu"}
@@ -224,6 +225,22 @@ def test_backbone_is_loaded_once_frozen_and_truncated() -> None:
     assert view.layer_names[-1] == "relu4_2"
     assert view.layers.conv1_1.weight is backbone.layers.conv1_1.weight
     assert load_backbone("vgg19-random", device=cpu, pooling="avg") is not backbone
+
+
+def test_a_lower_precision_backbone_stores_its_weights_cast_as_autocast_would() -> None:
+    cpu = torch.device("cpu")
+    fp32 = load_backbone("vgg19-random", device=cpu)
+    bf16 = load_extractor("vgg19-random", device=cpu, precision="bf16")
+    assert bf16 is not fp32 and bf16.layers.conv1_1.weight.dtype == torch.bfloat16
+    assert bf16.mean.dtype == torch.float32  # the input is normalized in fp32
+    torch.testing.assert_close(
+        bf16.layers.conv1_1.weight, fp32.layers.conv1_1.weight.bfloat16(), rtol=0, atol=0
+    )
+    image = torch.rand(1, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_each_pass = fp32(image, ["relu2_1"])["relu2_1"]
+        stored_cast = bf16(image.contiguous(memory_format=torch.channels_last), ["relu2_1"])
+    torch.testing.assert_close(stored_cast["relu2_1"], cast_each_pass)
 
 
 def test_seeded_backbone_keeps_activation_magnitude(content_image: Image.Image) -> None:

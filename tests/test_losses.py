@@ -40,6 +40,30 @@ def test_gram_matrix_stays_fp32_under_autocast() -> None:
     torch.testing.assert_close(gram, gram_matrix(features))
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_gram_matrix_gradient_is_the_textbook_one_in_the_features_layout(
+    memory_format: torch.memory_format,
+) -> None:
+    torch.manual_seed(0)
+    features = torch.randn(2, 6, 5, 7).contiguous(memory_format=memory_format).requires_grad_()
+    weights = torch.randn(2, 6, 6)
+    (gram_matrix(features) * weights).sum().backward()
+    assert features.grad is not None
+    assert features.grad.is_contiguous(memory_format=memory_format)
+
+    textbook = features.detach().clone().requires_grad_()
+    flat = textbook.reshape(2, 6, 35)
+    (torch.bmm(flat, flat.transpose(1, 2)) / (6 * 35) * weights).sum().backward()
+    torch.testing.assert_close(features.grad, textbook.grad)
+
+
+def test_gram_matrix_of_bf16_features_returns_a_bf16_gradient() -> None:
+    features = torch.rand(1, 4, 6, 6, dtype=torch.bfloat16)
+    features = features.contiguous(memory_format=torch.channels_last).requires_grad_()
+    gram_matrix(features).sum().backward()
+    assert features.grad is not None and features.grad.dtype == torch.bfloat16
+
+
 def test_each_loss_is_zero_at_its_target_and_positive_elsewhere() -> None:
     torch.manual_seed(0)
     features = torch.rand(1, 16, 8, 8)

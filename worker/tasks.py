@@ -61,17 +61,16 @@ def _heartbeat(ctx: Context, record: dict[str, Any]) -> None:
 
 @worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
-    from worker.engine.backbones import load_backbone
-    from worker.engine.optimize import resolve_device, resolve_precision
+    from worker.engine.optimize import load_extractor, resolve_device, resolve_precision
 
     ctx = context()
     backbones = available_backbones()
     device = resolve_device(ctx.settings.device)
     # Load the backbone jobs will most likely use now, once, not in the first job.
-    load_backbone(
+    load_extractor(
         "vgg19" if "vgg19" in backbones else OFFLINE_BACKBONE,
         device=device,
-        channels_last=resolve_precision("auto", device) != "fp32",
+        precision=resolve_precision("auto", device),
     )
     capacity = ctx.capacity
     record = {

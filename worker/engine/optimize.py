@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from shared.errors import OptionError
-from worker.engine.backbones import FeatureExtractor, load_backbone
+from worker.engine.backbones import FeatureExtractor, Pooling, load_backbone
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.imaging import keep_original_colors, resize_to, to_pil, to_tensor
 from worker.engine.lbfgs import LBFGS
@@ -80,6 +80,25 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if device.type == "cpu" and cpu_has_fast_bf16():
         return "bf16"
     return "fp32"
+
+
+def load_extractor(
+    name: str, *, device: torch.device, precision: str, pooling: Pooling = "max"
+) -> FeatureExtractor:
+    """The backbone as the engine runs it at ``precision`` (cached once per process).
+
+    Lower precisions run under autocast with weights stored in autocast's dtype and
+    activations in channels_last, the layout oneDNN's bf16 kernels and cuDNN's tensor cores
+    want.
+    """
+    autocast_dtype = AUTOCAST_DTYPES.get(precision)
+    return load_backbone(
+        name,
+        device=device,
+        pooling=pooling,
+        dtype=autocast_dtype or torch.float32,
+        channels_last=autocast_dtype is not None,
+    )
 
 
 @dataclass
@@ -212,11 +231,8 @@ def optimize(
     channels_last = autocast_dtype is not None
     layer_order = BACKBONES[options["backbone"]].layer_names
     deepest = max((*options["content_layers"], *options["style_layers"]), key=layer_order.index)
-    extractor = load_backbone(
-        options["backbone"],
-        device=torch_device,
-        pooling=options["pooling"],
-        channels_last=channels_last,
+    extractor = load_extractor(
+        options["backbone"], device=torch_device, precision=precision, pooling=options["pooling"]
     ).truncated(deepest)
 
     total = options["iterations"]
