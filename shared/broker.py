@@ -2,6 +2,7 @@
 
 - Cancel flags: ``stylequeue:cancel:<job id>``, set by the API, read by the worker every
   iteration (one GET, far cheaper than a database query).
+- Rate-limit windows: ``stylequeue:rate:<bucket>:<client>:<minute>``, counted by the web.
 - Worker heartbeats: ``stylequeue:worker:<name>``, a JSON record with a short TTL that
   each worker refreshes; ``/readyz`` and the web form read them (live workers, and which
   backbones they can run).
@@ -22,6 +23,15 @@ RUN_JOB_TASK = "stylequeue.run_job"
 #: A probe: the worker writes the time it picked the message up under the key it is given
 #: (bench/service.py measures the bare queue's latency with it).
 PING_TASK = "stylequeue.ping"
+
+
+# INCR, and EXPIRE on the window's first request: one round trip, one command (a pipeline of
+# the two costs more Python per request, and the status poll is the API's hot path).
+RATE_WINDOW_SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
 
 
 def connect(url: str) -> redis.Redis:

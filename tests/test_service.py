@@ -317,6 +317,9 @@ def test_presets_status_pages_and_listing(
 ) -> None:
     presets = client.get("/api/presets").get_json()["presets"]
     assert {p["name"] for p in presets} >= {"starry-night", "shipwreck"}
+    for _ in range(2):  # older jobs, so that the listing has a second page on its own
+        older = submit(client, photo, None, iterations=1, style_preset="starry-night")
+        assert older.status_code == 202, older.get_json()
     response = submit(client, photo, None, iterations=3, style_preset="starry-night,shipwreck")
     assert response.status_code == 202, response.get_json()
     job = response.get_json()
@@ -328,6 +331,7 @@ def test_presets_status_pages_and_listing(
     assert len(first["jobs"]) == 2 and first["next_cursor"]
     assert first["jobs"][0]["id"] == job["id"]  # newest first
     second = client.get(f"/api/jobs?limit=2&cursor={first['next_cursor']}").get_json()
+    assert second["jobs"]
     assert not {j["id"] for j in first["jobs"]} & {j["id"] for j in second["jobs"]}
     succeeded = client.get("/api/jobs?status=succeeded&limit=100").get_json()["jobs"]
     assert all(j["status"] == "succeeded" for j in succeeded) and succeeded

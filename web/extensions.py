@@ -7,6 +7,7 @@ from typing import Any
 import redis
 from celery import Celery
 from flask import Flask, current_app, g
+from redis.commands.core import Script
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
@@ -21,11 +22,13 @@ class Services:
     def init_app(self, app: Flask) -> None:
         settings: Settings = app.config["SETTINGS"]
         engine = make_engine(settings.database_url)
+        redis_client = broker.connect(settings.redis_url)
         app.extensions["stylequeue"] = {
             "engine": engine,
             "sessions": make_sessionmaker(engine),
             "storage": storage_from_settings(settings),
-            "redis": broker.connect(settings.redis_url),
+            "redis": redis_client,
+            "rate_window_script": redis_client.register_script(broker.RATE_WINDOW_SCRIPT),
             "celery": Celery("stylequeue", broker=settings.redis_url, set_as_current=False),
         }
         app.teardown_appcontext(self._close_session)
@@ -56,6 +59,10 @@ class Services:
     @property
     def redis(self) -> redis.Redis:
         return self._get("redis")  # type: ignore[no-any-return]
+
+    @property
+    def rate_window_script(self) -> Script:
+        return self._get("rate_window_script")  # type: ignore[no-any-return]
 
     def enqueue(self, job_id: str, queue: str) -> None:
         celery: Celery = self._get("celery")
