@@ -6,7 +6,10 @@ one warm worker process (``stylequeue worker``) and the Flask app in this proces
 1. Job system overhead: the same job (128 px, 100 iterations, one scale, fixed seed) run
    by the bare engine in this process and through the queue (``created_at`` to
    ``finished_at``, with the production defaults: a preview every 10 iterations, a
-   checkpoint every 50, loss points written in batches), alternately, ``--repeats`` times.
+   checkpoint every 50, loss points written in batches), bare, queued and bare again,
+   ``--repeats`` times: the median paired ratio, an A/A control (bare against bare, this
+   machine's noise floor), the time outside the engine and the engine's own time in the
+   worker.
 2. Queue latency: ``--latency-jobs`` tiny jobs, each submitted once the previous one has
    finished (an idle, warm worker): ``created_at`` → ``started_at``, p50 and p99, and a
    histogram; beside it, a bare Celery task (``stylequeue.ping``) on the same Redis and
@@ -24,7 +27,6 @@ import argparse
 import io
 import os
 import platform
-import statistics
 import tempfile
 import time
 import uuid
@@ -83,7 +85,7 @@ class Service:
 
         # Polled gently: the bench must not take the CPU the worker runs on (the figures
         # come from the row's own timestamps, not from when this loop notices).
-        job = wait(done, 600, f"job {job_id}", every=0.05)
+        job = wait(done, 600, f"job {job_id}", every=0.25)
         assert job.status == "succeeded", (job.status, job.error_message)
         return job  # type: ignore[no-any-return]
 
@@ -101,29 +103,53 @@ def png(image: Image.Image) -> bytes:
 
 
 def overhead(service: Service, images: Path, repeats: int) -> dict[str, float]:
+    """The same job run bare, through the queue, and bare again, ``repeats`` times.
+
+    Besides the two totals: the time outside the engine (from the row's ``created_at`` and
+    ``finished_at`` and the engine's own clock, ``elapsed``, which the worker stores), the
+    engine's own time in the worker against the bare engine's, and an A/A control: the bare
+    run against the bare run just after it, the noise floor of this machine for this job.
+    """
     from shared.presets import presets
-    from worker.engine import stylize
+    from worker.engine import Iterate, stylize
 
     content = Image.open(images / "content" / "tubingen.jpg").convert("RGB")
     content.thumbnail((256, 256))
     style = Image.open(presets()["starry-night"].path).convert("RGB")
     options = {"size": 128, "iterations": 100, "scales": 1, "seed": 1, "backbone": "vgg19-random"}
     photo = png(content)
-    bare, queued = [], []
-    stylize(content=content, styles=[style], **{**options, "iterations": 3})  # warm up
-    for _ in range(repeats):
+
+    def bare() -> tuple[float, float]:
+        """Seconds for the whole call, and the engine's own clock at its last iteration."""
+        last: list[Iterate] = []
         begin = time.perf_counter()
-        stylize(content=content, styles=[style], **options)  # type: ignore[arg-type]
-        bare.append(time.perf_counter() - begin)
+        stylize(content=content, styles=[style], progress=last.append, **options)  # type: ignore[arg-type]
+        return time.perf_counter() - begin, last[-1].elapsed
+
+    stylize(content=content, styles=[style], **{**options, "iterations": 3})  # warm up
+    runs = []
+    for _ in range(repeats):
+        first, first_engine = bare()
         job = service.finished(
             service.submit(photo, **{k: str(v) for k, v in options.items()}, reuse="false")
         )
-        assert job.started_at is not None and job.finished_at is not None
-        queued.append((job.finished_at - job.created_at).total_seconds())
-    # Medians, and the best of each side: on a shared machine the minimum is the run least
-    # disturbed by others, the fairest comparison of the work each side does.
-    return {"bare": statistics.median(bare), "queued": statistics.median(queued),
-            "bare_best": min(bare), "queued_best": min(queued)}  # fmt: skip
+        again, _ = bare()
+        assert job.finished_at is not None and job.elapsed is not None
+        queued = (job.finished_at - job.created_at).total_seconds()
+        runs.append((first, queued, again, queued - job.elapsed, job.elapsed / first_engine))
+    first, queued, again, outside, engine_ratio = np.asarray(runs).T
+    control = again / first
+    return {
+        "bare": float(np.median(first)),
+        "queued": float(np.median(queued)),
+        "ratio": float(np.median(queued / first)),
+        "control": float(np.median(control)),
+        "control_low": float(control.min()),
+        "control_high": float(control.max()),
+        "outside": float(np.median(outside / queued)),
+        "outside_ms": float(np.median(outside) * 1000),
+        "engine_ratio": float(np.median(engine_ratio)),
+    }
 
 
 def latency(service: Service, jobs: int) -> dict[str, Any]:
@@ -211,8 +237,7 @@ def main() -> None:
     finally:
         service.close()
     database = "PostgreSQL" if args.database_url else "SQLite"
-    ratio = cost["queued"] / cost["bare"]
-    best_ratio = cost["queued_best"] / cost["bare_best"]
+    ratio = cost["ratio"]
     job_ms, ping_ms = waits["job_ms"], waits["ping_ms"]
     lines = [
         f"## The job system around the engine ({database}, one run)",
@@ -223,11 +248,16 @@ def main() -> None:
         "| figure | measured | goal | |",
         "|---|---|---|---|",
         f"| the same job (128 px, 100 iterations) through the queue vs the bare engine, "
-        f"median of {args.repeats} | {cost['queued']:.2f} s vs {cost['bare']:.2f} s: "
-        f"{100 * (ratio - 1):+.1f} % | ≤ +2 % | {'met' if ratio <= 1.02 else 'not met'} |",
-        f"| the same, best of {args.repeats} each | {cost['queued_best']:.2f} s vs "
-        f"{cost['bare_best']:.2f} s: {100 * (best_ratio - 1):+.1f} % | ≤ +2 % | "
-        f"{'met' if best_ratio <= 1.02 else 'not met'} |",
+        f"median of {args.repeats} paired ratios | {cost['queued']:.2f} s vs {cost['bare']:.2f} s:"
+        f" {100 * (ratio - 1):+.1f} % | ≤ +2 % | {'met' if ratio <= 1.02 else 'not met'} |",
+        f"| A/A control: the bare engine against itself, run after the queued job | "
+        f"{100 * (cost['control'] - 1):+.1f} % (from {100 * (cost['control_low'] - 1):+.0f} "
+        f"to {100 * (cost['control_high'] - 1):+.0f} %) | (noise floor) | |",
+        f"| the job's time outside the engine (queue, claim, inputs, result, bookkeeping) | "
+        f"{cost['outside_ms']:.0f} ms, {100 * cost['outside']:.1f} % of the job | ≤ 2 % | "
+        f"{'met' if cost['outside'] <= 0.02 else 'not met'} |",
+        f"| the engine's own time in the worker vs the bare engine's, median | "
+        f"{100 * (cost['engine_ratio'] - 1):+.1f} % | | |",
         f"| queue latency p50, `created_at` → `started_at` ({len(job_ms)} jobs) | "
         f"{percentile(job_ms, 50):.1f} ms | ≤ 25 ms | "
         f"{'met' if percentile(job_ms, 50) <= 25 else 'not met'} |",
