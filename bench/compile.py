@@ -1,0 +1,86 @@
+"""Does ``torch.compile`` pay for the engine's loss evaluation? Side by side, one run.
+
+Not a test. Builds the engine's objective (the default layers, bf16 where the CPU has native
+bf16) at ``--size`` px, then alternates an eager evaluation (forward, Grams, losses,
+backward) with one through ``torch.compile(objective.parts)`` (inductor, default mode),
+``--samples`` times, and prints the compile time and both medians.
+
+Usage: ``python bench/compile.py [--size 256] [--samples 8]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from worker.engine import defaults
+from worker.engine.imaging import to_tensor
+from worker.engine.optimize import (
+    AUTOCAST_DTYPES,
+    build_objective,
+    load_extractor,
+    resolve_precision,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "images")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=8)
+    args = parser.parse_args()
+
+    cpu = torch.device("cpu")
+    precision = resolve_precision("auto", cpu)
+    options = {**defaults(), "tv_weight": 0.0, "style_weights": [1.0]}
+    options["style_layer_weights"] = [1 / len(options["style_layers"])] * len(
+        options["style_layers"]
+    )
+    content, style = (
+        to_tensor(Image.open(args.images / kind / name).convert("RGB"), long_side=args.size,
+                  device=cpu)
+        for kind, name in (("content", "tubingen.jpg"), ("style", "starry_night.jpg"))
+    )  # fmt: skip
+    extractor = load_extractor("vgg19-random", device=cpu, precision=precision)
+    autocast_dtype = AUTOCAST_DTYPES.get(precision)
+    objective = build_objective(
+        extractor, options, content, [style], autocast_dtype, autocast_dtype is not None
+    )
+    image = content.clone().requires_grad_(True)
+
+    def evaluation(parts: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], float]:
+        def run() -> float:
+            begin = time.perf_counter()
+            image.grad = None
+            parts(image).sum().backward()
+            return time.perf_counter() - begin
+
+        return run
+
+    eager = evaluation(objective.parts)
+    begin = time.perf_counter()
+    compiled = evaluation(torch.compile(objective.parts))
+    compiled()  # compiles
+    compile_seconds = time.perf_counter() - begin
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(args.samples + 1):  # the first round warms up
+        times["eager"].append(eager())
+        times["compiled"].append(compiled())
+    eager_s, compiled_s = (float(np.median(times[k][1:])) for k in ("eager", "compiled"))
+    print(
+        f"{args.size} px, {precision}: compile {compile_seconds:.0f} s; eager {eager_s:.3f} s, "
+        f"compiled {compiled_s:.3f} s per evaluation: {eager_s / compiled_s:.2f}× the eager "
+        "speed"
+    )
+
+
+if __name__ == "__main__":
+    main()
