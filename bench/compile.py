@@ -40,10 +40,9 @@ def main() -> None:
 
     cpu = torch.device("cpu")
     precision = resolve_precision("auto", cpu)
-    options = {**defaults(), "tv_weight": 0.0, "style_weights": [1.0]}
-    options["style_layer_weights"] = [1 / len(options["style_layers"])] * len(
-        options["style_layers"]
-    )
+    options = {**defaults(), "style_weights": [1.0]}  # the default objective, TV included
+    layers = options["style_layers"]
+    options["style_layer_weights"] = [1 / len(layers)] * len(layers)
     content, style = (
         to_tensor(Image.open(args.images / kind / name).convert("RGB"), long_side=args.size,
                   device=cpu)
@@ -71,9 +70,11 @@ def main() -> None:
     compiled()  # compiles
     compile_seconds = time.perf_counter() - begin
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for _ in range(args.samples + 1):  # the first round warms up
-        times["eager"].append(eager())
-        times["compiled"].append(compiled())
+    sides = {"eager": eager, "compiled": compiled}
+    for round_ in range(args.samples + 1):  # the first round warms up
+        # Alternate which goes first, so that neither always runs right after the other.
+        for name in sorted(sides, reverse=round_ % 2 == 1):
+            times[name].append(sides[name]())
     eager_s, compiled_s = (float(np.median(times[k][1:])) for k in ("eager", "compiled"))
     print(
         f"{args.size} px, {precision}: compile {compile_seconds:.0f} s; eager {eager_s:.3f} s, "

@@ -140,9 +140,8 @@ def overhead(service: Service, images: Path, repeats: int) -> dict[str, float]:
     first, queued, again, outside, engine_ratio = np.asarray(runs).T
     control = again / first
     return {
-        "bare": float(np.median(first)),
-        "queued": float(np.median(queued)),
-        "ratio": float(np.median(queued / first)),
+        # Each queued run against the mean of the bare runs on either side of it.
+        "ratio": float(np.median(queued / ((first + again) / 2))),
         "control": float(np.median(control)),
         "control_low": float(control.min()),
         "control_high": float(control.max()),
@@ -229,7 +228,7 @@ def main() -> None:
     service = Service(scratch, args.database_url)
     try:
         cost = overhead(service, args.images, args.repeats)
-        print(f"overhead: bare {cost['bare']:.2f} s, queued {cost['queued']:.2f} s", flush=True)
+        print(f"overhead: {100 * (cost['ratio'] - 1):+.1f} %", flush=True)
         waits = latency(service, args.latency_jobs)
         print(f"latency p50 {percentile(waits['job_ms'], 50):.1f} ms", flush=True)
         rate = streaming(service.settings, args.stream_points)
@@ -248,14 +247,14 @@ def main() -> None:
         "| figure | measured | goal | |",
         "|---|---|---|---|",
         f"| the same job (128 px, 100 iterations) through the queue vs the bare engine, "
-        f"median of {args.repeats} paired ratios | {cost['queued']:.2f} s vs {cost['bare']:.2f} s:"
-        f" {100 * (ratio - 1):+.1f} % | ≤ +2 % | {'met' if ratio <= 1.02 else 'not met'} |",
+        f"median of {args.repeats} ratios to the bare runs before and after | "
+        f"{100 * (ratio - 1):+.1f} % | ≤ +2 % | {'met' if ratio <= 1.02 else 'not met'} |",
         f"| A/A control: the bare engine against itself, run after the queued job | "
         f"{100 * (cost['control'] - 1):+.1f} % (from {100 * (cost['control_low'] - 1):+.0f} "
         f"to {100 * (cost['control_high'] - 1):+.0f} %) | (noise floor) | |",
         f"| the job's time outside the engine (queue, claim, inputs, result, bookkeeping) | "
-        f"{cost['outside_ms']:.0f} ms, {100 * cost['outside']:.1f} % of the job | ≤ 2 % | "
-        f"{'met' if cost['outside'] <= 0.02 else 'not met'} |",
+        f"{cost['outside_ms']:.0f} ms, {100 * cost['outside']:.1f} % of the job | "
+        "(part of the 2 %) | |",
         f"| the engine's own time in the worker vs the bare engine's, median | "
         f"{100 * (cost['engine_ratio'] - 1):+.1f} % | | |",
         f"| queue latency p50, `created_at` → `started_at` ({len(job_ms)} jobs) | "

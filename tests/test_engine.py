@@ -229,18 +229,27 @@ def test_backbone_is_loaded_once_frozen_and_truncated() -> None:
 
 def test_a_lower_precision_backbone_stores_its_weights_cast_as_autocast_would() -> None:
     cpu = torch.device("cpu")
-    fp32 = load_backbone("vgg19-random", device=cpu)
+    fp32 = load_backbone("vgg19-random", device=cpu, channels_last=True)
     bf16 = load_extractor("vgg19-random", device=cpu, precision="bf16")
     assert bf16 is not fp32 and bf16.layers.conv1_1.weight.dtype == torch.bfloat16
     assert bf16.mean.dtype == torch.float32  # the input is normalized in fp32
     torch.testing.assert_close(
         bf16.layers.conv1_1.weight, fp32.layers.conv1_1.weight.bfloat16(), rtol=0, atol=0
     )
-    image = torch.rand(1, 3, 32, 32)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        cast_each_pass = fp32(image, ["relu2_1"])["relu2_1"]
-        stored_cast = bf16(image.contiguous(memory_format=torch.channels_last), ["relu2_1"])
-    torch.testing.assert_close(stored_cast["relu2_1"], cast_each_pass)
+
+    def run(extractor: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        image = torch.rand(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        image.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = extractor(image, ["relu2_1"])["relu2_1"]
+        features.float().square().sum().backward()
+        assert image.grad is not None
+        return features.detach(), image.grad
+
+    cast_each_pass, stored_cast = run(fp32), run(bf16)
+    for autocast_result, stored_result in zip(cast_each_pass, stored_cast, strict=True):
+        torch.testing.assert_close(stored_result, autocast_result, rtol=0, atol=0)
 
 
 def test_seeded_backbone_keeps_activation_magnitude(content_image: Image.Image) -> None:

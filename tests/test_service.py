@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flask import Flask
+from flask import Flask, url_for
 from flask.testing import FlaskClient
 from PIL import Image
 from sqlalchemy import func, inspect, select
@@ -30,6 +30,7 @@ from shared.jobs import Upload, create_job, parse_request
 from shared.migrate import downgrade, upgrade
 from shared.models import Job, LossPoint, StoredImage
 from shared.storage import storage_from_settings
+from stylequeue.service import start_embedded_redis
 from tests.bad_input import BAD_INPUT, NOISE, encoded
 from tests.conftest import REPO
 from tests.service import (
@@ -40,6 +41,7 @@ from tests.service import (
     wait_for,
 )
 from web import create_app
+from web.api import job_links
 from worker.engine import Iterate
 from worker.reporting import JobReporter
 
@@ -320,6 +322,7 @@ def test_presets_status_pages_and_listing(
     for _ in range(2):  # older jobs, so that the listing has a second page on its own
         older = submit(client, photo, None, iterations=1, style_preset="starry-night")
         assert older.status_code == 202, older.get_json()
+        wait_status(client, older.get_json()["id"], {"succeeded"})
     response = submit(client, photo, None, iterations=3, style_preset="starry-night,shipwreck")
     assert response.status_code == 202, response.get_json()
     job = response.get_json()
@@ -479,6 +482,43 @@ def test_a_fixed_seed_reuses_a_finished_result_unless_opted_out(
     assert unseeded.status_code == 202
     for job in (fresh.get_json(), unseeded.get_json()):
         wait_status(client, job["id"], {"succeeded"})
+
+
+def test_job_links_are_the_routes_own_urls(app: Flask) -> None:
+    job = Job(id=uuid.uuid4())
+    endpoints = {"self": "api.get_job", "page": "pages.job_page", "result": "api.get_result",
+                 "preview": "api.get_preview", "losses": "api.get_losses",
+                 "events": "api.get_events", "cancel": "api.cancel_job"}  # fmt: skip
+    for script_name in ("", "/behind/a/proxy"):
+        with app.test_request_context("/", base_url=f"http://localhost{script_name}"):
+            expected = {k: url_for(e, job_id=str(job.id)) for k, e in endpoints.items()}
+            assert job_links(job) == expected
+            assert expected["result"].startswith(f"{script_name}/api/jobs/")
+
+
+def test_rate_limit_holds_without_scripts_and_opens_without_redis(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    process, url = start_embedded_redis(tmp_path)
+    try:
+        # A user that may not run scripts, as some ACLs and managed Redis services have it.
+        admin = broker.connect(url)
+        admin.execute_command(
+            "ACL", "SETUSER", "noscripts", "on", "nopass", "~*", "&*", "+@all", "-@scripting"
+        )
+        limited = url.replace("redis://", "redis://noscripts:any@")
+        app = create_app(
+            {"SETTINGS": dataclasses.replace(settings, redis_url=limited, rate_limit_per_minute=3)}
+        )
+        client = app.test_client()
+        assert [client.get("/api/presets").status_code for _ in range(5)] == [200] * 3 + [429] * 2
+        assert app.extensions["stylequeue"]["rate_window_script_refused"].is_set()
+        assert "refused the rate-limit script" in caplog.text
+    finally:
+        process.terminate()
+        process.wait(10)
+    # Redis gone: requests are not refused for it.
+    assert [client.get("/api/presets").status_code for _ in range(2)] == [200, 200]
 
 
 def test_rate_limits_and_queued_jobs_per_client(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from flask import (
     Blueprint,
     Response,
@@ -35,6 +37,7 @@ from web.extensions import services
 from web.openapi import openapi_document
 
 bp = Blueprint("api", __name__)
+log = logging.getLogger(__name__)
 
 #: How often the event stream looks for news in the database.
 EVENT_POLL_SECONDS = 0.25
@@ -119,12 +122,30 @@ def check_rate(bucket: str, limit: int) -> None:
     now = time.time()
     key = f"stylequeue:rate:{bucket}:{client_id()}:{int(now // 60)}"
     try:
-        count = int(services.rate_window_script(keys=[key], args=[120]))
-    except Exception:
-        return
+        count = count_in_window(key, ttl_seconds=120)
+    except redis.RedisError:
+        return  # the broker is away (or refuses even INCR): stay open
     if count > limit:
         retry_after = 60 - int(now) % 60
         raise RateLimited(f"more than {limit} {bucket} requests a minute; retry later", retry_after)
+
+
+def count_in_window(key: str, *, ttl_seconds: int) -> int:
+    """INCR ``key``, with EXPIRE on the window's first request: one Lua script, one round
+    trip; where the server refuses scripts, the two commands pipelined."""
+    scripts_refused = services.rate_window_script_refused
+    if not scripts_refused.is_set():
+        try:
+            return int(services.rate_window_script(keys=[key], args=[ttl_seconds]))
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except redis.RedisError as error:
+            scripts_refused.set()
+            log.warning("Redis refused the rate-limit script (%s); using INCR and EXPIRE", error)
+    pipe = services.redis.pipeline(transaction=False)
+    pipe.incr(key)
+    pipe.expire(key, ttl_seconds)
+    return int(pipe.execute()[0])
 
 
 @bp.before_app_request

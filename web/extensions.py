@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import redis
@@ -29,6 +30,8 @@ class Services:
             "storage": storage_from_settings(settings),
             "redis": redis_client,
             "rate_window_script": redis_client.register_script(broker.RATE_WINDOW_SCRIPT),
+            # Set once Redis refuses the script (an ACL, a managed Redis without scripting).
+            "rate_window_script_refused": threading.Event(),
             "celery": Celery("stylequeue", broker=settings.redis_url, set_as_current=False),
         }
         app.teardown_appcontext(self._close_session)
@@ -63,6 +66,10 @@ class Services:
     @property
     def rate_window_script(self) -> Script:
         return self._get("rate_window_script")  # type: ignore[no-any-return]
+
+    @property
+    def rate_window_script_refused(self) -> threading.Event:
+        return self._get("rate_window_script_refused")  # type: ignore[no-any-return]
 
     def enqueue(self, job_id: str, queue: str) -> None:
         celery: Celery = self._get("celery")

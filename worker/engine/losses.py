@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -53,14 +54,17 @@ class _Gram(torch.autograd.Function):
         return torch.bmm(flat, flat.transpose(1, 2))
 
     @staticmethod
+    @once_differentiable  # the style loss never needs second derivatives
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (saved,) = ctx.saved_tensors
         batch, channels, height, width = ctx.shape
-        symmetric = grad + grad.transpose(1, 2)
-        if ctx.rows:
-            grad_rows = torch.bmm(saved, symmetric)
-            return grad_rows.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        return torch.bmm(symmetric, saved).view(batch, channels, height, width)
+        # On the CPU, backward runs on the caller's thread, under the caller's autocast.
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            symmetric = grad + grad.transpose(1, 2)
+            if ctx.rows:
+                grad_rows = torch.bmm(saved, symmetric)
+                return grad_rows.view(batch, height, width, channels).permute(0, 3, 1, 2)
+            return torch.bmm(symmetric, saved).view(batch, channels, height, width)
 
 
 def _is_channels_last(features: torch.Tensor) -> bool:
