@@ -72,6 +72,27 @@ def test_gram_matrix_gradient_is_the_textbook_one_in_the_features_layout(
     torch.testing.assert_close(gradient, expected)
 
 
+def test_gram_of_bf16_features_is_fp32_and_its_gradient_bf16_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    values = torch.randn(1, 16, 12, 10).bfloat16().float()  # exactly representable in bf16
+    weights = torch.randn(1, 16, 16)
+    features = values.bfloat16().contiguous(memory_format=torch.channels_last)
+    features.requires_grad_()
+    gram = gram_matrix(features)
+    (gradient,) = torch.autograd.grad((gram * weights).sum(), features)
+
+    textbook = values.clone().requires_grad_()
+    textbook_gram = gram_matrix(textbook)
+    (expected,) = torch.autograd.grad((textbook_gram * weights).sum(), textbook)
+    assert gram.dtype == torch.float32
+    torch.testing.assert_close(gram, textbook_gram)  # the same fp32 Gram of the same values
+    assert gradient.dtype == torch.bfloat16
+    assert gradient.is_contiguous(memory_format=torch.channels_last)
+    # Within bf16's own rounding of the fp32 gradient (2⁻⁸ relative, a few units).
+    error = (gradient.float() - expected).abs().max() / expected.abs().max()
+    assert error < 2**-6, error
+
+
 def test_each_loss_is_zero_at_its_target_and_positive_elsewhere() -> None:
     torch.manual_seed(0)
     features = torch.rand(1, 16, 8, 8)

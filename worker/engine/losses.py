@@ -1,7 +1,8 @@
 """The loss terms of Gatys et al. (2016), as small modules holding their targets.
 
 Every term is computed in fp32, whatever precision the backbone ran in: a Gram matrix sums
-H·W products, and bf16's 8-bit mantissa would lose most of them.
+H·W products, and bf16's 8-bit mantissa would lose most of them. Only the gradient a bf16
+backbone gets back from a Gram is computed in bf16, the precision it is handed over in.
 """
 
 from __future__ import annotations
@@ -25,19 +26,24 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     coarse-to-fine pyramid and every layer, whose Grams come out of the same magnitude.
     """
     _, channels, height, width = features.shape
-    # Under autocast a matmul would be cast back down; keep the Gram in fp32.
+    # Under autocast a matmul would be cast back down; the Gram is computed in fp32.
     with torch.autocast(device_type=features.device.type, enabled=False):
-        gram = _Gram.apply(features.float())
+        gram = _Gram.apply(features)
     return gram / (channels * height * width)
 
 
 class _Gram(torch.autograd.Function):
-    """X·Xᵀ with X of shape (B, C, H·W), computed in the features' own memory layout.
+    """X·Xᵀ in fp32 with X of shape (B, C, H·W), computed in the features' memory layout.
 
     Autograd's bmm(X, Xᵀ) returns two gradients, one of them transposed, and sums them
     with a strided add; on channels_last features the sum then meets the next layer's
     gradient in another layout. Both adds were a third of a bf16 step at 256 px (torch
     profiler). Here the gradient is one matmul, (dG + dGᵀ)·X, laid out like the features.
+
+    For bf16 features that matmul runs in bf16 (fp32 accumulation): its result goes back
+    into the bf16 backbone, so it would be rounded to bf16 anyway, and in fp32 it was 55 of
+    the 128 ms the five Grams took at 512 px (11 ms in bf16). The Gram itself, the loss
+    and dG stay fp32; only dG + dGᵀ is rounded to bf16 (fp16's range would not hold it).
     """
 
     @staticmethod
@@ -48,9 +54,11 @@ class _Gram(torch.autograd.Function):
         if ctx.rows:  # stored as (B, H·W, C): X transposed, a view without a copy
             rows = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
             ctx.save_for_backward(rows)
+            rows = rows.float()
             return torch.bmm(rows.transpose(1, 2), rows)
         flat = features.reshape(batch, channels, height * width)
         ctx.save_for_backward(flat)
+        flat = flat.float()
         return torch.bmm(flat, flat.transpose(1, 2))
 
     @staticmethod
@@ -58,13 +66,15 @@ class _Gram(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (saved,) = ctx.saved_tensors
         batch, channels, height, width = ctx.shape
+        compute = torch.bfloat16 if saved.dtype == torch.bfloat16 else torch.float32
         # On the CPU, backward runs on the caller's thread, under the caller's autocast.
         with torch.autocast(device_type=grad.device.type, enabled=False):
-            symmetric = grad + grad.transpose(1, 2)
+            symmetric = (grad + grad.transpose(1, 2)).to(compute)
             if ctx.rows:
-                grad_rows = torch.bmm(saved, symmetric)
+                grad_rows = torch.bmm(saved.to(compute), symmetric).to(saved.dtype)
                 return grad_rows.view(batch, height, width, channels).permute(0, 3, 1, 2)
-            return torch.bmm(symmetric, saved).view(batch, channels, height, width)
+            grad_flat = torch.bmm(symmetric, saved.to(compute)).to(saved.dtype)
+            return grad_flat.view(batch, channels, height, width)
 
 
 def _is_channels_last(features: torch.Tensor) -> bool:
