@@ -4,8 +4,9 @@ Not a test: it prints and writes ``docs/benchmarks.md``. Both sides use the same
 weights (``vgg19-random`` unless ``--backbone`` names one whose weights are installed), the
 same layers and the same loss weights, so they minimize the same objective:
 
-* per step: seconds per optimizer step at 256 and 512 px, single scale, for the reference
-  (fp32, contiguous, ``torch.optim.LBFGS``) and for the engine with ``precision="auto"``;
+* per step: seconds per optimizer step at 128 to 1024 px, single scale, for the reference
+  (fp32, contiguous, ``torch.optim.LBFGS``) and for the engine with ``precision="auto"``,
+  beside the backbone alone at that precision against fp32 (the ceiling precision allows);
 * time to the reference's loss: the reference runs 300 L-BFGS evaluations at 512 px; the
   engine, with its own pyramid and precision, runs until its output reaches the same loss.
   Both losses are measured on the output image (clamped, 8-bit, what a user gets) with the
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTENT_LAYER = "relu4_2"
 STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 CONTENT_WEIGHT, STYLE_WEIGHT = 1.0, 1e6
+#: Per-step figures come from this many alternating runs of each side.
+ROUNDS = 3
 
 
 # --- The reference: the textbook implementation (PyTorch tutorial shape), fp32 -----------
@@ -120,9 +123,9 @@ def reference_run(
     return image.detach(), stamps
 
 
-def seconds_per_step(stamps: list[float], warmup: int = 2) -> float:
-    gaps = np.diff(stamps)[warmup:]
-    return float(np.median(gaps))
+def step_seconds(stamps: list[float], warmup: int = 2) -> list[float]:
+    """The seconds each step took, after ``warmup`` steps."""
+    return [float(gap) for gap in np.diff(stamps)[warmup:]]
 
 
 # --- The runs ------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def backbone_ceiling(backbone: str, image: torch.Tensor, samples: int) -> float:
 
 def engine_steps(
     content: Image.Image, style: Image.Image, size: int, steps: int, backbone: str
-) -> float:
+) -> list[float]:
     stamps: list[float] = []
 
     def record(_: Iterate) -> None:
@@ -173,7 +176,7 @@ def engine_steps(
         content=content, styles=[style], size=size, scales=1, iterations=steps,
         tv_weight=0.0, backbone=backbone, progress=record, device="cpu",
     )  # fmt: skip
-    return seconds_per_step(stamps)
+    return step_seconds(stamps)
 
 
 def engine_time_to(
@@ -357,7 +360,8 @@ def goal_lines(
             f"- Why per step falls short here: this CPU has {amx}, and with `{precision}` the "
             f"backbone alone runs {min(ceilings):.2f}–{max(ceilings):.2f}× faster than in "
             "fp32 (last column above): the bound on what precision alone gives the backbone. "
-            "The rest of a step, the Grams and losses, stays fp32 by design."
+            "The Grams and losses stay fp32 by design (only the gradient a Gram hands back to "
+            "the backbone is bf16), so they gain less."
         )
     return lines
 
@@ -391,9 +395,16 @@ def main() -> None:
         samples = args.step_samples if size <= 512 else max(3, args.step_samples // 2)
         c, s = to_tensor(content, size), to_tensor(style, size)
         objective = ReferenceObjective(layers, c, s)
-        _, stamps = reference_run(objective, c, samples + 2)
-        reference = seconds_per_step(stamps)
-        engine = engine_steps(content, style, size, samples + 2, args.backbone)
+        # Alternating runs of a few steps each, so that the machine's drift (tens of
+        # percent within minutes here) falls on both sides alike; medians over all steps.
+        reference_steps: list[float] = []
+        engine_step_times: list[float] = []
+        for _ in range(ROUNDS):
+            chunk = max(2, -(-samples // ROUNDS))
+            reference_steps += step_seconds(reference_run(objective, c, chunk + 2)[1])
+            engine_step_times += engine_steps(content, style, size, chunk + 2, args.backbone)
+        reference = float(np.median(reference_steps))
+        engine = float(np.median(engine_step_times))
         ceiling = backbone_ceiling(args.backbone, c, samples)
         rows.append((size, reference, engine))
         ceilings.append(ceiling)
@@ -461,9 +472,10 @@ def main() -> None:
         "",
         "## Seconds per step (single scale, L-BFGS, one loss evaluation per step)",
         "",
-        "The last column is the ceiling precision alone allows: the backbone by itself "
-        "(forward and backward to relu5_1, no Grams, no optimizer) at the engine's precision "
-        "against fp32, alternating, median.",
+        f"Medians over {ROUNDS} alternating runs of each side (the machine drifts by tens of "
+        "percent within minutes). The last column is the ceiling precision alone allows: the "
+        "backbone by itself (forward and backward to relu5_1, no Grams, no optimizer) at the "
+        "engine's precision against fp32, alternating, median.",
         "",
         "| size (long side) | reference fp32 | engine `precision=auto` | speed-up | "
         "backbone alone |",

@@ -1,7 +1,7 @@
 """What the web and the workers exchange through Redis besides Celery messages.
 
-- Cancel flags: ``stylequeue:cancel:<job id>``, set by the API, read by the worker every
-  iteration (one GET, far cheaper than a database query).
+- Cancel flags: ``stylequeue:cancel:<job id>``, set by the API, read by a running job's
+  reporter every 0.1 s (one EXISTS, far cheaper than a database query).
 - Rate-limit windows: ``stylequeue:rate:<bucket>:<client>:<minute>``, counted by the web.
 - Worker heartbeats: ``stylequeue:worker:<name>``, a JSON record with a short TTL that
   each worker refreshes; ``/readyz`` and the web form read them (live workers, and which
