@@ -77,7 +77,10 @@ def test_sigkill_mid_job_three_times_resumes_from_checkpoints_and_loses_nothing(
             assert victim.process is not None
             victim.process.send_signal(signal.SIGKILL)
             victim.process.wait()
-            killed_at = (time.monotonic(), body["progress"]["iteration"])
+            # The row as the dead worker left it: it ran on between our poll and the kill,
+            # and a checkpoint is recorded only once its loss points are stored (and the
+            # row's progress with them), so this bounds the checkpoint it can resume from.
+            killed_at = (time.monotonic(), job(client, job_id)["progress"]["iteration"])
             workers.remove(victim)
             # Another worker takes the job over once the lease expires, from its checkpoint.
             resumed = wait_for(
