@@ -13,6 +13,7 @@ import typing
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from PIL import Image
@@ -280,9 +281,9 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
     return job
 
 
-def queue_position(session: Session, job: Job) -> int:
-    """1 for the next job to start."""
+def queue_position(session: Session, created_at: datetime) -> int:
+    """1 for the next queued job to start; a queued job created at ``created_at``'s."""
     earlier = select(func.count()).where(
-        Job.status == JobStatus.QUEUED, Job.created_at < job.created_at
+        Job.status == JobStatus.QUEUED, Job.created_at < created_at
     )
     return int(session.scalar(earlier) or 0) + 1

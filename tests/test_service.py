@@ -333,6 +333,9 @@ def test_presets_status_pages_and_listing(
     first = client.get("/api/jobs?limit=2").get_json()
     assert len(first["jobs"]) == 2 and first["next_cursor"]
     assert first["jobs"][0]["id"] == job["id"]  # newest first
+    # The listing builds the job from ORM objects, the status poll from Core rows.
+    polled = client.get(f"/api/jobs/{job['id']}").get_json()
+    assert polled["runs"] and first["jobs"][0] == polled
     second = client.get(f"/api/jobs?limit=2&cursor={first['next_cursor']}").get_json()
     assert second["jobs"]
     assert not {j["id"] for j in first["jobs"]} & {j["id"] for j in second["jobs"]}

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +21,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
-from sqlalchemy import Uuid, and_, func, insert, literal, or_, select, text, true
+from sqlalchemy import Row, Uuid, and_, bindparam, func, insert, literal, or_, select, text, true
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, joinedload
 from werkzeug.exceptions import HTTPException
@@ -29,7 +29,7 @@ from werkzeug.exceptions import HTTPException
 from shared import broker
 from shared.errors import OptionError, StylequeueError
 from shared.jobs import JobRequest, Upload, create_job, parse_request, queue_position
-from shared.models import Job, JobStatus, LossPoint, utcnow
+from shared.models import Job, JobRun, JobStatus, JobStyle, LossPoint, utcnow
 from shared.presets import presets
 from shared.routing import choose_queue, job_memory_bytes
 from web.auth import Unauthorized, current_principal, may_see, require_access, visible
@@ -155,7 +155,7 @@ def _authenticate_and_limit() -> None:
         check_rate("api", services.settings.rate_limit_per_minute)
 
 
-def job_links(job: Job) -> dict[str, str]:
+def job_links(job: Job | Row[Any]) -> dict[str, str]:
     job_id = str(job.id)
     # The job's API routes all sit under its own URL: one url_for instead of six (each
     # builds the URL through werkzeug's router; together a tenth of a status poll).
@@ -171,17 +171,28 @@ def job_links(job: Job) -> dict[str, str]:
     }
 
 
-def job_json(job: Job, *, with_position: bool = True) -> dict[str, Any]:
-    status = job.job_status
+def job_json(
+    job: Job | Row[Any],
+    styles: Sequence[JobStyle | Row[Any]] | None = None,
+    runs: Sequence[JobRun | Row[Any]] | None = None,
+    *,
+    with_position: bool = True,
+) -> dict[str, Any]:
+    """The job as the API shows it: from an ORM ``Job`` (its styles and runs loaded with
+    it), or from the rows :func:`read_job` gives the status poll."""
+    if styles is None or runs is None:
+        assert isinstance(job, Job), "rows come with their styles and runs"
+        styles, runs = job.styles, job.runs
+    status = JobStatus(job.status)
     eta = None
     if status == JobStatus.RUNNING and job.iteration and job.elapsed:
         eta = round(job.elapsed / job.iteration * (job.total - job.iteration), 1)
     body: dict[str, Any] = {
         "id": str(job.id),
         "status": status.value,
-        "params": {**job.params, "style_weights": [s.weight for s in job.styles]},
+        "params": {**job.params, "style_weights": [s.weight for s in styles]},
         "styles": [
-            {"image": s.image_sha256, "weight": s.weight, "preset": s.preset} for s in job.styles
+            {"image": s.image_sha256, "weight": s.weight, "preset": s.preset} for s in styles
         ],
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
@@ -215,13 +226,13 @@ def job_json(job: Job, *, with_position: bool = True) -> dict[str, Any]:
                 "ended_at": iso(run.ended_at),
                 "outcome": run.outcome,
             }
-            for run in job.runs
+            for run in runs
         ],
         "cancel_requested": job.cancel_requested,
         "links": job_links(job),
     }
     if status == JobStatus.QUEUED and with_position:
-        body["queue_position"] = queue_position(services.session, job)
+        body["queue_position"] = queue_position(services.session, job.created_at)
     if status == JobStatus.FAILED:
         body["error"] = {"code": job.error_code, "message": job.error_message}
     if job.callback_url:
@@ -238,17 +249,46 @@ def job_json(job: Job, *, with_position: bool = True) -> dict[str, Any]:
 JOB_WITH_STYLES_AND_RUNS = (joinedload(Job.styles), joinedload(Job.runs))
 
 
-def load_job(job_id: str) -> Job:
+def job_key(job_id: str) -> uuid.UUID:
     try:
-        key = uuid.UUID(job_id)
+        return uuid.UUID(job_id)
     except ValueError:
         raise NotFound(f"no job {job_id!r}") from None
-    # One statement for the job, its styles and its runs (the status poll's hot path: a
-    # third of the time of three separate loads, measured in bench/api.py's setting).
+
+
+def load_job(job_id: str) -> Job:
+    key = job_key(job_id)
+    # One statement for the job, its styles and its runs (a third of the time of three
+    # separate ORM loads).
     job = services.session.get(Job, key, options=JOB_WITH_STYLES_AND_RUNS)
     if job is None or not may_see(job):  # another's job: as if it did not exist
         raise NotFound(f"no job {job_id!r}")
     return job
+
+
+# The status poll reads with Core: three cached statements on one pooled connection, no
+# Session and no ORM objects. The ORM load above was a third of a poll's CPU time under
+# gunicorn (py-spy); this read takes about a third of its time (docs/benchmarks.md).
+_jobs, _styles, _runs = Job.__table__, JobStyle.__table__, JobRun.__table__
+JOB_ROW = select(_jobs).where(_jobs.c.id == bindparam("job_id"))
+STYLE_ROWS = (
+    select(_styles).where(_styles.c.job_id == bindparam("job_id")).order_by(_styles.c.position)
+)
+RUN_ROWS = select(_runs).where(_runs.c.job_id == bindparam("job_id")).order_by(_runs.c.attempt)
+
+
+def read_job(job_id: str) -> tuple[Row[Any], Sequence[Row[Any]], Sequence[Row[Any]]]:
+    """The rows of a job the caller may see, of its styles and of its runs, read-only."""
+    key = {"job_id": job_key(job_id)}
+    with services.engine.connect() as connection:
+        job = connection.execute(JOB_ROW, key).first()
+        if job is None or not may_see(job):
+            raise NotFound(f"no job {job_id!r}")
+        return (
+            job,
+            connection.execute(STYLE_ROWS, key).all(),
+            connection.execute(RUN_ROWS, key).all(),
+        )
 
 
 class NotFound(StylequeueError):
@@ -417,7 +457,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
 
 @bp.get("/api/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    return jsonify(job_json(load_job(job_id)))
+    return jsonify(job_json(*read_job(job_id)))
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:

@@ -20,9 +20,10 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flask import Flask, g, request, session
-from sqlalchemy import Select
+from sqlalchemy import Row, Select
 
 from shared.errors import StylequeueError
 from shared.models import Job
@@ -124,7 +125,8 @@ def require_access() -> None:
         raise Unauthorized("this server requires an API token ('Authorization: Bearer ...')")
 
 
-def may_see(job: Job) -> bool:
+def may_see(job: Job | Row[Any]) -> bool:
+    """``job`` is an ORM job or a row of ``jobs``."""
     principal = current_principal()
     return not services.settings.require_token or principal.admin or job.owner == principal.owner
 

@@ -9,6 +9,7 @@ import redis
 from celery import Celery
 from flask import Flask, current_app, g
 from redis.commands.core import Script
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
@@ -43,6 +44,10 @@ class Services:
     @property
     def settings(self) -> Settings:
         return current_app.config["SETTINGS"]  # type: ignore[no-any-return]
+
+    @property
+    def engine(self) -> Engine:
+        return self._get("engine")  # type: ignore[no-any-return]
 
     @property
     def sessions(self) -> sessionmaker[Session]:
