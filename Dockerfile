@@ -4,7 +4,7 @@
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md alembic.ini gunicorn.conf.py ./
 COPY shared ./shared
 COPY web ./web
 COPY worker ./worker
@@ -16,8 +16,8 @@ RUN useradd --create-home stylequeue && mkdir -p /data && chown stylequeue /data
 USER stylequeue
 ENV STYLEQUEUE_DATA_DIR=/data
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--workers", "2", \
-     "--threads", "16", "--timeout", "0", "web:create_app()"]
+# gunicorn.conf.py: 2 gthread workers of 16 threads, one SO_REUSEPORT socket each.
+CMD ["gunicorn"]
 
 FROM base AS worker
 # Bake the ImageNet VGG19 weights (checksum verified by torch.hub) into the image, so a

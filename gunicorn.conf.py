@@ -1,0 +1,23 @@
+"""gunicorn's settings for the web front end in production (the Dockerfile runs plain
+``gunicorn``, which reads ``./gunicorn.conf.py``; bench/api.py measures with it).
+
+Flags given on the command line or in ``GUNICORN_CMD_ARGS`` win, e.g.
+``GUNICORN_CMD_ARGS="--bind 127.0.0.1:9000 --workers 4"``.
+"""
+
+import os
+
+wsgi_app = "web:create_app()"
+bind = ["0.0.0.0:8000"]
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# An open event stream (/api/jobs/<id>/events: each job page holds one) keeps its thread
+# for as long as it lasts; the polls share the others.
+threads = 16
+# Event streams last as long as their jobs; gthread's worker timeout would cut them.
+timeout = 0
+# Each worker process listens on a socket of its own (SO_REUSEPORT), and the kernel spreads
+# new connections across them. On the one shared socket, whichever process woke first took
+# them: in bench/api.py all 50 of wrk's connections sometimes went to one of the two
+# processes (one core busy, the other idle: 400-520 polls/s instead of 1,700-1,900).
+reuse_port = True
