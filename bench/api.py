@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import re
 import runpy
 import shutil
@@ -39,6 +38,7 @@ import requests
 from PIL import Image
 from report import (  # bench/report.py (run as a script)
     bench_settings,
+    machine,
     start_workers,
     stop,
     update_section,
@@ -187,7 +187,7 @@ def main() -> None:
     lines = [
         f"## API: status polls under {args.clients} concurrent clients ({database})",
         "",
-        f"`python bench/api.py` on {platform.machine()}, {os.cpu_count()} cores, "
+        f"`python bench/api.py` on {machine()}, "
         f"{datetime.now():%Y-%m-%d}: gunicorn with `gunicorn.conf.py`, "
         f"{args.gunicorn_workers} gthread workers × {threads} threads, a socket each; "
         f"`wrk -c {args.clients}` for {args.seconds} s on loopback (wrk shares the machine's "

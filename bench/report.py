@@ -5,6 +5,8 @@ bench owns one section)."""
 from __future__ import annotations
 
 import os
+import platform
+import re
 import subprocess
 import sys
 import time
@@ -39,6 +41,17 @@ def wait(
             return value
         time.sleep(every)
     raise SystemExit(f"timed out waiting for {what}")
+
+
+def machine() -> str:
+    """The CPU the figures come from, e.g. ``x86_64 (AMD EPYC), 2 cores``: machines here
+    change from session to session, and their figures with them."""
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
+        model = f" ({found.group(1).strip()})" if found else ""
+    return f"{platform.machine()}{model}, {os.cpu_count()} cores"
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
 import tempfile
 import time
 import uuid
@@ -38,6 +36,7 @@ import numpy as np
 from PIL import Image
 from report import (  # bench/report.py (run as a script)
     bench_settings,
+    machine,
     start_workers,
     stop,
     update_section,
@@ -241,7 +240,7 @@ def main() -> None:
     lines = [
         f"## The job system around the engine ({database}, one run)",
         "",
-        f"`python bench/service.py` on {platform.machine()}, {os.cpu_count()} cores, "
+        f"`python bench/service.py` on {machine()}, "
         f"{datetime.now():%Y-%m-%d}; one warm worker, the app in the bench's process.",
         "",
         "| figure | measured | goal | |",

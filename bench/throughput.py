@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -36,6 +34,7 @@ from pathlib import Path
 from PIL import Image
 from report import (  # bench/report.py (run as a script)
     bench_settings,
+    machine,
     start_workers,
     stop,
     update_section,
@@ -137,7 +136,7 @@ def main() -> None:
     lines = [
         f"## Job throughput ({args.jobs} small jobs, {database}, one run)",
         "",
-        f"`python bench/throughput.py` on {platform.machine()}, {os.cpu_count()} cores, "
+        f"`python bench/throughput.py` on {machine()}, "
         f"{datetime.now():%Y-%m-%d}: 32 px, 5 iterations, one torch thread per worker.",
         "",
         "| workers | jobs / min | vs 1 worker | engine per job | worker-side overhead per job "

@@ -29,6 +29,11 @@ def parse_bool(raw: str) -> bool:
 class Settings:
     #: SQLAlchemy URL of the job database.
     database_url: str = "sqlite:///var/stylequeue.db"
+    #: Database connections the web keeps open per process (SQLAlchemy's ``pool_size``): at
+    #: least its threads per process (gunicorn.conf.py: 16). With fewer, connections beyond
+    #: the pool were opened and closed again per request under load (PostgreSQL: a server
+    #: process each time).
+    database_pool_size: int = 16
     #: The Celery broker, and where workers publish their heartbeats and cancel flags.
     redis_url: str = "redis://127.0.0.1:6379/0"
     #: Where local files live: the default file store (``data_dir/files``), the session

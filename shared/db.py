@@ -23,13 +23,14 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys, so a web
-    server and a worker can share the file."""
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """An engine for ``url`` keeping up to ``pool_size`` connections open (SQLAlchemy's
+    default: 5); SQLite gets WAL, a busy timeout and foreign keys, so a web server and a
+    worker can share the file."""
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, pool_size=pool_size)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -40,7 +41,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -55,8 +55,10 @@ def test_gunicorn_conf_serves_with_a_socket_per_worker(tmp_path: Path) -> None:
     try:
         master = psutil.Process(server.pid)
         wait_for(
-            lambda: len(master.children()) == 2
-            and all(listening(w, port) == 1 for w in master.children()),
+            lambda: (
+                len(master.children()) == 2
+                and all(listening(w, port) == 1 for w in master.children())
+            ),
             60,
             "two gunicorn workers listening",
         )

@@ -399,6 +399,16 @@ def test_loss_points_are_written_in_batches_not_per_iteration(
     assert reporter.flushes < 20
 
 
+def test_the_web_pools_a_connection_per_thread_and_polls_without_transactions(
+    app: Flask, settings: Settings
+) -> None:
+    services = app.extensions["stylequeue"]
+    assert services["engine"].pool.size() == settings.database_pool_size == 16
+    reader_isolation = services["reader"].get_execution_options().get("isolation_level")
+    postgresql = services["engine"].dialect.name == "postgresql"
+    assert reader_isolation == ("AUTOCOMMIT" if postgresql else None)
+
+
 def test_readyz_without_workers(app: Flask, settings: Settings) -> None:
     nowhere = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
     other = create_app({"SETTINGS": nowhere})

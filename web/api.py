@@ -280,7 +280,7 @@ RUN_ROWS = select(_runs).where(_runs.c.job_id == bindparam("job_id")).order_by(_
 def read_job(job_id: str) -> tuple[Row[Any], Sequence[Row[Any]], Sequence[Row[Any]]]:
     """The rows of a job the caller may see, of its styles and of its runs, read-only."""
     key = {"job_id": job_key(job_id)}
-    with services.engine.connect() as connection:
+    with services.reader.connect() as connection:
         job = connection.execute(JOB_ROW, key).first()
         if job is None or not may_see(job):
             raise NotFound(f"no job {job_id!r}")

@@ -23,10 +23,16 @@ class Services:
 
     def init_app(self, app: Flask) -> None:
         settings: Settings = app.config["SETTINGS"]
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, pool_size=settings.database_pool_size)
         redis_client = broker.connect(settings.redis_url)
         app.extensions["stylequeue"] = {
             "engine": engine,
+            # For the status poll's reads: on PostgreSQL, no BEGIN and ROLLBACK around them
+            # (two round trips of six). SQLite's driver begins no transaction for a read,
+            # and switching its isolation level would cost statements at each checkout.
+            "reader": engine
+            if engine.dialect.name == "sqlite"
+            else engine.execution_options(isolation_level="AUTOCOMMIT"),
             "sessions": make_sessionmaker(engine),
             "storage": storage_from_settings(settings),
             "redis": redis_client,
@@ -46,8 +52,9 @@ class Services:
         return current_app.config["SETTINGS"]  # type: ignore[no-any-return]
 
     @property
-    def engine(self) -> Engine:
-        return self._get("engine")  # type: ignore[no-any-return]
+    def reader(self) -> Engine:
+        """The engine for read-only statements outside a session (see ``init_app``)."""
+        return self._get("reader")  # type: ignore[no-any-return]
 
     @property
     def sessions(self) -> sessionmaker[Session]:
