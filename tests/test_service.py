@@ -399,6 +399,54 @@ def test_loss_points_are_written_in_batches_not_per_iteration(
     assert reporter.flushes < 20
 
 
+def test_the_status_poll_reads_what_the_orm_loads(
+    app: Flask, client: FlaskClient, settings: Settings
+) -> None:
+    """The poll's one statement gives the job once per pair of a style and a run (here
+    3 × 2 rows); its answer must equal the one built from the ORM's objects."""
+    from shared.models import JobRun, JobStyle
+    from shared.models import utcnow as now
+    from web.api import job_json, load_job
+
+    engine = make_engine(settings.database_url)
+    job_id, image = uuid.uuid4(), uuid.uuid4().hex * 2
+    with make_sessionmaker(engine)() as session:
+        session.add(StoredImage(sha256=image, storage_key="k", width=4, height=3, size_bytes=9))
+        session.flush()
+        session.add(
+            Job(id=job_id, status="succeeded", params={"size": 64}, content_sha256=image,
+                total=10, iteration=10, attempts=2, started_at=now(), finished_at=now(),
+                callback_url="https://example.com/hook")
+        )  # fmt: skip
+        session.flush()
+        for position, weight in enumerate((0.5, 0.3, 0.2)):
+            session.add(JobStyle(job_id=job_id, position=position, image_sha256=image,
+                                 weight=weight, preset=f"p{position}"))  # fmt: skip
+        session.add(
+            JobRun(
+                job_id=job_id,
+                attempt=2,
+                host="b",
+                worker="w2",
+                device="cpu",
+                resumed_from_iteration=5,
+                outcome="succeeded",
+                ended_at=now(),
+            )
+        )
+        session.add(JobRun(job_id=job_id, attempt=1, host="a", worker="w1", device="cpu",
+                           outcome="worker_lost", ended_at=now()))  # fmt: skip
+        session.commit()
+    engine.dispose()
+
+    with app.test_request_context():
+        expected = app.json.loads(app.json.dumps(job_json(load_job(str(job_id)))))
+    polled = client.get(f"/api/jobs/{job_id}").get_json()
+    assert [s["weight"] for s in polled["styles"]] == [0.5, 0.3, 0.2]
+    assert [r["attempt"] for r in polled["runs"]] == [1, 2]
+    assert polled == expected
+
+
 def test_the_web_pools_a_connection_per_thread_and_polls_without_transactions(
     app: Flask, settings: Settings
 ) -> None:

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import redis
@@ -173,8 +174,8 @@ def job_links(job: Job | Row[Any]) -> dict[str, str]:
 
 def job_json(
     job: Job | Row[Any],
-    styles: Sequence[JobStyle | Row[Any]] | None = None,
-    runs: Sequence[JobRun | Row[Any]] | None = None,
+    styles: Sequence[JobStyle | SimpleNamespace] | None = None,
+    runs: Sequence[JobRun | SimpleNamespace] | None = None,
     *,
     with_position: bool = True,
 ) -> dict[str, Any]:
@@ -266,29 +267,44 @@ def load_job(job_id: str) -> Job:
     return job
 
 
-# The status poll reads with Core: three cached statements on one pooled connection, no
-# Session and no ORM objects. The ORM load above was a third of a poll's CPU time under
-# gunicorn (py-spy); this read takes about a third of its time (docs/benchmarks.md).
+# The status poll reads with Core: one cached statement on a pooled connection, no Session
+# and no ORM objects. The ORM load above was a third of a poll's CPU time under gunicorn
+# (py-spy). The job's row comes once per pair of its styles and runs (a few at most), as
+# from the ORM's joined load; on PostgreSQL, one round trip instead of three.
 _jobs, _styles, _runs = Job.__table__, JobStyle.__table__, JobRun.__table__
-JOB_ROW = select(_jobs).where(_jobs.c.id == bindparam("job_id"))
-STYLE_ROWS = (
-    select(_styles).where(_styles.c.job_id == bindparam("job_id")).order_by(_styles.c.position)
+JOB_STYLE_RUN_ROWS = (
+    select(
+        _jobs,
+        *(c.label(f"style_{c.name}") for c in _styles.c if c.name != "job_id"),
+        *(c.label(f"run_{c.name}") for c in _runs.c if c.name != "job_id"),
+    )
+    .outerjoin(_styles, _styles.c.job_id == _jobs.c.id)
+    .outerjoin(_runs, _runs.c.job_id == _jobs.c.id)
+    .where(_jobs.c.id == bindparam("job_id"))
+    .order_by(_styles.c.position, _runs.c.attempt)
 )
-RUN_ROWS = select(_runs).where(_runs.c.job_id == bindparam("job_id")).order_by(_runs.c.attempt)
 
 
-def read_job(job_id: str) -> tuple[Row[Any], Sequence[Row[Any]], Sequence[Row[Any]]]:
-    """The rows of a job the caller may see, of its styles and of its runs, read-only."""
-    key = {"job_id": job_key(job_id)}
+def _prefixed(rows: Sequence[Row[Any]], prefix: str, key: str) -> list[SimpleNamespace]:
+    """The distinct ``prefix``-labelled parts of ``rows``, in their order, by ``key``."""
+    names = [name for name in rows[0]._fields if name.startswith(prefix)]
+    parts: dict[Any, SimpleNamespace] = {}
+    for row in rows:
+        values = row._mapping
+        if values[prefix + key] is not None and values[prefix + key] not in parts:
+            parts[values[prefix + key]] = SimpleNamespace(
+                **{name.removeprefix(prefix): values[name] for name in names}
+            )
+    return list(parts.values())
+
+
+def read_job(job_id: str) -> tuple[Row[Any], list[SimpleNamespace], list[SimpleNamespace]]:
+    """A job the caller may see (its row), its styles and its runs, read-only."""
     with services.reader.connect() as connection:
-        job = connection.execute(JOB_ROW, key).first()
-        if job is None or not may_see(job):
-            raise NotFound(f"no job {job_id!r}")
-        return (
-            job,
-            connection.execute(STYLE_ROWS, key).all(),
-            connection.execute(RUN_ROWS, key).all(),
-        )
+        rows = connection.execute(JOB_STYLE_RUN_ROWS, {"job_id": job_key(job_id)}).all()
+    if not rows or not may_see(rows[0]):
+        raise NotFound(f"no job {job_id!r}")
+    return rows[0], _prefixed(rows, "style_", "position"), _prefixed(rows, "run_", "attempt")
 
 
 class NotFound(StylequeueError):
