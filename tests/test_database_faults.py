@@ -17,7 +17,9 @@ import pytest
 from flask import Flask
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
+from shared.db import IDLE_PING_SECONDS, make_engine
 from tests.proxy import TcpProxy
 from tests.service import FAST_RECOVERY, RedisServer, WorkerProcess, service_settings, wait_for
 from web import create_app
@@ -104,3 +106,36 @@ def test_database_outage_mid_job(
         worker.stop()
         app.extensions["stylequeue"]["engine"].dispose()
         redis_server.stop()
+
+
+def test_a_pooled_connection_killed_while_idle_is_replaced_unseen() -> None:
+    """Pooled PostgreSQL connections are pinged before use only after sitting idle: one
+    killed by the server meanwhile is replaced without an error; one killed and reused at
+    once fails that one use, and the pool recovers by itself."""
+    assert BASE_URL is not None
+    engine = make_engine(BASE_URL, pool_size=1)
+    admin = create_engine(BASE_URL, isolation_level="AUTOCOMMIT")
+
+    def backend_pid() -> int:
+        with engine.connect() as connection:
+            return int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+    def kill(pid: int) -> None:
+        with admin.connect() as connection:
+            connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    try:
+        first = backend_pid()
+        kill(first)
+        time.sleep(IDLE_PING_SECONDS + 0.2)
+        second = backend_pid()  # pinged, found dead, replaced: no error
+        assert second != first
+
+        kill(second)
+        with pytest.raises(DBAPIError) as failed:  # reused within the window: not pinged
+            backend_pid()
+        assert failed.value.connection_invalidated
+        assert backend_pid() not in (first, second)
+    finally:
+        engine.dispose()
+        admin.dispose()
