@@ -61,7 +61,8 @@ class WrkRun:
 
 
 def wrk(url: str, clients: int, seconds: int, split: Callable[[], list[int]]) -> WrkRun:
-    """Requests per second, latency percentiles (ms) and non-2xx answers."""
+    """One wrk run on ``url``: requests per second, latency percentiles (ms), non-2xx
+    answers, and ``split()`` taken halfway through."""
     run = subprocess.Popen(
         ["wrk", "-t", "1", "-c", str(clients), "-d", f"{seconds}s", "--latency", url],
         stdout=subprocess.PIPE, text=True,
@@ -106,7 +107,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--gunicorn-workers", type=int, default=2)
+    parser.add_argument("--gunicorn-workers", type=int, help="default: gunicorn.conf.py's")
     parser.add_argument("--threads", type=int, help="default: gunicorn.conf.py's")
     parser.add_argument("--update", type=Path, help="replace the section in this Markdown file")
     args = parser.parse_args()
@@ -121,12 +122,11 @@ def main() -> None:
         args.database_url,
         rate_limit_per_minute=10**9,
     )
-    threads = args.threads or runpy.run_path(str(ROOT / "gunicorn.conf.py"))["threads"]
+    production = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    workers = args.gunicorn_workers or production["workers"]
+    threads = args.threads or production["threads"]
     port = free_port()
-    flags = (
-        f"--bind 127.0.0.1:{port} --workers {args.gunicorn_workers} --threads {threads} "
-        "--log-level warning"
-    )
+    flags = f"--bind 127.0.0.1:{port} --workers {workers} --threads {threads} --log-level warning"
     env = {**os.environ, **settings.environ(), "GUNICORN_CMD_ARGS": flags}
     base = f"http://127.0.0.1:{port}"
     processes = []
@@ -189,7 +189,7 @@ def main() -> None:
         "",
         f"`python bench/api.py` on {machine()}, "
         f"{datetime.now():%Y-%m-%d}: gunicorn with `gunicorn.conf.py`, "
-        f"{args.gunicorn_workers} gthread workers × {threads} threads, a socket each; "
+        f"{workers} gthread workers × {threads} threads, a socket each; "
         f"`wrk -c {args.clients}` for {args.seconds} s on loopback (wrk shares the machine's "
         "cores), `GET /api/jobs/<id>` of a finished job, then `GET /healthz` as long, "
         f"alternating, {args.rounds} rounds.",
