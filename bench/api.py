@@ -192,7 +192,7 @@ def main() -> None:
         f"{workers} gthread workers × {threads} threads, a socket each; "
         f"`wrk -c {args.clients}` for {args.seconds} s on loopback (wrk shares the machine's "
         "cores), `GET /api/jobs/<id>` of a finished job, then `GET /healthz` as long, "
-        f"alternating, {args.rounds} rounds.",
+        f"alternating, {args.rounds} round{'s' if args.rounds > 1 else ''}.",
         "",
         f"| figure | {rounds} | goal | |",
         "|---|---|---|---|",
