@@ -67,9 +67,13 @@ def wrk(url: str, clients: int, seconds: int, split: Callable[[], list[int]]) ->
         ["wrk", "-t", "1", "-c", str(clients), "-d", f"{seconds}s", "--latency", url],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(seconds / 2)
-    connections = split()
-    out, _ = run.communicate(timeout=seconds + 60)
+    try:
+        time.sleep(seconds / 2)
+        connections = split()
+        out, _ = run.communicate(timeout=seconds + 60)
+    finally:
+        if run.poll() is None:
+            run.kill()
     if run.returncode:
         raise SystemExit(f"wrk failed: {out}")
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -111,6 +115,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="default: gunicorn.conf.py's")
     parser.add_argument("--update", type=Path, help="replace the section in this Markdown file")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if shutil.which("wrk") is None:
         raise SystemExit("bench/api.py needs wrk: apt install wrk")
 

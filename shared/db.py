@@ -8,8 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, MetaData, create_engine, event
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 # Constraint names Alembic can rely on, the same on SQLite and PostgreSQL.
 NAMING_CONVENTION = {
@@ -55,23 +57,31 @@ IDLE_PING_SECONDS = 0.5
 def _ping_when_idle(engine: Engine) -> None:
     """Check a pooled connection before use only when it sat idle: like ``pool_pre_ping``,
     but without its round trip on a busy server, whose connections come back within
-    milliseconds (HikariCP's ``aliveBypassWindowMs``, 500 ms, does the same). A connection
-    that dies while in steady use fails its request once; SQLAlchemy then invalidates the
-    whole pool, and the API answers that request 503 with Retry-After."""
+    milliseconds (HikariCP's ``aliveBypassWindowMs``, 500 ms, does the same). A fresh
+    connection is not pinged. A connection that dies while in steady use fails its request
+    once (the API answers 503 with Retry-After), and SQLAlchemy then renews the pool."""
+    last_used = "stylequeue_last_used"  # our key in the record's shared ``info``
 
+    @event.listens_for(engine, "connect")
     @event.listens_for(engine, "checkin")
-    def _note_checkin(_dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
-        record.info["checked_in"] = time.monotonic()
+    def _note_use(_dbapi_connection: DBAPIConnection | None, record: ConnectionPoolEntry) -> None:
+        record.info[last_used] = time.monotonic()
 
     @event.listens_for(engine, "checkout")
-    def _ping_if_idle(dbapi_connection, record, _proxy) -> None:  # type: ignore[no-untyped-def]
-        if time.monotonic() - record.info.get("checked_in", 0.0) <= IDLE_PING_SECONDS:
+    def _ping_if_idle(
+        dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry, _proxy: object
+    ) -> None:
+        if time.monotonic() - record.info.get(last_used, 0.0) <= IDLE_PING_SECONDS:
             return
+        dialect = engine.dialect
         try:
-            engine.dialect.do_ping(dbapi_connection)
-        except Exception as error:
-            # The pool discards this connection and tries a fresh one (three times).
-            raise DisconnectionError(f"stale pooled connection: {error}") from error
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as error:
+            if not dialect.is_disconnect(error, dbapi_connection, None):
+                raise  # a database error, not a dead connection: the caller's to handle
+            # As pool_pre_ping does: every connection pooled before now is suspect; the
+            # pool connects afresh (a fresh connection is not pinged again).
+            raise InvalidatePoolError(f"stale pooled connection: {error}") from error
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -282,7 +282,7 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
 
 
 def queue_position(session: Session, created_at: datetime) -> int:
-    """1 for the next queued job to start; a queued job created at ``created_at``'s."""
+    """The position of a queued job created at ``created_at``: 1 for the next to start."""
     earlier = select(func.count()).where(
         Job.status == JobStatus.QUEUED, Job.created_at < created_at
     )

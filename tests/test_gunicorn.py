@@ -54,26 +54,31 @@ def test_gunicorn_conf_serves_with_a_socket_per_worker(tmp_path: Path) -> None:
     clients: list[socket.socket] = []
     try:
         master = psutil.Process(server.pid)
-        wait_for(
-            lambda: (
-                len(master.children()) == 2
-                and all(listening(w, port) == 1 for w in master.children())
-            ),
-            60,
-            "two gunicorn workers listening",
-        )
+
+        def workers_listening() -> list[psutil.Process] | None:
+            workers = master.children()
+            try:
+                ready = len(workers) == 2 and all(listening(w, port) == 1 for w in workers)
+            except psutil.NoSuchProcess:  # a worker that failed to boot: gunicorn.log says
+                return None
+            return workers if ready else None
+
+        workers = wait_for(workers_listening, 60, "two gunicorn workers listening")
         assert listening(master, port) == 0  # no shared socket inherited from the master
 
         clients = [get_healthz(port) for _ in range(40)]
         owners = Counter(
             worker.pid
-            for worker in master.children()
+            for worker in workers
             for c in worker.net_connections(kind="tcp")
             if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
         )
         # Spread by the kernel's hash of each connection: all 40 on one of the two
         # processes would happen once in 2**39 runs.
         assert len(owners) == 2 and sum(owners.values()) == 40, owners
+    except BaseException:
+        print((tmp_path / "gunicorn.log").read_text())  # pytest shows it with the failure
+        raise
     finally:
         for client in clients:
             client.close()

@@ -402,52 +402,57 @@ def test_loss_points_are_written_in_batches_not_per_iteration(
 def test_the_status_poll_reads_what_the_orm_loads(
     app: Flask, client: FlaskClient, settings: Settings
 ) -> None:
-    """The poll's one statement gives the job once per pair of a style and a run (here
-    3 × 2 rows); its answer must equal the one built from the ORM's objects."""
+    """The poll's one statement gives a job once per pair of a style and a run; its answer
+    must equal the one built from the ORM's objects: here a finished job with 3 styles, 2
+    runs and a callback (6 rows), a queued one with no run (its queue position), a failed
+    one (its error)."""
     from shared.models import JobRun, JobStyle
     from shared.models import utcnow as now
     from web.api import job_json, load_job
 
     engine = make_engine(settings.database_url)
-    job_id, image = uuid.uuid4(), uuid.uuid4().hex * 2
+    image = uuid.uuid4().hex * 2
+    succeeded, queued, failed = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     with make_sessionmaker(engine)() as session:
         session.add(StoredImage(sha256=image, storage_key="k", width=4, height=3, size_bytes=9))
         session.flush()
-        session.add(
-            Job(id=job_id, status="succeeded", params={"size": 64}, content_sha256=image,
-                total=10, iteration=10, attempts=2, started_at=now(), finished_at=now(),
-                callback_url="https://example.com/hook")
-        )  # fmt: skip
+        common = {"params": {"size": 64}, "content_sha256": image, "total": 10}
+        session.add_all([
+            Job(id=succeeded, status="succeeded", iteration=10, attempts=2, started_at=now(),
+                finished_at=now(), callback_url="https://example.com/hook", **common),
+            Job(id=queued, status="queued", **common),
+            Job(id=failed, status="failed", iteration=3, attempts=1, started_at=now(),
+                finished_at=now(), error_code="engine_error", error_message="boom", **common),
+        ])  # fmt: skip
         session.flush()
-        for position, weight in enumerate((0.5, 0.3, 0.2)):
-            session.add(JobStyle(job_id=job_id, position=position, image_sha256=image,
-                                 weight=weight, preset=f"p{position}"))  # fmt: skip
-        session.add(
-            JobRun(
-                job_id=job_id,
-                attempt=2,
-                host="b",
-                worker="w2",
-                device="cpu",
-                resumed_from_iteration=5,
-                outcome="succeeded",
-                ended_at=now(),
-            )
-        )
-        session.add(JobRun(job_id=job_id, attempt=1, host="a", worker="w1", device="cpu",
-                           outcome="worker_lost", ended_at=now()))  # fmt: skip
+        for job_id in (succeeded, queued, failed):
+            for position, weight in enumerate((0.5, 0.3, 0.2)):
+                session.add(JobStyle(job_id=job_id, position=position, image_sha256=image,
+                                     weight=weight, preset=f"p{position}"))  # fmt: skip
+        session.add_all([
+            JobRun(job_id=succeeded, attempt=2, host="b", worker="w2", device="cpu",
+                   resumed_from_iteration=5, outcome="succeeded", ended_at=now()),
+            JobRun(job_id=succeeded, attempt=1, host="a", worker="w1", device="cpu",
+                   outcome="worker_lost", ended_at=now()),
+            JobRun(job_id=failed, attempt=1, host="a", worker="w1", device="cpu",
+                   outcome="failed", ended_at=now()),
+        ])  # fmt: skip
         session.commit()
     engine.dispose()
 
-    with app.test_request_context():
-        expected = app.json.loads(app.json.dumps(job_json(load_job(str(job_id)))))
-    polled = client.get(f"/api/jobs/{job_id}").get_json()
-    assert [s["weight"] for s in polled["styles"]] == [0.5, 0.3, 0.2]
-    assert [r["attempt"] for r in polled["runs"]] == [1, 2]
-    assert polled == expected
+    for job_id in (succeeded, queued, failed):
+        with app.test_request_context():
+            expected = app.json.loads(app.json.dumps(job_json(load_job(str(job_id)))))
+        polled = client.get(f"/api/jobs/{job_id}").get_json()
+        assert [s["weight"] for s in polled["styles"]] == [0.5, 0.3, 0.2]
+        assert polled == expected
+    assert [r["attempt"] for r in client.get(f"/api/jobs/{succeeded}").get_json()["runs"]] == [1, 2]
+    waiting = client.get(f"/api/jobs/{queued}").get_json()
+    assert waiting["runs"] == [] and waiting["queue_position"] >= 1
+    assert client.get(f"/api/jobs/{failed}").get_json()["error"]["message"] == "boom"
 
 
-def test_the_web_pools_a_connection_per_thread_and_polls_without_transactions(
+def test_the_web_pools_a_connection_per_thread_and_reads_polls_in_autocommit_on_postgresql(
     app: Flask, settings: Settings
 ) -> None:
     services = app.extensions["stylequeue"]

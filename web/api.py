@@ -250,7 +250,7 @@ def job_json(
 JOB_WITH_STYLES_AND_RUNS = (joinedload(Job.styles), joinedload(Job.runs))
 
 
-def job_key(job_id: str) -> uuid.UUID:
+def parse_job_id(job_id: str) -> uuid.UUID:
     try:
         return uuid.UUID(job_id)
     except ValueError:
@@ -258,7 +258,7 @@ def job_key(job_id: str) -> uuid.UUID:
 
 
 def load_job(job_id: str) -> Job:
-    key = job_key(job_id)
+    key = parse_job_id(job_id)
     # One statement for the job, its styles and its runs (a third of the time of three
     # separate ORM loads).
     job = services.session.get(Job, key, options=JOB_WITH_STYLES_AND_RUNS)
@@ -271,21 +271,21 @@ def load_job(job_id: str) -> Job:
 # and no ORM objects. The ORM load above was a third of a poll's CPU time under gunicorn
 # (py-spy). The job's row comes once per pair of its styles and runs (a few at most), as
 # from the ORM's joined load; on PostgreSQL, one round trip instead of three.
-_jobs, _styles, _runs = Job.__table__, JobStyle.__table__, JobRun.__table__
+jobs_table, styles_table, runs_table = Job.__table__, JobStyle.__table__, JobRun.__table__
 JOB_STYLE_RUN_ROWS = (
     select(
-        _jobs,
-        *(c.label(f"style_{c.name}") for c in _styles.c if c.name != "job_id"),
-        *(c.label(f"run_{c.name}") for c in _runs.c if c.name != "job_id"),
+        jobs_table,
+        *(c.label(f"style_{c.name}") for c in styles_table.c if c.name != "job_id"),
+        *(c.label(f"run_{c.name}") for c in runs_table.c if c.name != "job_id"),
     )
-    .outerjoin(_styles, _styles.c.job_id == _jobs.c.id)
-    .outerjoin(_runs, _runs.c.job_id == _jobs.c.id)
-    .where(_jobs.c.id == bindparam("job_id"))
-    .order_by(_styles.c.position, _runs.c.attempt)
+    .outerjoin(styles_table, styles_table.c.job_id == jobs_table.c.id)
+    .outerjoin(runs_table, runs_table.c.job_id == jobs_table.c.id)
+    .where(jobs_table.c.id == bindparam("job_id"))
+    .order_by(styles_table.c.position, runs_table.c.attempt)
 )
 
 
-def _prefixed(rows: Sequence[Row[Any]], prefix: str, key: str) -> list[SimpleNamespace]:
+def _distinct_parts(rows: Sequence[Row[Any]], prefix: str, key: str) -> list[SimpleNamespace]:
     """The distinct ``prefix``-labelled parts of ``rows``, in their order, by ``key``."""
     names = [name for name in rows[0]._fields if name.startswith(prefix)]
     parts: dict[Any, SimpleNamespace] = {}
@@ -301,10 +301,14 @@ def _prefixed(rows: Sequence[Row[Any]], prefix: str, key: str) -> list[SimpleNam
 def read_job(job_id: str) -> tuple[Row[Any], list[SimpleNamespace], list[SimpleNamespace]]:
     """A job the caller may see (its row), its styles and its runs, read-only."""
     with services.reader.connect() as connection:
-        rows = connection.execute(JOB_STYLE_RUN_ROWS, {"job_id": job_key(job_id)}).all()
+        rows = connection.execute(JOB_STYLE_RUN_ROWS, {"job_id": parse_job_id(job_id)}).all()
     if not rows or not may_see(rows[0]):
         raise NotFound(f"no job {job_id!r}")
-    return rows[0], _prefixed(rows, "style_", "position"), _prefixed(rows, "run_", "attempt")
+    return (
+        rows[0],
+        _distinct_parts(rows, "style_", "position"),
+        _distinct_parts(rows, "run_", "attempt"),
+    )
 
 
 class NotFound(StylequeueError):
@@ -526,8 +530,10 @@ def get_events(job_id: str) -> Response:
     Every event's id is the iteration of the latest loss point sent, so a client that
     reconnects with ``Last-Event-ID: N`` gets the current status and every point after N.
     """
-    job = load_job(job_id)
-    job_key = job.id
+    job_key = load_job(job_id).id
+    # The stream reads with short sessions of its own; the request's session would hold a
+    # pooled connection (on PostgreSQL, in an open transaction) for the stream's whole life.
+    services.session.close()
     raw_last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
     try:
         cursor = max(0, int(raw_last))

@@ -103,7 +103,12 @@ def _authenticate() -> Principal:
         token = find_token(services.session, secret.strip())
         if token is None:
             raise Unauthorized("unknown or revoked token")
-        return Principal(owner=token.owner, admin=token.admin, bucket=token.owner)
+        principal = Principal(owner=token.owner, admin=token.admin, bucket=token.owner)
+        # End the lookup's transaction, so that its connection goes back to the pool: the
+        # status poll reads on a connection of its own, and one thread holding two would
+        # need a pool twice the server's threads.
+        services.session.rollback()
+        return principal
     if "sid" in session and services.settings.form_sessions:
         if request.method not in SAFE_METHODS:
             sent = request.headers.get(CSRF_HEADER, "").encode("utf-8", "replace")
