@@ -45,8 +45,9 @@ def test_gunicorn_conf_serves_with_a_socket_per_worker(tmp_path: Path) -> None:
         {}, database_url=f"sqlite:///{tmp_path / 'jobs.db'}", data_dir=tmp_path / "data"
     )
     port = free_port()
-    env = {**os.environ, **settings.environ(),
-           "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port} --workers 2 --threads 2"}  # fmt: skip
+    # A long keep-alive, so that no connection is closed before the workers' are counted.
+    flags = f"--bind 127.0.0.1:{port} --workers 2 --threads 2 --keep-alive 60"
+    env = {**os.environ, **settings.environ(), "GUNICORN_CMD_ARGS": flags}
     log = (tmp_path / "gunicorn.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn"], cwd=REPO, env=env, stdout=log, stderr=log
