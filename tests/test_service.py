@@ -28,7 +28,7 @@ from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
 from shared.jobs import Upload, create_job, parse_request
 from shared.migrate import downgrade, upgrade
-from shared.models import Job, LossPoint, StoredImage
+from shared.models import Job, JobRun, JobStyle, LossPoint, StoredImage, utcnow
 from shared.storage import storage_from_settings
 from stylequeue.service import start_embedded_redis
 from tests.bad_input import BAD_INPUT, NOISE, encoded
@@ -41,7 +41,7 @@ from tests.service import (
     wait_for,
 )
 from web import create_app
-from web.api import job_links
+from web.api import job_json, job_links, load_job
 from worker.engine import Iterate
 from worker.reporting import JobReporter
 
@@ -406,10 +406,6 @@ def test_the_status_poll_reads_what_the_orm_loads(
     must equal the one built from the ORM's objects: here a finished job with 3 styles, 2
     runs and a callback (6 rows), a queued one with no run (its queue position), a failed
     one (its error)."""
-    from shared.models import JobRun, JobStyle
-    from shared.models import utcnow as now
-    from web.api import job_json, load_job
-
     engine = make_engine(settings.database_url)
     image = uuid.uuid4().hex * 2
     succeeded, queued, failed = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
@@ -418,11 +414,11 @@ def test_the_status_poll_reads_what_the_orm_loads(
         session.flush()
         common = {"params": {"size": 64}, "content_sha256": image, "total": 10}
         session.add_all([
-            Job(id=succeeded, status="succeeded", iteration=10, attempts=2, started_at=now(),
-                finished_at=now(), callback_url="https://example.com/hook", **common),
+            Job(id=succeeded, status="succeeded", iteration=10, attempts=2, started_at=utcnow(),
+                finished_at=utcnow(), callback_url="https://example.com/hook", **common),
             Job(id=queued, status="queued", **common),
-            Job(id=failed, status="failed", iteration=3, attempts=1, started_at=now(),
-                finished_at=now(), error_code="engine_error", error_message="boom", **common),
+            Job(id=failed, status="failed", iteration=3, attempts=1, started_at=utcnow(),
+                finished_at=utcnow(), error_code="engine_error", error_message="boom", **common),
         ])  # fmt: skip
         session.flush()
         for job_id in (succeeded, queued, failed):
@@ -431,11 +427,11 @@ def test_the_status_poll_reads_what_the_orm_loads(
                                      weight=weight, preset=f"p{position}"))  # fmt: skip
         session.add_all([
             JobRun(job_id=succeeded, attempt=2, host="b", worker="w2", device="cpu",
-                   resumed_from_iteration=5, outcome="succeeded", ended_at=now()),
+                   resumed_from_iteration=5, outcome="succeeded", ended_at=utcnow()),
             JobRun(job_id=succeeded, attempt=1, host="a", worker="w1", device="cpu",
-                   outcome="worker_lost", ended_at=now()),
+                   outcome="worker_lost", ended_at=utcnow()),
             JobRun(job_id=failed, attempt=1, host="a", worker="w1", device="cpu",
-                   outcome="failed", ended_at=now()),
+                   outcome="failed", ended_at=utcnow()),
         ])  # fmt: skip
         session.commit()
     engine.dispose()

@@ -272,11 +272,13 @@ def load_job(job_id: str) -> Job:
 # (py-spy). The job's row comes once per pair of its styles and runs (a few at most), as
 # from the ORM's joined load; on PostgreSQL, one round trip instead of three.
 jobs_table, styles_table, runs_table = Job.__table__, JobStyle.__table__, JobRun.__table__
+STYLE_FIELDS = [c.name for c in styles_table.c if c.name != "job_id"]
+RUN_FIELDS = [c.name for c in runs_table.c if c.name != "job_id"]
 JOB_STYLE_RUN_ROWS = (
     select(
         jobs_table,
-        *(c.label(f"style_{c.name}") for c in styles_table.c if c.name != "job_id"),
-        *(c.label(f"run_{c.name}") for c in runs_table.c if c.name != "job_id"),
+        *(styles_table.c[name].label(f"style_{name}") for name in STYLE_FIELDS),
+        *(runs_table.c[name].label(f"run_{name}") for name in RUN_FIELDS),
     )
     .outerjoin(styles_table, styles_table.c.job_id == jobs_table.c.id)
     .outerjoin(runs_table, runs_table.c.job_id == jobs_table.c.id)
@@ -285,16 +287,16 @@ JOB_STYLE_RUN_ROWS = (
 )
 
 
-def _distinct_parts(rows: Sequence[Row[Any]], prefix: str, key: str) -> list[SimpleNamespace]:
-    """The distinct ``prefix``-labelled parts of ``rows``, in their order, by ``key``."""
-    names = [name for name in rows[0]._fields if name.startswith(prefix)]
+def _distinct_parts(
+    rows: Sequence[Row[Any]], prefix: str, fields: list[str], key: str
+) -> list[SimpleNamespace]:
+    """The distinct ``prefix``-labelled parts of ``rows`` (by ``key``), in their order."""
     parts: dict[Any, SimpleNamespace] = {}
     for row in rows:
         values = row._mapping
-        if values[prefix + key] is not None and values[prefix + key] not in parts:
-            parts[values[prefix + key]] = SimpleNamespace(
-                **{name.removeprefix(prefix): values[name] for name in names}
-            )
+        identity = values[prefix + key]
+        if identity is not None and identity not in parts:
+            parts[identity] = SimpleNamespace(**{name: values[prefix + name] for name in fields})
     return list(parts.values())
 
 
@@ -306,8 +308,8 @@ def read_job(job_id: str) -> tuple[Row[Any], list[SimpleNamespace], list[SimpleN
         raise NotFound(f"no job {job_id!r}")
     return (
         rows[0],
-        _distinct_parts(rows, "style_", "position"),
-        _distinct_parts(rows, "run_", "attempt"),
+        _distinct_parts(rows, "style_", STYLE_FIELDS, "position"),
+        _distinct_parts(rows, "run_", RUN_FIELDS, "attempt"),
     )
 
 
