@@ -22,6 +22,7 @@ from typing import Any
 from shared.config import Settings
 from shared.errors import StylequeueError
 from shared.images import decode_image
+from worker.allocator import keep_freed_memory
 from worker.engine import BACKBONES, Checkpoint, Iterate, stylize
 from worker.engine.stylize import INIT_CHOICES
 
@@ -361,6 +362,7 @@ def command_run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         _check_writable(args.checkpoint, "--checkpoint")
 
+    keep_freed_memory()  # as a worker does (worker/allocator.py)
     content = decode_image(args.content, name="content", **limits)
     styles = [decode_image(path, name="style", **limits) for path in args.styles]
     init: Any = args.init

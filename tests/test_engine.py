@@ -14,6 +14,7 @@ from worker.engine import Checkpoint, Iterate, Result, check_options, defaults, 
 from worker.engine.backbones import load_backbone
 from worker.engine.imaging import rgb_to_yiq, to_tensor
 from worker.engine.optimize import load_extractor
+from worker.engine.packed import packed_convolutions_available
 from worker.engine.stylize import auto_scales, normalize_weights, pyramid
 
 FAST = {"backbone": "vgg19-random", "size": 64, "device": "cpu"}
@@ -250,6 +251,43 @@ def test_a_lower_precision_backbone_stores_its_weights_cast_as_autocast_would() 
     cast_each_pass, stored_cast = run(fp32), run(bf16)
     for autocast_result, stored_result in zip(cast_each_pass, stored_cast, strict=True):
         torch.testing.assert_close(stored_result, autocast_result, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(
+    not packed_convolutions_available(), reason="this torch build or CPU lacks oneDNN bf16"
+)
+def test_packed_conv_relu_gives_the_features_and_gradients_of_conv2d_and_relu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = torch.device("cpu")
+    extractor = load_extractor("vgg19-random", device=cpu, precision="bf16").truncated("relu5_1")
+    # relu1_1 and relu3_1 end packed pairs; conv2_1 is asked for, so it runs unpacked.
+    layers = ["relu1_1", "conv2_1", "relu3_1", "relu5_1"]
+
+    def run(height: int, width: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        torch.manual_seed(height)
+        image = torch.rand(1, 3, height, width).contiguous(memory_format=torch.channels_last)
+        image.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = extractor(image, layers)
+        sum(f.float().square().mean() for f in features.values()).backward()
+        assert image.grad is not None
+        return {k: f.detach() for k, f in features.items()}, image.grad
+
+    # A pyramid's two scales: the packs are redone when the shape changes.
+    packed = [run(48, 64), run(96, 128)]
+    unpacked = {"conv2_1"}
+    assert set(extractor.packs) == set(extractor.packable) - unpacked
+    assert len(extractor.packs) == 12
+    assert extractor.packs["conv1_1"].input_shape == (1, 3, 96, 128)
+    monkeypatch.setattr("worker.engine.backbones.packed_convolutions_available", lambda: False)
+    plain = [run(48, 64), run(96, 128)]
+    for (packed_features, packed_grad), (features, grad) in zip(packed, plain, strict=True):
+        assert packed_features.keys() == features.keys()
+        for name, feature in features.items():  # the same oneDNN kernels: bit for bit
+            assert packed_features[name].dtype == feature.dtype == torch.bfloat16
+            torch.testing.assert_close(packed_features[name], feature, rtol=0, atol=0)
+        torch.testing.assert_close(packed_grad, grad, rtol=0, atol=0)
 
 
 def test_seeded_backbone_keeps_activation_magnitude(content_image: Image.Image) -> None:

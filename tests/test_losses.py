@@ -93,6 +93,21 @@ def test_gram_of_bf16_features_is_fp32_and_its_gradient_bf16_close_to_fp32() -> 
     assert error < 2**-6, error
 
 
+def test_gram_of_bf16_features_with_bf16_products_matches_float64() -> None:
+    # Large enough for oneDNN's matmul: its bf16 products of bf16 values are exact, so the
+    # Gram agrees with float64 to fp32's summation error; the setting is restored after.
+    torch.manual_seed(0)
+    features = torch.randn(1, 64, 48, 64).bfloat16().contiguous(memory_format=torch.channels_last)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    gram = gram_matrix(features)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    flat = features.double().reshape(1, 64, -1)
+    exact = flat @ flat.transpose(1, 2) / flat[0].numel()
+    error = (gram.double() - exact).abs().max() / exact.abs().max()
+    assert gram.dtype == torch.float32
+    assert error < 1e-5, error
+
+
 def test_each_loss_is_zero_at_its_target_and_positive_elsewhere() -> None:
     torch.manual_seed(0)
     features = torch.rand(1, 16, 8, 8)

@@ -15,6 +15,7 @@ from celery.signals import setup_logging, worker_ready, worker_shutdown
 from shared import broker
 from shared.logs import configure_logging, job_context
 from worker import runner
+from worker.allocator import keep_freed_memory, release_free_memory
 from worker.celery_app import app
 from worker.context import Context, available_backbones, context
 from worker.engine import OFFLINE_BACKBONE
@@ -26,7 +27,10 @@ log = logging.getLogger(__name__)
 @app.task(name=broker.RUN_JOB_TASK)
 def run_job(job_id: str) -> None:
     with job_context(job_id):
-        runner.run(context(), uuid.UUID(job_id))
+        try:
+            runner.run(context(), uuid.UUID(job_id))
+        finally:
+            release_free_memory()  # what the job's tensors left in the heap
 
 
 @app.task(name=broker.PING_TASK)
@@ -66,6 +70,8 @@ def _on_worker_ready(**_: Any) -> None:
     ctx = context()
     backbones = available_backbones()
     device = resolve_device(ctx.settings.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # activations live in host memory: reuse them, job after job
     # Load the backbone jobs will most likely use now, once, not in the first job.
     load_extractor(
         "vgg19" if "vgg19" in backbones else OFFLINE_BACKBONE,

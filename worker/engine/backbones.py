@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shared.errors import OptionError, WeightsError
+from worker.engine.packed import PackedConvReLU, can_pack, packed_convolutions_available
 from worker.engine.registry import BACKBONES, BackboneSpec
 from worker.engine.weights import WeightsLocations, load_feature_state_dict
 
@@ -38,6 +39,15 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.requires_grad_(False)
         self.eval()
+        children = list(layers.named_children())
+        # Convolutions directly followed by a ReLU: under bf16 autocast on the CPU, each
+        # pair runs as one oneDNN call with packed weights (worker/engine/packed.py).
+        self.packable = {
+            name: children[index + 1][0]
+            for index, (name, module) in enumerate(children[:-1])
+            if can_pack(module) and isinstance(children[index + 1][1], nn.ReLU)
+        }
+        self.packs: dict[str, PackedConvReLU] = {}
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -61,13 +71,39 @@ class FeatureExtractor(nn.Module):
         wanted = set(layers)
         features: dict[str, torch.Tensor] = {}
         x = (image - self.mean) / self.std
+        packed = self._runs_packed(x)
+        fused_relu = None  # the ReLU the previous convolution already applied
         for name, module in self.layers.named_children():
-            x = module(x)
+            if name == fused_relu:
+                pass
+            elif packed and name in self.packable and name not in wanted:
+                x = self._packed(name, module)(x.to(torch.bfloat16))
+                fused_relu = self.packable[name]
+            else:
+                x = module(x)
             if name in wanted:
                 features[name] = x
                 if len(features) == len(wanted):
                     break
         return features
+
+    def _runs_packed(self, x: torch.Tensor) -> bool:
+        """Whether this pass runs its conv + ReLU pairs packed: bf16 autocast on the CPU,
+        bf16 weights, channels_last input, and torch's oneDNN ops present."""
+        return (
+            x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and next(self.layers.parameters()).dtype == torch.bfloat16
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and packed_convolutions_available()
+        )
+
+    def _packed(self, name: str, conv: nn.Module) -> PackedConvReLU:
+        if name not in self.packs:
+            assert isinstance(conv, nn.Conv2d)
+            self.packs[name] = PackedConvReLU(conv)
+        return self.packs[name]
 
 
 def build_layers(spec: BackboneSpec, pooling: Pooling) -> nn.Sequential:

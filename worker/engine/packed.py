@@ -1,0 +1,109 @@
+"""Convolution + ReLU in bf16 on the CPU, through oneDNN, with weights packed once.
+
+``conv2d`` hands oneDNN the weights in torch's layout, and oneDNN reorders them into its
+blocked layout at every call, forward and backward: at 128 px that was 11 of the 40 ms a
+bf16 loss evaluation took (``ONEDNN_VERBOSE``), 13 ms at 512 px. Here each convolution's
+weights are packed once per input shape: for the forward, with the ReLU fused into it (one
+pass over the output instead of two), and transposed, for the gradient with respect to the
+input. The outputs and gradients are those of ``relu(conv2d(x))`` (tests/test_engine.py
+compares the two).
+
+The ops are ``torch.ops.mkldnn``'s ``_convolution_pointwise`` and
+``_convolution_transpose_pointwise``, which inductor's CPU backend emits for frozen
+convolutions. Where a torch build lacks them, or the CPU has no bf16 in oneDNN, the
+feature extractor keeps to ``conv2d`` and ``relu``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+@functools.cache
+def packed_convolutions_available() -> bool:
+    try:
+        ops = torch.ops.mkldnn
+        needed = (ops._convolution_pointwise, ops._convolution_transpose_pointwise)
+        return (
+            bool(needed)
+            and torch.backends.mkldnn.is_available()
+            and bool(ops._is_mkldnn_bf16_supported())
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def can_pack(conv: nn.Module) -> bool:
+    """A convolution this module computes the same as conv2d: 2-D, stride 1, no groups."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.stride == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+    )
+
+
+class PackedConvReLU:
+    """``relu(conv(x))`` for bf16, channels_last ``x``, packed for the latest input shape.
+
+    A pyramid's scales change the shape, and oneDNN picks its blocked layout by shape, so
+    the packs are redone when it changes (about 13 ms for VGG19's first 13 convolutions).
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        assert can_pack(conv), conv
+        self.conv = conv
+        self.input_shape: torch.Size | None = None
+        self.forward_weight: torch.Tensor | None = None
+        self.input_gradient_weight: torch.Tensor | None = None
+
+    def _pack(self, shape: torch.Size) -> None:
+        conv = self.conv
+        output_shape = [shape[0], conv.out_channels, shape[2], shape[3]]
+        padding, stride, dilation = list(conv.padding), [1, 1], list(conv.dilation)
+        mkldnn = torch.ops.mkldnn
+        self.forward_weight = mkldnn._reorder_convolution_weight(
+            conv.weight, padding, stride, dilation, 1, list(shape)
+        )
+        # The gradient of a stride-1 convolution with respect to its input is the transposed
+        # convolution of the output's gradient with the same weights (no output padding).
+        self.input_gradient_weight = mkldnn._reorder_convolution_transpose_weight(
+            conv.weight, padding, [0, 0], stride, dilation, 1, output_shape
+        )
+        self.input_shape = shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape != self.input_shape:
+            self._pack(x.shape)
+        return _ConvReLU.apply(x, self)
+
+
+class _ConvReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: PackedConvReLU) -> torch.Tensor:
+        conv = packed.conv
+        output = torch.ops.mkldnn._convolution_pointwise(
+            x, packed.forward_weight, conv.bias, list(conv.padding), [1, 1],
+            list(conv.dilation), 1, "relu", [], "",
+        )  # fmt: skip
+        # The packs of this shape, even if another shape is packed before the backward.
+        ctx.conv, ctx.input_gradient_weight = conv, packed.input_gradient_weight
+        ctx.save_for_backward(output)
+        return output
+
+    @staticmethod
+    @once_differentiable  # the losses never need second derivatives
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (output,) = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, output, 0)
+        grad_input = torch.ops.mkldnn._convolution_transpose_pointwise(
+            grad, ctx.input_gradient_weight, None, list(ctx.conv.padding), [0, 0], [1, 1],
+            list(ctx.conv.dilation), 1, "none", [], "",
+        )  # fmt: skip
+        return grad_input, None
