@@ -271,6 +271,30 @@ def memory_probe(side: str, size: int, steps: int, backbone: str, images: Path) 
     print((peak - before) / 2**20)
 
 
+def allocator_probe(setting: str, size: int, steps: int, backbone: str, images: Path) -> None:
+    """In a fresh process: the engine's median seconds per step, with the worker's malloc
+    setting (``keep``, worker/allocator.py) or glibc's defaults (``plain``)."""
+    from worker.allocator import keep_freed_memory
+
+    if setting == "keep" and not keep_freed_memory():
+        raise SystemExit("glibc's mallopt is not available here")
+    content = Image.open(images / "content" / "tubingen.jpg").convert("RGB")
+    style = Image.open(images / "style" / "starry_night.jpg").convert("RGB")
+    print(float(np.median(engine_steps(content, style, size, steps + 2, backbone))))
+
+
+def allocator_seconds(setting: str, size: int, steps: int, backbone: str, images: Path) -> float:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, __file__, "--allocator-probe", setting, str(size), "--probe-steps",
+         str(steps), "--backbone", backbone, "--images", str(images)],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def peak_memory_mib(side: str, size: int, steps: int, backbone: str, images: Path) -> float:
     import os
     import subprocess
@@ -376,10 +400,17 @@ def main() -> None:
     parser.add_argument("--sizes", default="128,256,512,1024")
     parser.add_argument("--memory-probe", nargs=2, metavar=("SIDE", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=12, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--allocator-probe", nargs=2, metavar=("SETTING", "SIZE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.memory_probe:
         side, size = args.memory_probe
         memory_probe(side, int(size), args.probe_steps, args.backbone, args.images)
+        return
+    if args.allocator_probe:
+        setting, size = args.allocator_probe
+        allocator_probe(setting, int(size), args.probe_steps, args.backbone, args.images)
         return
 
     content = Image.open(args.images / "content" / "tubingen.jpg").convert("RGB")
@@ -416,6 +447,21 @@ def main() -> None:
         memory.append((size, pixels, reference_mib, engine_mib))
         print(f"{size} px: peak memory reference {reference_mib:.0f} MiB, engine "
               f"{engine_mib:.0f} MiB", flush=True)  # fmt: skip
+
+    # The worker's malloc setting, in fresh processes (it is process-wide), alternating.
+    allocator_rows = []
+    reference_per_step = {size: r for size, r, _ in rows}
+    for size in (size for size in (512, 1024) if size in reference_per_step):
+        allocator_runs: dict[str, list[float]] = {"plain": [], "keep": []}
+        for _ in range(ROUNDS):
+            for setting in allocator_runs:
+                allocator_runs[setting].append(
+                    allocator_seconds(setting, size, 6, args.backbone, args.images)
+                )
+        plain, keep = (float(np.median(allocator_runs[k])) for k in ("plain", "keep"))
+        allocator_rows.append((size, plain, keep, reference_per_step[size]))
+        print(f"{size} px: engine {plain:.3f} s/step with glibc's defaults, {keep:.3f} s/step "
+              "with the worker's malloc setting", flush=True)  # fmt: skip
 
     size = 512
     c, s = to_tensor(content, size), to_tensor(style, size)
@@ -483,6 +529,23 @@ def main() -> None:
         *(
             f"| {sz} px | {r:.3f} s | {e:.3f} s | {r / e:.2f}× | {ceiling:.2f}× |"
             for (sz, r, e), ceiling in zip(rows, ceilings, strict=True)
+        ),
+        "",
+        "## The worker's malloc setting",
+        "",
+        "Workers and `stylequeue run` keep freed blocks in glibc's heap for the next "
+        "evaluation (worker/allocator.py); the table above runs with glibc's defaults, as "
+        f"the reference does. Here the engine runs {ROUNDS} times each way, alternating, in "
+        "fresh processes (the setting is process-wide): median seconds per step. The last "
+        "column sets the reference's figure from the table above against the engine as a "
+        "worker runs it.",
+        "",
+        "| size | engine, glibc's defaults | engine, worker setting | gain | reference fp32 "
+        "against the worker |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {sz} px | {plain:.3f} s | {keep:.3f} s | {plain / keep:.2f}× | {r / keep:.2f}× |"
+            for sz, plain, keep, r in allocator_rows
         ),
         "",
         "## How time and memory grow with pixels",
