@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gunicorn-workers", type=int, help="default: gunicorn.conf.py's")
     parser.add_argument("--threads", type=int, help="default: gunicorn.conf.py's")
+    parser.add_argument("--worker-class", help="default: gunicorn.conf.py's")
     parser.add_argument("--update", type=Path, help="replace the section in this Markdown file")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -131,8 +132,12 @@ def main() -> None:
     production = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     workers = args.gunicorn_workers or production["workers"]
     threads = args.threads or production["threads"]
+    worker_class = args.worker_class or production["worker_class"]
     port = free_port()
-    flags = f"--bind 127.0.0.1:{port} --workers {workers} --threads {threads} --log-level warning"
+    flags = (
+        f"--bind 127.0.0.1:{port} --workers {workers} --threads {threads} "
+        f"--worker-class {worker_class} --log-level warning"
+    )
     env = {**os.environ, **settings.environ(), "GUNICORN_CMD_ARGS": flags}
     base = f"http://127.0.0.1:{port}"
     processes = []
@@ -195,7 +200,9 @@ def main() -> None:
         "",
         f"`python bench/api.py` on {machine()}, "
         f"{datetime.now():%Y-%m-%d}: gunicorn with `gunicorn.conf.py`, "
-        f"{workers} gthread workers × {threads} threads, a socket each; "
+        f"{workers} {worker_class} workers"
+        + (f" × {threads} threads" if worker_class == "gthread" else "")
+        + ", a socket each; "
         f"`wrk -c {args.clients}` for {args.seconds} s on loopback (wrk shares the machine's "
         "cores), `GET /api/jobs/<id>` of a finished job, then `GET /healthz` as long, "
         f"alternating, {args.rounds} round{'s' if args.rounds > 1 else ''}.",
