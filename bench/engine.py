@@ -382,10 +382,12 @@ def goal_lines(
         amx = "AMX" if Path("/proc/cpuinfo").read_text().count("amx_bf16") else "no AMX"
         lines.append(
             f"- Why per step falls short here: this CPU has {amx}, and with `{precision}` the "
-            f"backbone alone runs {min(ceilings):.2f}–{max(ceilings):.2f}× faster than in "
-            "fp32 (last column above): the bound on what precision alone gives the backbone. "
-            "The Grams and losses stay fp32 by design (only the gradient a Gram hands back to "
-            "the backbone is bf16), so they gain less."
+            f"backbone alone, as the engine runs it, is {min(ceilings):.2f}–"
+            f"{max(ceilings):.2f}× faster than in fp32 (last column above). The rest of a "
+            "step gains less: the Grams and losses stay fp32 by design (only the gradient a "
+            "Gram hands back to the backbone is bf16), L-BFGS is the same fp32 arithmetic on "
+            "both sides, and in this table both sides pay glibc's page faults (see the "
+            "worker's malloc setting)."
         )
     return lines
 
@@ -519,9 +521,9 @@ def main() -> None:
         "## Seconds per step (single scale, L-BFGS, one loss evaluation per step)",
         "",
         f"Medians over {ROUNDS} alternating runs of each side (the machine drifts by tens of "
-        "percent within minutes). The last column is the ceiling precision alone allows: the "
-        "backbone by itself (forward and backward to relu5_1, no Grams, no optimizer) at the "
-        "engine's precision against fp32, alternating, median.",
+        "percent within minutes). The last column is the backbone by itself (forward and "
+        "backward to relu5_1, no Grams, no optimizer) as the engine runs it (its precision; "
+        "at bf16 on the CPU, packed convolutions) against fp32, alternating, median.",
         "",
         "| size (long side) | reference fp32 | engine `precision=auto` | speed-up | "
         "backbone alone |",
