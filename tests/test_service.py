@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flask import Flask, url_for
+from flask import Flask, Response, url_for
 from flask.testing import FlaskClient
 from PIL import Image
 from sqlalchemy import func, inspect, select
@@ -40,7 +40,7 @@ from tests.service import (
     service_settings,
     wait_for,
 )
-from web import create_app
+from web import SECURITY_HEADERS, create_app, security_headers
 from web.api import job_json, job_links, load_job
 from worker.engine import Iterate
 from worker.reporting import JobReporter
@@ -346,6 +346,10 @@ def test_presets_status_pages_and_listing(
     assert client.get("/api/jobs/not-a-uuid").status_code == 404
 
     assert client.get("/healthz").get_json() == {"status": "ok"}
+    for response in (client.get("/healthz"), client.get("/"), client.get(f"/jobs/{job['id']}"),
+                     client.get(f"/api/jobs/{uuid.uuid4()}")):  # fmt: skip
+        for key, value in SECURITY_HEADERS:  # once each, on pages, JSON and errors alike
+            assert response.headers.getlist(key) == [value], (key, response.status_code)
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["workers"] >= 1
     spec = client.get("/api/openapi.json").get_json()
@@ -622,3 +626,10 @@ def test_rate_limits_and_queued_jobs_per_client(
     assert submit(client, photo, painting, iterations=2).status_code == 429
     for app in (api, queued, submits):
         app.extensions["stylequeue"]["engine"].dispose()
+
+
+def test_security_headers_keep_what_a_view_set() -> None:
+    response = Response("x", headers={"content-security-policy": "default-src 'none'"})
+    security_headers(response)
+    assert response.headers.getlist("Content-Security-Policy") == ["default-src 'none'"]
+    assert response.headers.getlist("X-Frame-Options") == ["DENY"]
