@@ -14,7 +14,7 @@ from worker.engine import Checkpoint, Iterate, Result, check_options, defaults, 
 from worker.engine.backbones import load_backbone
 from worker.engine.imaging import rgb_to_yiq, to_tensor
 from worker.engine.optimize import load_extractor
-from worker.engine.packed import packed_convolutions_available
+from worker.engine.packed import can_pack, packed_convolutions_available
 from worker.engine.stylize import auto_scales, normalize_weights, pyramid
 
 FAST = {"backbone": "vgg19-random", "size": 64, "device": "cpu"}
@@ -288,6 +288,16 @@ def test_packed_conv_relu_gives_the_features_and_gradients_of_conv2d_and_relu(
             assert packed_features[name].dtype == feature.dtype == torch.bfloat16
             torch.testing.assert_close(packed_features[name], feature, rtol=0, atol=0)
         torch.testing.assert_close(packed_grad, grad, rtol=0, atol=0)
+
+
+def test_only_size_keeping_stride_one_convolutions_are_packed() -> None:
+    conv = torch.nn.Conv2d
+    assert can_pack(conv(64, 64, 3, padding=1)) and can_pack(conv(8, 8, 5, padding=2))
+    assert can_pack(conv(8, 8, 3, padding=2, dilation=2))
+    for other in (conv(8, 8, 3), conv(8, 8, 3, padding=1, stride=2),
+                  conv(8, 8, 3, padding=1, groups=2), conv(8, 8, 3, padding="same"),
+                  conv(8, 8, 3, padding=1, padding_mode="reflect"), torch.nn.ReLU()):  # fmt: skip
+        assert not can_pack(other), other
 
 
 def test_seeded_backbone_keeps_activation_magnitude(content_image: Image.Image) -> None:

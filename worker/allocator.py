@@ -3,7 +3,7 @@
 Every loss evaluation allocates and frees the same activations and gradients again: at
 512 px about a hundred tensors of 1 to 50 MB. glibc hands blocks above its mmap threshold
 (which it raises by itself to 32 MB at most) straight to ``mmap`` and unmaps them on
-``free``, so each evaluation faulted its memory in anew: 25,000 to 37,000 page faults per
+``free``, so each evaluation faulted its memory in anew: 25,000 to 42,000 page faults per
 evaluation at 512 px, a tenth of its time (docs/benchmarks.md). With the thresholds raised,
 freed blocks stay in the heap and the next evaluation reuses them; after each job,
 :func:`release_free_memory` gives the free pages back to the system, so that an idle worker

@@ -26,26 +26,35 @@ from torch.autograd.function import once_differentiable
 
 @functools.cache
 def packed_convolutions_available() -> bool:
+    ops = torch.ops.mkldnn
     try:
-        ops = torch.ops.mkldnn
-        needed = (ops._convolution_pointwise, ops._convolution_transpose_pointwise)
-        return (
-            bool(needed)
-            and torch.backends.mkldnn.is_available()
-            and bool(ops._is_mkldnn_bf16_supported())
-        )
+        for name in PACKED_OPS:
+            getattr(ops, name)  # an op this torch build lacks raises here
+        return torch.backends.mkldnn.is_available() and bool(ops._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
+PACKED_OPS = (
+    "_reorder_convolution_weight",
+    "_reorder_convolution_transpose_weight",
+    "_convolution_pointwise",
+    "_convolution_transpose_pointwise",
+    "_is_mkldnn_bf16_supported",
+)
+
+
 def can_pack(conv: nn.Module) -> bool:
-    """A convolution this module computes the same as conv2d: 2-D, stride 1, no groups."""
+    """A convolution whose gradient is the transposed convolution with the same padding:
+    2-D, stride 1, no groups, zero padding that keeps the size (VGG's 3×3 with padding 1)."""
+    if not isinstance(conv, nn.Conv2d) or not isinstance(conv.padding, tuple):
+        return False
+    keeps_size = all(
+        2 * pad == dilation * (kernel - 1)
+        for pad, dilation, kernel in zip(conv.padding, conv.dilation, conv.kernel_size, strict=True)
+    )
     return (
-        isinstance(conv, nn.Conv2d)
-        and conv.stride == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-        and isinstance(conv.padding, tuple)
+        conv.stride == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros" and keeps_size
     )
 
 
