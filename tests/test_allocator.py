@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 # Forward and backward through VGG19's first block at 384 x 512 px in fp32: activations of
 # 50 MB, above the 32 MB up to which glibc keeps freed blocks by itself.
@@ -46,7 +45,7 @@ print(faults, held, resident_mib())
 def run(setting: str) -> tuple[float, float, float]:
     done = subprocess.run(
         [sys.executable, "-c", EVALUATIONS, setting],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     faults, held, released = map(float, done.stdout.split())
