@@ -633,3 +633,7 @@ def test_security_headers_keep_what_a_view_set() -> None:
     security_headers(response)
     assert response.headers.getlist("Content-Security-Policy") == ["default-src 'none'"]
     assert response.headers.getlist("X-Frame-Options") == ["DENY"]
+
+
+def test_a_cpu_worker_keeps_freed_memory_for_reuse(worker: WorkerProcess) -> None:
+    assert "freed memory stays in the heap for reuse" in worker.log.read_text()

@@ -70,8 +70,9 @@ def _on_worker_ready(**_: Any) -> None:
     ctx = context()
     backbones = available_backbones()
     device = resolve_device(ctx.settings.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # activations live in host memory: reuse them, job after job
+    # On the CPU the activations live in host memory: reuse them, job after job.
+    if device.type == "cpu" and keep_freed_memory():
+        log.info("freed memory stays in the heap for reuse (worker/allocator.py)")
     # Load the backbone jobs will most likely use now, once, not in the first job.
     load_extractor(
         "vgg19" if "vgg19" in backbones else OFFLINE_BACKBONE,
