@@ -284,7 +284,7 @@ def test_packed_conv_relu_gives_the_features_and_gradients_of_conv2d_and_relu(
     plain = [run(48, 64), run(96, 128)]
     for (packed_features, packed_grad), (features, grad) in zip(packed, plain, strict=True):
         assert packed_features.keys() == features.keys()
-        for name, feature in features.items():  # the same oneDNN kernels: bit for bit
+        for name, feature in features.items():  # bit for bit
             assert packed_features[name].dtype == feature.dtype == torch.bfloat16
             torch.testing.assert_close(packed_features[name], feature, rtol=0, atol=0)
         torch.testing.assert_close(packed_grad, grad, rtol=0, atol=0)

@@ -23,6 +23,15 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+#: The torch.ops.mkldnn ops this module calls.
+PACKED_OPS = (
+    "_reorder_convolution_weight",
+    "_reorder_convolution_transpose_weight",
+    "_convolution_pointwise",
+    "_convolution_transpose_pointwise",
+    "_is_mkldnn_bf16_supported",
+)
+
 
 @functools.cache
 def packed_convolutions_available() -> bool:
@@ -33,15 +42,6 @@ def packed_convolutions_available() -> bool:
         return torch.backends.mkldnn.is_available() and bool(ops._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-PACKED_OPS = (
-    "_reorder_convolution_weight",
-    "_reorder_convolution_transpose_weight",
-    "_convolution_pointwise",
-    "_convolution_transpose_pointwise",
-    "_is_mkldnn_bf16_supported",
-)
 
 
 def can_pack(conv: nn.Module) -> bool:
