@@ -123,6 +123,30 @@ def test_each_loss_is_zero_at_its_target_and_positive_elsewhere() -> None:
     assert TotalVariationLoss()(torch.rand(1, 3, 10, 10)).item() > 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_content_loss_is_mse_with_its_gradient_in_the_features_layout(
+    dtype: torch.dtype, memory_format: torch.memory_format
+) -> None:
+    torch.manual_seed(0)
+    values = torch.randn(1, 8, 6, 5).to(dtype).float()  # exactly representable in ``dtype``
+    target = torch.randn(1, 8, 6, 5)
+    features = values.to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+    loss = ContentLoss(target)(features)
+    (gradient,) = torch.autograd.grad(loss, features)
+
+    textbook = values.clone().requires_grad_()
+    expected_loss = torch.nn.functional.mse_loss(textbook, target)
+    (expected,) = torch.autograd.grad(expected_loss, textbook)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected_loss)
+    assert gradient.dtype == dtype
+    assert gradient.is_contiguous(memory_format=memory_format)
+    # fp32: the same numbers; bf16: the fp32 gradient rounded once (2⁻⁸ relative).
+    tolerance = 1e-6 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(gradient.float(), expected, rtol=tolerance, atol=0)
+
+
 def test_total_variation_by_hand() -> None:
     image = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])  # one vertical edge
     # down: all 0; across: (1-0)² on both rows → mean 1.
