@@ -120,8 +120,8 @@ def decode_image(
     return to_rgb(image)
 
 
-def encode_png(image: Image.Image) -> bytes:
-    """``image`` as PNG bytes."""
+def encode_png(image: Image.Image, *, compress_level: int = 6) -> bytes:
+    """``image`` as PNG bytes; ``compress_level`` is zlib's, from 0 (none) to 9 (smallest)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()

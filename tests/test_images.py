@@ -1,4 +1,4 @@
-"""Decoding user images: formats, modes, orientation and every rejection."""
+"""Decoding user images (formats, modes, orientation and every rejection) and encoding ours."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from shared.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
-from shared.images import decode_image
+from shared.images import decode_image, encode_png
 
 LIMITS = {"max_bytes": 5 * 1024 * 1024, "max_pixels": 4_000_000}
 
@@ -129,3 +129,16 @@ def test_too_large_file_is_rejected(tmp_path: Path) -> None:
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="no such file"):
         decode_image(tmp_path / "nope.jpg", **LIMITS)
+
+
+@pytest.mark.parametrize("compress_level", [0, 1, 6, 9])
+def test_png_encoding_is_lossless_at_every_level(compress_level: int) -> None:
+    # Previews are written at level 1 (worker/reporting.py), results at the default.
+    photo = Image.open(io.BytesIO(NOISE_JPEG)).convert("RGB")  # real image statistics
+    data = encode_png(photo, compress_level=compress_level)
+    assert data.startswith(b"\x89PNG")
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.mode == "RGB"
+    assert np.array_equal(np.asarray(decoded), np.asarray(photo))
+    if compress_level == 9:
+        assert len(data) < len(encode_png(photo, compress_level=0))

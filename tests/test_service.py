@@ -403,6 +403,46 @@ def test_loss_points_are_written_in_batches_not_per_iteration(
     assert reporter.flushes < 20
 
 
+def test_a_large_backlog_is_written_once_even_when_sent_again(
+    settings: Settings, photo: bytes, painting: bytes, redis_server: RedisServer
+) -> None:
+    # 12,000 points: what a database outage of two minutes leaves at 100 iterations a
+    # second, and more bound values (7 per point) than SQLite takes in one statement.
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    uploads = [Upload("content", "c.png", photo), Upload("style", "s.png", painting)]
+    request = parse_request({"iterations": ["2000"]}, uploads, settings)
+    with sessions.begin() as session:
+        job_id = create_job(session, storage_from_settings(settings), request).id
+    reporter = JobReporter(
+        job_id, sessions, storage_from_settings(settings),
+        broker.connect(redis_server.url), flush_seconds=3600,
+    )  # fmt: skip
+    reporter.close()  # no writer thread: this test flushes
+
+    def feed(first: int, last: int) -> None:
+        for iteration in range(first, last + 1):
+            reporter.progress(
+                Iterate(iteration=iteration, total=12500, scale=0, scales=1, loss=1.0 / iteration,
+                        content=0.5, style=0.5, tv=0.0, elapsed=iteration / 100)
+            )  # fmt: skip
+
+    feed(1, 12000)
+    assert reporter.flush()
+    # A flush whose commit was answered but not heard is sent again with newer points.
+    feed(11001, 12500)
+    assert reporter.flush()
+    with sessions() as session:
+        rows = session.execute(
+            select(LossPoint.iteration, LossPoint.total)
+            .where(LossPoint.job_id == job_id)
+            .order_by(LossPoint.iteration)
+        ).all()
+    engine.dispose()
+    assert [iteration for iteration, _ in rows] == list(range(1, 12501))
+    assert rows[-1].total == 1.0 / 12500
+
+
 def test_the_status_poll_reads_what_the_orm_loads(
     app: Flask, client: FlaskClient, settings: Settings
 ) -> None:
