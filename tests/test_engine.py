@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,7 +16,13 @@ from worker.engine.backbones import load_backbone
 from worker.engine.imaging import rgb_to_yiq, to_tensor
 from worker.engine.optimize import load_extractor
 from worker.engine.packed import can_pack, packed_convolutions_available
-from worker.engine.stylize import auto_scales, normalize_weights, pyramid
+from worker.engine.stylize import (
+    auto_scales,
+    normalize_weights,
+    prepare,
+    pyramid,
+    stylize_together,
+)
 
 FAST = {"backbone": "vgg19-random", "size": 64, "device": "cpu"}
 
@@ -130,6 +137,95 @@ def test_callback_stops_the_run_after_that_iteration(
     assert seen == [1, 2, 3]
     assert result.stopped and result.iterations == 3
     assert result.image.size == (64, 48)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_runs_batched_together_follow_their_own_paths(
+    content_image: Image.Image,
+    style_image: Image.Image,
+    second_style_image: Image.Image,
+    precision: str,
+) -> None:
+    # Three runs that differ in all that may differ within a batch: style, weights, seed,
+    # init, optimizer, previews; the third stops itself at iteration 4 and leaves.
+    solo = [
+        {"styles": [style_image], "seed": 1},
+        {"styles": [second_style_image], "seed": 2, "init": "noise", "optimizer": "adam",
+         "lr": 0.05, "style_weight": 1e5, "preview_every": 3},
+        {"styles": [style_image, second_style_image], "seed": 3, "tv_weight": 10.0},
+    ]  # fmt: skip
+    common = {**FAST, "content": content_image, "iterations": 8, "precision": precision}
+
+    def stop_at_four(iterate: Iterate) -> bool:
+        return iterate.iteration == 4
+
+    def recorder(index: int) -> tuple[list[Iterate], Callable[[Iterate], bool]]:
+        seen: list[Iterate] = []
+
+        def record(iterate: Iterate) -> bool:
+            seen.append(iterate)
+            return index == 2 and stop_at_four(iterate)
+
+        return seen, record
+
+    alone = []
+    for index, options in enumerate(solo):
+        seen, record = recorder(index)
+        alone.append((stylize(**common, **options, progress=record), seen))
+    batch_seen = [recorder(index) for index in range(3)]
+    runs = [
+        prepare(**common, **options, progress=record)
+        for options, (_, record) in zip(solo, batch_seen, strict=True)
+    ]
+    together = stylize_together(runs)
+
+    # Batched convolutions may sum in another order: fp32 agrees to rounding, bf16 to its own.
+    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    for (result, seen), batched, (batched_seen, _) in zip(alone, together, batch_seen, strict=True):
+        assert [it.iteration for it in batched_seen] == [it.iteration for it in seen]
+        assert [it.preview is None for it in batched_seen] == [it.preview is None for it in seen]
+        for it, batched_it in zip(seen, batched_seen, strict=True):
+            assert batched_it.loss == pytest.approx(it.loss, rel=tolerance)
+        assert (batched.iterations, batched.stopped) == (result.iterations, result.stopped)
+        assert batched.seed == result.seed and batched.image.size == result.image.size
+        difference = np.abs(
+            np.asarray(batched.image, dtype=float) - np.asarray(result.image, dtype=float)
+        )
+        assert difference.mean() < (0.5 if precision == "fp32" else 3.0)  # in 8-bit levels
+    assert together[2].stopped and together[2].iterations == 4
+    assert not together[0].stopped and together[0].iterations == 8
+
+
+def test_only_runs_of_one_batch_key_batch_together(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    base = {**FAST, "content": content_image, "styles": [style_image], "iterations": 4}
+    run = prepare(**base)
+    wide = content_image.crop((0, 0, content_image.width, content_image.height // 2))
+    for other in (
+        prepare(**{**base, "iterations": 5}),
+        prepare(**{**base, "content": wide}),  # another shape at the same size
+        prepare(**{**base, "style_layers": ("relu1_1", "relu2_1")}),
+        prepare(**{**base, "precision": "fp32"}),
+    ):
+        assert other.batch_key != run.batch_key
+        with pytest.raises(OptionError, match="batch together") as refused:
+            stylize_together([run, other])
+        assert refused.value.field == "runs"
+    resumed = prepare(**base, resume_from=_checkpoint_at_two(content_image, style_image))
+    assert resumed.batch_key is None
+    with pytest.raises(OptionError, match="batch together"):
+        stylize_together([run, resumed])
+    same = prepare(**{**base, "seed": 9, "style_weight": 1.0, "optimizer": "adam"})
+    assert same.batch_key == run.batch_key
+    assert [r.iterations for r in stylize_together([run, same])] == [4, 4]
+
+
+def _checkpoint_at_two(content: Image.Image, style: Image.Image) -> Checkpoint:
+    saved: list[Checkpoint] = []
+    stylize(content=content, styles=[style], iterations=4, checkpoint_every=2,
+            on_checkpoint=saved.append, **FAST)  # fmt: skip
+    return saved[0]
 
 
 def test_previews_every_n_iterations_and_at_the_end(

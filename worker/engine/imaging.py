@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from worker.engine.stylize import scaled_size
+
 # RGB → YIQ (NTSC 1953). Y carries luminance, I and Q the chroma; Gatys et al. (2016,
 # "Preserving color in neural artistic style transfer") use it for luminance-only transfer.
 RGB_TO_YIQ = torch.tensor(
@@ -17,12 +19,6 @@ RGB_TO_YIQ = torch.tensor(
     ]
 )
 YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
-
-
-def scaled_size(width: int, height: int, long_side: int) -> tuple[int, int]:
-    """(width, height) with the long side ``long_side`` and the aspect ratio kept."""
-    scale = long_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def to_tensor(image: Image.Image, *, long_side: int, device: torch.device) -> torch.Tensor:

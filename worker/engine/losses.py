@@ -154,7 +154,11 @@ class StyleLoss(nn.Module):
         self.register_buffer("target", target_gram.detach().float())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(gram_matrix(features), self.target)
+        return self.of_gram(gram_matrix(features))
+
+    def of_gram(self, gram: torch.Tensor) -> torch.Tensor:
+        """The loss of a Gram matrix computed already (a batch computes them together)."""
+        return F.mse_loss(gram, self.target)
 
 
 class TotalVariationLoss(nn.Module):

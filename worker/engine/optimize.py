@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +29,8 @@ from worker.engine.losses import (
 )
 from worker.engine.registry import BACKBONES
 from worker.engine.stylize import (
-    CheckpointCallback,
     Iterate,
-    ProgressCallback,
+    PreparedRun,
     Result,
     pyramid,
     smallest_side,
@@ -128,13 +127,23 @@ class Objective:
         with self.autocast(image.device):
             return self.extractor(image, layers)
 
+    def grams(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Gram matrices of the style layers, one per image of the batch."""
+        return {name: gram_matrix(features[name]) for name in self.style_losses}
+
     def parts(self, image: torch.Tensor) -> torch.Tensor:
         """Weighted (content, style, tv) as one fp32 tensor, so reading it costs one sync."""
         features = self.features(image, self.layers)
+        return self.parts_from(features, self.grams(features), image)
+
+    def parts_from(
+        self, features: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], image: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`parts` from ``image``'s features and Grams, computed already."""
         zero = image.new_zeros((), dtype=torch.float32)
         content = sum((loss(features[name]) for name, loss in self.content_losses.items()), zero)
         style = sum(
-            (w * loss(features[name]) for name, (w, loss) in self.style_losses.items()), zero
+            (w * loss.of_gram(grams[name]) for name, (w, loss) in self.style_losses.items()), zero
         )
         unweighted = torch.stack([content, style, self.tv_loss(image)])
         return unweighted * self.weights
@@ -213,19 +222,17 @@ def finish_image(
     return to_pil(image)
 
 
-def optimize(
-    *,
-    options: dict[str, Any],
-    content: Image.Image,
-    styles: list[Image.Image],
-    init_image: Image.Image | None,
-    device: str,
-    progress: ProgressCallback | None,
-    on_checkpoint: CheckpointCallback | None,
-    resume_from: Checkpoint | None,
-    started: float,
-) -> Result:
-    torch_device = resolve_device(device)
+def optimize(runs: list[PreparedRun]) -> list[Result]:
+    """Run ``runs`` (one, or several sharing a batch key) and return their results.
+
+    Every iteration evaluates all the runs still going in one pass through the backbone
+    (their images stacked into one batch), then steps each run's own optimizer with its
+    own loss and gradient: the losses of different images share no term, so each image's
+    gradient is the one it would get alone.
+    """
+    first = runs[0]
+    options = first.options
+    torch_device = resolve_device(first.device)
     precision = resolve_precision(options["precision"], torch_device)
     autocast_dtype = AUTOCAST_DTYPES.get(precision)
     channels_last = autocast_dtype is not None
@@ -237,83 +244,172 @@ def optimize(
 
     total = options["iterations"]
     plan = pyramid(options["size"], options["scales"], total)
+    resume_from = first.resume_from if len(runs) == 1 else None
     done = resume_from.iteration if resume_from is not None else 0
-    preview_every, checkpoint_every = options["preview_every"], options["checkpoint_every"]
-    image: torch.Tensor | None = None
-    content_tensor: torch.Tensor | None = None
-    last: Iterate | None = None
-    stopped = False
+    states = [_RunState(run) for run in runs]
     scale_end = 0
 
     for scale, (long_side, count) in enumerate(plan):
         scale_end += count
         if done >= scale_end:
             continue  # finished before the checkpoint we resume from
-        content_tensor = to_tensor(content, long_side=long_side, device=torch_device)
-        height, width = content_tensor.shape[-2:]
-        style_tensors = [
-            to_tensor(style, long_side=_style_side(style, long_side, options), device=torch_device)
-            for style in styles
-        ]
-        objective = build_objective(
-            extractor, options, content_tensor, style_tensors, autocast_dtype, channels_last
-        )
+        going = [state for state in states if not state.stopped]
+        if not going:
+            break
+        for state in going:
+            state.start_scale(
+                scale, long_side, extractor, torch_device, autocast_dtype, channels_last,
+                resume_from,
+            )  # fmt: skip
+        while done < scale_end and going:
+            parts = _evaluate(going)
+            done += 1
+            # The iteration's one host sync, for every run in the batch.
+            values = torch.stack(parts).tolist()
+            for state, run_parts, (content, style, tv) in zip(going, parts, values, strict=True):
+                state.step(lambda run_parts=run_parts: run_parts)  # evaluated above
+                state.report(done, total, scale, len(plan), content, style, tv)
+            going = [state for state in going if not state.stopped]
+        for state in states:
+            if state.param is not None:
+                state.image = state.param.detach()
 
+    return [state.result(total, torch_device, precision) for state in states]
+
+
+def _evaluate(going: list[_RunState]) -> list[torch.Tensor]:
+    """Each run's weighted (content, style, tv) at its current image, from one pass through
+    the backbone; leaves each image's gradient in its ``grad``."""
+    objectives, params = [], []
+    for state in going:
+        assert state.objective is not None and state.param is not None
+        state.param.grad = None
+        objectives.append(state.objective)
+        params.append(state.param)
+    # The layers and the extractor are the same for every run of a batch (its batch key).
+    features = objectives[0].features(
+        params[0] if len(params) == 1 else torch.cat(params), objectives[0].layers
+    )
+    grams = objectives[0].grams(features)
+    if len(params) == 1:  # no slices: a slice's gradient is a copy of the whole feature map
+        parts = [objectives[0].parts_from(features, grams, params[0])]
+    else:
+        # split, not one slice per run: its gradient is put together in one copy.
+        per_run_features = {name: feature.split(1) for name, feature in features.items()}
+        per_run_grams = {name: gram.split(1) for name, gram in grams.items()}
+        parts = [
+            objective.parts_from(
+                {name: feature[index] for name, feature in per_run_features.items()},
+                {name: gram[index] for name, gram in per_run_grams.items()},
+                param,
+            )
+            for index, (objective, param) in enumerate(zip(objectives, params, strict=True))
+        ]
+    torch.stack(parts).sum().backward()
+    return [run_parts.detach() for run_parts in parts]
+
+
+class _RunState:
+    """One run's image, objective, optimizer and progress within :func:`optimize`."""
+
+    def __init__(self, run: PreparedRun) -> None:
+        self.run = run
+        self.options = run.options
+        self.objective: Objective | None = None
+        self.content_tensor: torch.Tensor | None = None
+        self.image: torch.Tensor | None = None
+        self.param: torch.Tensor | None = None
+        self.optimizer: _Step | None = None
+        self.last: Iterate | None = None
+        self.iterations = run.resume_from.iteration if run.resume_from is not None else 0
+        self.stopped = False
+
+    def start_scale(
+        self,
+        scale: int,
+        long_side: int,
+        extractor: FeatureExtractor,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        channels_last: bool,
+        resume_from: Checkpoint | None,
+    ) -> None:
+        run, options = self.run, self.options
+        self.content_tensor = to_tensor(run.content, long_side=long_side, device=device)
+        height, width = self.content_tensor.shape[-2:]
+        style_tensors = [
+            to_tensor(style, long_side=_style_side(style, long_side, options), device=device)
+            for style in run.styles
+        ]
+        self.objective = build_objective(
+            extractor, options, self.content_tensor, style_tensors, autocast_dtype, channels_last
+        )
         optimizer_state: dict[str, np.ndarray] = {}
+        image = self.image
         if image is not None:
             image = resize_to(image, height, width)
         elif resume_from is not None:
-            image = torch.from_numpy(resume_from.image).to(torch_device)
+            image = torch.from_numpy(resume_from.image).to(device)
             if resume_from.scale == scale:
                 optimizer_state = resume_from.optimizer_state
             else:  # checkpointed at the last iteration of the previous scale
                 image = resize_to(image, height, width)
         else:
-            image = initial_image(options, content_tensor, styles[0], init_image)
-        param = image.detach().clone().requires_grad_(True)
-        step = _Step(objective, param, options, optimizer_state)
+            image = initial_image(options, self.content_tensor, run.styles[0], run.init_image)
+        self.param = image.detach().clone().requires_grad_(True)
+        self.optimizer = _Step(self.param, options, optimizer_state)
 
-        while done < scale_end:
-            parts = step()
-            done += 1
-            loss_content, loss_style, loss_tv = parts.tolist()  # the iteration's one host sync
-            want_preview = done == total or (preview_every > 0 and done % preview_every == 0)
-            last = Iterate(
-                iteration=done,
-                total=total,
-                scale=scale,
-                scales=len(plan),
-                loss=loss_content + loss_style + loss_tv,
-                content=loss_content,
-                style=loss_style,
-                tv=loss_tv,
-                elapsed=time.perf_counter() - started,
-                preview=finish_image(param, content_tensor, options) if want_preview else None,
-            )
-            if progress is not None and progress(last):
-                stopped = done < total
-            due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < total
-            if on_checkpoint is not None and due:
-                on_checkpoint(_checkpoint(param, done, scale, options, step))
-            if stopped:
-                break
-        image = param.detach()
-        if stopped:
-            break
+    def step(self, closure: Callable[[], torch.Tensor]) -> None:
+        assert self.optimizer is not None
+        self.optimizer(closure)
 
-    if image is None or content_tensor is None:  # resumed at the very end: nothing to run
-        raise OptionError("nothing left to run from this checkpoint", field="resume_from")
-    return Result(
-        image=finish_image(image, content_tensor, options),
-        iterations=done,
-        total=total,
-        stopped=stopped,
-        last=last,
-        seed=options["seed"],
-        device=str(torch_device),
-        precision=precision,
-        elapsed=time.perf_counter() - started,
-    )
+    def report(
+        self, done: int, total: int, scale: int, scales: int, content: float, style: float,
+        tv: float,
+    ) -> None:  # fmt: skip
+        """The iterate to the run's callback, then its checkpoint if one is due."""
+        assert self.param is not None and self.content_tensor is not None
+        run, options = self.run, self.options
+        self.iterations = done
+        preview_every, checkpoint_every = options["preview_every"], options["checkpoint_every"]
+        want_preview = done == total or (preview_every > 0 and done % preview_every == 0)
+        self.last = Iterate(
+            iteration=done,
+            total=total,
+            scale=scale,
+            scales=scales,
+            loss=content + style + tv,
+            content=content,
+            style=style,
+            tv=tv,
+            elapsed=time.perf_counter() - run.started,
+            preview=finish_image(self.param, self.content_tensor, options)
+            if want_preview
+            else None,
+        )
+        if run.progress is not None and run.progress(self.last):
+            self.stopped = done < total
+        due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < total
+        if run.on_checkpoint is not None and due:
+            assert self.optimizer is not None
+            run.on_checkpoint(_checkpoint(self.param, done, scale, options, self.optimizer))
+        if self.stopped:
+            self.image = self.param.detach()
+
+    def result(self, total: int, device: torch.device, precision: str) -> Result:
+        if self.image is None or self.content_tensor is None:  # resumed at the very end
+            raise OptionError("nothing left to run from this checkpoint", field="resume_from")
+        return Result(
+            image=finish_image(self.image, self.content_tensor, self.options),
+            iterations=self.iterations,
+            total=total,
+            stopped=self.stopped,
+            last=self.last,
+            seed=self.options["seed"],
+            device=str(device),
+            precision=precision,
+            elapsed=time.perf_counter() - self.run.started,
+        )
 
 
 def _style_side(style: Image.Image, long_side: int, options: dict[str, Any]) -> int:
@@ -325,19 +421,14 @@ def _style_side(style: Image.Image, long_side: int, options: dict[str, Any]) -> 
 
 
 class _Step:
-    """One optimizer step on ``param``: returns the weighted loss parts it evaluated."""
+    """One optimizer step on ``param``, given a closure that returns the loss parts at
+    ``param`` with its gradient in ``param.grad`` (evaluated once, by :func:`_evaluate`)."""
 
     def __init__(
-        self,
-        objective: Objective,
-        param: torch.Tensor,
-        options: dict[str, Any],
-        state: dict[str, np.ndarray],
+        self, param: torch.Tensor, options: dict[str, Any], state: dict[str, np.ndarray]
     ) -> None:
-        self.objective = objective
         self.param = param
         self.kind = options["optimizer"]
-        self.last_parts: torch.Tensor | None = None
         if self.kind == "lbfgs":
             self.lbfgs = LBFGS(param, lr=1.0, history_size=100, bounds=(0.0, 1.0))
         else:
@@ -349,17 +440,10 @@ class _Step:
                     for key, value in state.items()
                 }
 
-    def closure(self) -> torch.Tensor:
-        self.param.grad = None
-        parts = self.objective.parts(self.param)
-        parts.sum().backward()
-        self.last_parts = parts.detach()
-        return self.last_parts
-
-    def __call__(self) -> torch.Tensor:
+    def __call__(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         if self.kind == "lbfgs":
-            return self.lbfgs.step(self.closure)
-        parts = self.closure()
+            return self.lbfgs.step(closure)
+        parts = closure()
         self.adam.step()
         with torch.no_grad():
             self.param.clamp_(0.0, 1.0)
