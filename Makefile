@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/service.py --update docs/benchmarks.md
 	$(BIN)/python bench/api.py --update docs/benchmarks.md
 	$(BIN)/python bench/throughput.py --update docs/benchmarks.md
+	$(BIN)/python bench/batching.py --update docs/benchmarks.md
 	$(BIN)/python bench/engine.py
 
 clean:

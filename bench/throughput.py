@@ -13,7 +13,8 @@ at once and waits for all of them. For N = 1, 2 and 4 workers, side by side in o
 
 Every worker runs torch on one thread (``OMP_NUM_THREADS=1``) so that worker counts are
 compared on the same footing on a small machine; the cores this machine has bound the
-figures at N > cores.
+figures at N > cores. Workers run one job at a time (``batch_jobs = 1``): this bench is
+about the queue and the database; ``bench/batching.py`` measures batching.
 
 Usage: ``python bench/throughput.py [--jobs 40] [--workers 1,2,4] [--update docs/benchmarks.md]``
 """
@@ -64,7 +65,9 @@ def run(workers: int, jobs: int, database_url: str | None, scratch: Path) -> dic
     base = scratch / f"n{workers}"
     base.mkdir()
     redis_process, redis_url = start_embedded_redis(base)
-    settings = bench_settings(base, redis_url, database_url, preview_every=0, checkpoint_every=0)
+    settings = bench_settings(
+        base, redis_url, database_url, preview_every=0, checkpoint_every=0, batch_jobs=1
+    )
     processes = []
     try:
         processes = start_workers(settings, workers, base, OMP_NUM_THREADS="1")

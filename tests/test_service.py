@@ -177,6 +177,26 @@ def test_a_job_runs_from_submit_to_result(
     assert client.get(done["links"]["preview"]).mimetype == "image/png"
 
 
+def test_a_phone_photo_is_stylized_upright(
+    client: FlaskClient, worker: WorkerProcess, painting: bytes
+) -> None:
+    # Stored as taken: landscape pixels, and EXIF saying "rotate 90° clockwise to display".
+    source = Image.new("RGB", (96, 72), (0, 0, 0))
+    source.paste((255, 255, 255), (0, 0, 48, 72))  # left half white: the top, upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    source.save(buffer, format="JPEG", exif=exif.tobytes())
+    response = submit(client, buffer.getvalue(), painting, content_name="phone.jpg",
+                      iterations=2, tv_weight=0, style_weight=0)  # fmt: skip
+    assert response.status_code == 202, response.get_json()
+    done = wait_status(client, response.get_json()["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    with Image.open(io.BytesIO(client.get(done["links"]["result"]).data)) as image:
+        assert image.size == (48, 64)  # portrait, as the photo is shown
+        assert image.convert("L").getpixel((24, 8)) > image.convert("L").getpixel((24, 56))
+
+
 def test_cancel_mid_run_then_the_worker_takes_the_next_job(
     client: FlaskClient, worker: WorkerProcess, photo: bytes, painting: bytes
 ) -> None:

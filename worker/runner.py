@@ -11,18 +11,20 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from PIL import Image
-from sqlalchemy import update
+from PIL import Image, ImageOps
+from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.errors import StylequeueError
 from shared.images import encode_png
+from shared.logs import job_context
 from shared.models import Job, JobStatus, StoredImage, utcnow
 from shared.storage import Storage
 from worker import lease
 from worker.context import Context
-from worker.engine import Checkpoint, Iterate, stylize
+from worker.engine import Checkpoint, Iterate, Result, stylize
+from worker.engine.stylize import PreparedRun, batch_key, prepare, stylize_together
 from worker.lease import Claim
 from worker.reporting import JobReporter, forget_points_after, result_key
 from worker.webhooks import deliver_due
@@ -35,7 +37,9 @@ def _load_image(session: Session, storage: Storage, sha256: str) -> Image.Image:
     assert stored is not None, sha256
     image = Image.open(io.BytesIO(storage.get(stored.storage_key)))
     image.load()
-    return image.convert("RGB")
+    # Upright, as the web read it when it checked the upload (shared.images.decode_image):
+    # a phone photo is stored as taken, with its orientation in EXIF.
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def _finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> None:
@@ -68,110 +72,252 @@ def _deliver_callback(ctx: Context, job_id: uuid.UUID) -> None:
 
 
 def run(ctx: Context, job_uuid: uuid.UUID) -> None:
-    """Run one job: claim it, load its inputs (and checkpoint), run the engine, report."""
+    """Run one job: claim it, load its inputs (and checkpoint), run the engine, report.
+
+    Queued jobs that can share its batch (``batch_jobs``, ``batch_max_size``) are claimed
+    too and run with it, each with its own lease, reporter and ending; their own messages
+    find them taken and are dropped (:func:`_drop_unclaimable`).
+    """
     settings = ctx.settings
     from worker.engine.optimize import resolve_device
 
     device = resolve_device(settings.device)
-    claim = lease.claim(
-        ctx.sessions, job_uuid, f"{ctx.name}/{uuid.uuid4().hex[:8]}", settings.lease_seconds,
-        host=ctx.host, worker=ctx.name, device=str(device),
-    )  # fmt: skip
+    claim = _claim(ctx, job_uuid, str(device))
     if claim is None:
         _drop_unclaimable(ctx, job_uuid)
         return
-    if claim.attempts > settings.max_attempts:
-        message = (
-            f"the job was started {claim.attempts - 1} times without finishing (its worker "
-            f"died each time); the limit is {settings.max_attempts}"
-        )
-        _finish(ctx, claim, JobStatus.FAILED, error_code="too_many_attempts", error_message=message)
+    if _out_of_attempts(ctx, claim):
         return
-
-    with ctx.sessions.begin() as session:
-        job = session.get(Job, job_uuid)
-        assert job is not None
-        params = dict(job.params)
-        content = _load_image(session, ctx.storage, job.content_sha256)
-        styles = [_load_image(session, ctx.storage, s.image_sha256) for s in job.styles]
-        weights = [s.weight for s in job.styles]
-        resume_from = None
-        if job.checkpoint_key and ctx.storage.exists(job.checkpoint_key):
-            resume_from = Checkpoint.load(ctx.storage.get(job.checkpoint_key))
-            # Points after the checkpoint are computed again: replaced, never duplicated.
-            forget_points_after(session, job_uuid, resume_from.iteration)
-            # Normally what the claim wrote; not if the worker died between writing the
-            # checkpoint file and recording its iteration.
-            job.resumed_from_iteration = job.iteration = resume_from.iteration
-
-    log.info(
-        "attempt %d on %s (%s): %s", claim.attempts, ctx.host, device,
-        f"resumed from iteration {resume_from.iteration}" if resume_from else "from the start",
-    )  # fmt: skip
-    keeper = lease.LeaseKeeper(ctx.sessions, claim, settings.lease_seconds)
-    keeper.start()
-    reporter = JobReporter(
-        job_uuid, ctx.sessions, ctx.storage, ctx.redis, settings.loss_flush_seconds
-    )
-    started = time.monotonic()
-    soft_limit_reached = False
-    first_iteration = resume_from.iteration if resume_from else 0
-
-    def progress(iterate: Iterate) -> bool:
-        nonlocal soft_limit_reached
-        soft_limit_reached = time.monotonic() - started > settings.soft_time_limit
-        if iterate.elapsed > 0:  # for the heartbeat, and so for /metrics
-            speed = (iterate.iteration - first_iteration) / iterate.elapsed
-            ctx.activity.update(job=str(job_uuid), iterations_per_second=round(speed, 3))
-        return reporter.progress(iterate) or keeper.lost or soft_limit_reached
-
-    watchdog = threading.Timer(settings.hard_time_limit, _hard_time_limit, args=(ctx, claim))
-    watchdog.daemon = True
-    watchdog.start()
-
+    leader = _Attempt.begin(ctx, claim, str(device))
+    attempts = [leader]
     try:
-        result = stylize(
-            content=content,
-            styles=styles,
-            style_weights=weights,
-            device=str(device),
-            progress=progress,
-            preview_every=settings.preview_every,
-            checkpoint_every=settings.checkpoint_every,
-            on_checkpoint=reporter.checkpoint,
-            resume_from=resume_from,
-            **params,
-        )
-    except StylequeueError as error:
-        _while_database_away(reporter.flush)
-        _finish(ctx, claim, JobStatus.FAILED, error_code=error.code, error_message=str(error))
-        return
-    except Exception as error:
-        log.exception("job %s failed", job_uuid)
-        _while_database_away(reporter.flush)
-        message = f"{type(error).__name__}: {error}"
-        _finish(ctx, claim, JobStatus.FAILED, error_code="internal_error", error_message=message)
-        return
+        for partner in _claim_partners(ctx, leader):
+            try:
+                attempts.append(_Attempt.begin(ctx, partner, leader.device))
+            except Exception:  # as if its worker had died: its lease expires, it is retried
+                log.exception("job %s: could not start it in this batch", partner.job_id)
+        if len(attempts) > 1:
+            log.info("running %d jobs as one batch: %s", len(attempts),
+                     ", ".join(str(a.claim.job_id) for a in attempts))  # fmt: skip
+        outcomes = _run_engine(attempts)
     finally:
-        watchdog.cancel()
-        keeper.stop()
-        reporter.close()
+        for attempt in attempts:
+            attempt.stop()
         ctx.activity.update(job=None, iterations_per_second=0.0)
-    if keeper.lost:
-        return  # another worker has the job now; its points and files win
-    _while_database_away(reporter.flush)
-    if result.stopped and soft_limit_reached:
-        message = (
-            f"stopped at iteration {result.iterations} of {result.total}: past the soft time "
-            f"limit of {settings.soft_time_limit:g} s"
+    for attempt, outcome in zip(attempts, outcomes, strict=True):
+        with job_context(str(attempt.claim.job_id)):
+            attempt.end(ctx, outcome)
+
+
+def _claim(ctx: Context, job_id: uuid.UUID, device: str) -> Claim | None:
+    return lease.claim(
+        ctx.sessions, job_id, f"{ctx.name}/{uuid.uuid4().hex[:8]}", ctx.settings.lease_seconds,
+        host=ctx.host, worker=ctx.name, device=device,
+    )  # fmt: skip
+
+
+def _out_of_attempts(ctx: Context, claim: Claim) -> bool:
+    """Fail a job its workers died on too often; True if it was."""
+    if claim.attempts <= ctx.settings.max_attempts:
+        return False
+    message = (
+        f"the job was started {claim.attempts - 1} times without finishing (its worker "
+        f"died each time); the limit is {ctx.settings.max_attempts}"
+    )
+    _finish(ctx, claim, JobStatus.FAILED, error_code="too_many_attempts", error_message=message)
+    return True
+
+
+#: Queued jobs looked at when a worker fills a batch.
+BATCH_CANDIDATES = 50
+
+
+def _claim_partners(ctx: Context, leader: _Attempt) -> list[Claim]:
+    """Claim queued jobs that can run in one batch with ``leader``: same batch key (the
+    engine's, from their stored options and content size), on this worker's queues, fresh
+    (no checkpoint), oldest first, while the batch's memory (each job's estimate, as routing
+    made it) fits what the worker offers. With the database away, the jobs claimed so far
+    (perhaps none: the leader then runs alone)."""
+    settings = ctx.settings
+    if (
+        settings.batch_jobs <= 1
+        or leader.resume_from is not None
+        or leader.params["size"] > settings.batch_max_size
+    ):
+        return []
+    key = batch_key(leader.params, leader.content.size, leader.device)
+    partners: list[Claim] = []
+    try:
+        _claim_into(ctx, leader, key, partners)
+    except DBAPIError as error:
+        log.warning("batch: could not look for more queued jobs: %s", error.orig)
+    return partners
+
+
+def _claim_into(ctx: Context, leader: _Attempt, key: Any, partners: list[Claim]) -> None:
+    """Append to ``partners`` each job claimed, as it is: a database error midway keeps
+    those claimed before it."""
+    with ctx.sessions() as session:
+        candidates = session.execute(
+            select(Job.id, Job.params, Job.memory_bytes, StoredImage.width, StoredImage.height)
+            .join(StoredImage, StoredImage.sha256 == Job.content_sha256)
+            .where(
+                Job.status == JobStatus.QUEUED,
+                Job.cancel_requested.is_(False),
+                Job.checkpoint_key.is_(None),
+                Job.queue.in_(ctx.capacity.queues),
+                Job.id != leader.claim.job_id,
+            )
+            .order_by(Job.created_at)
+            .limit(BATCH_CANDIDATES)
+        ).all()
+    memory = leader.memory_bytes
+    for job_id, params, memory_bytes, width, height in candidates:
+        if len(partners) + 1 >= ctx.settings.batch_jobs:
+            break
+        if batch_key(params, (width, height), leader.device) != key:
+            continue
+        if memory + (memory_bytes or 0) > ctx.capacity.memory_bytes:
+            break
+        claim = _claim(ctx, job_id, leader.device)  # None: another worker was quicker
+        if claim is not None and not _out_of_attempts(ctx, claim):
+            partners.append(claim)
+            memory += memory_bytes or 0
+
+
+def _run_engine(attempts: list[_Attempt]) -> list[Result | BaseException]:
+    """Each attempt's result, or the error that ended it."""
+    if len(attempts) == 1:
+        try:
+            return [stylize(**attempts[0].arguments())]
+        except Exception as error:
+            return [error]
+    outcomes: dict[int, Result | BaseException] = {}
+    groups: dict[Any, list[tuple[int, PreparedRun]]] = {}
+    for index, attempt in enumerate(attempts):
+        try:
+            run = prepare(**attempt.arguments())
+        except Exception as error:  # this job's own inputs or options: it alone fails
+            outcomes[index] = error
+            continue
+        groups.setdefault(run.batch_key, []).append((index, run))
+    # One group unless an image decoded to another size than the row says: the others then
+    # run after it, still on this worker.
+    for group in groups.values():
+        try:
+            results: list[Result | BaseException] = list(
+                stylize_together([run for _, run in group])
+            )
+        except Exception as error:
+            results = [error] * len(group)
+        for (index, _), outcome in zip(group, results, strict=True):
+            outcomes[index] = outcome
+    return [outcomes[index] for index in range(len(attempts))]
+
+
+class _Attempt:
+    """One claimed job on this worker: its inputs, lease, reporter, watchdog and limits."""
+
+    def __init__(self, ctx: Context, claim: Claim, device: str) -> None:
+        self.claim = claim
+        self.device = device
+        self.settings = ctx.settings
+        self.activity = ctx.activity
+        with ctx.sessions.begin() as session:
+            job = session.get(Job, claim.job_id)
+            assert job is not None
+            self.params = dict(job.params)
+            self.memory_bytes = job.memory_bytes or 0
+            self.content = _load_image(session, ctx.storage, job.content_sha256)
+            self.styles = [_load_image(session, ctx.storage, s.image_sha256) for s in job.styles]
+            self.weights = [s.weight for s in job.styles]
+            self.resume_from: Checkpoint | None = None
+            if job.checkpoint_key and ctx.storage.exists(job.checkpoint_key):
+                self.resume_from = Checkpoint.load(ctx.storage.get(job.checkpoint_key))
+                # Points after the checkpoint are computed again: replaced, never duplicated.
+                forget_points_after(session, claim.job_id, self.resume_from.iteration)
+                # Normally what the claim wrote; not if the worker died between writing the
+                # checkpoint file and recording its iteration.
+                job.resumed_from_iteration = job.iteration = self.resume_from.iteration
+        self.keeper = lease.LeaseKeeper(ctx.sessions, claim, self.settings.lease_seconds)
+        self.reporter = JobReporter(
+            claim.job_id, ctx.sessions, ctx.storage, ctx.redis, self.settings.loss_flush_seconds
         )
-        _finish(ctx, claim, JobStatus.FAILED, error_code="time_limit", error_message=message)
-        return
-    if result.stopped:
-        _finish(ctx, claim, JobStatus.CANCELED)
-        return
-    ctx.storage.put(result_key(job_uuid), encode_png(result.image))
-    _finish(ctx, claim, JobStatus.SUCCEEDED, result_key=result_key(job_uuid))
+        self.watchdog = threading.Timer(
+            self.settings.hard_time_limit, _hard_time_limit, args=(ctx, claim)
+        )
+        self.watchdog.daemon = True
+        self.started = time.monotonic()
+        self.first_iteration = self.resume_from.iteration if self.resume_from else 0
+        self.soft_limit_reached = False
+
+    @classmethod
+    def begin(cls, ctx: Context, claim: Claim, device: str) -> _Attempt:
+        with job_context(str(claim.job_id)):
+            attempt = cls(ctx, claim, device)
+            log.info(
+                "attempt %d on %s (%s): %s", claim.attempts, ctx.host, device,
+                f"resumed from iteration {attempt.resume_from.iteration}"
+                if attempt.resume_from else "from the start",
+            )  # fmt: skip
+        attempt.keeper.start()
+        attempt.watchdog.start()
+        return attempt
+
+    def progress(self, iterate: Iterate) -> bool:
+        self.soft_limit_reached = time.monotonic() - self.started > self.settings.soft_time_limit
+        if iterate.elapsed > 0:  # for the heartbeat, and so for /metrics
+            speed = (iterate.iteration - self.first_iteration) / iterate.elapsed
+            self.activity.update(job=str(self.claim.job_id), iterations_per_second=round(speed, 3))
+        return self.reporter.progress(iterate) or self.keeper.lost or self.soft_limit_reached
+
+    def arguments(self) -> dict[str, Any]:
+        """The engine's keyword arguments for this job."""
+        return {
+            "content": self.content,
+            "styles": self.styles,
+            "style_weights": self.weights,
+            "device": self.device,
+            "progress": self.progress,
+            "preview_every": self.settings.preview_every,
+            "checkpoint_every": self.settings.checkpoint_every,
+            "on_checkpoint": self.reporter.checkpoint,
+            "resume_from": self.resume_from,
+            **self.params,
+        }
+
+    def stop(self) -> None:
+        self.watchdog.cancel()
+        self.keeper.stop()
+        self.reporter.close()
+
+    def end(self, ctx: Context, outcome: Result | BaseException) -> None:
+        """Record how the attempt ended: failed, lost, time-limited, canceled or succeeded."""
+        claim, reporter = self.claim, self.reporter
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, StylequeueError):
+                code, message = outcome.code, str(outcome)
+            else:
+                log.error("job %s failed", claim.job_id, exc_info=outcome)
+                code, message = "internal_error", f"{type(outcome).__name__}: {outcome}"
+            _while_database_away(reporter.flush)
+            _finish(ctx, claim, JobStatus.FAILED, error_code=code, error_message=message)
+            return
+        if self.keeper.lost:
+            return  # another worker has the job now; its points and files win
+        _while_database_away(reporter.flush)
+        if outcome.stopped and self.soft_limit_reached:
+            message = (
+                f"stopped at iteration {outcome.iterations} of {outcome.total}: past the soft "
+                f"time limit of {self.settings.soft_time_limit:g} s"
+            )
+            _finish(ctx, claim, JobStatus.FAILED, error_code="time_limit", error_message=message)
+            return
+        if outcome.stopped:
+            _finish(ctx, claim, JobStatus.CANCELED)
+            return
+        ctx.storage.put(result_key(claim.job_id), encode_png(outcome.image))
+        _finish(ctx, claim, JobStatus.SUCCEEDED, result_key=result_key(claim.job_id))
 
 
 def _hard_time_limit(ctx: Context, claim: Claim) -> None:
