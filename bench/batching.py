@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--batch-jobs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
-        "--work", type=float, default=6e6, help="pixel-iterations per job (sets iterations)"
+        "--work", type=float, default=1.5e6, help="pixel-iterations per job (sets iterations)"
     )
     parser.add_argument("--update", type=Path, help="replace the section in this Markdown file")
     args = parser.parse_args()

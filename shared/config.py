@@ -90,10 +90,11 @@ class Settings:
     device: str = "auto"
     #: A worker that starts a job takes up to this many queued jobs it can run with it (same
     #: size, shape, backbone, layers and iterations) and runs them as one batch through the
-    #: backbone: on a 2-core CPU, 1.26× (2 jobs) to 1.36× (4) the throughput at 128 px,
-    #: nothing at 512 px (docs/benchmarks.md). 1 turns batching off.
+    #: backbone. 1 turns batching off.
     batch_jobs: int = 4
-    #: Only jobs whose size (long side, px) is at most this batch; larger ones run alone.
+    #: Only jobs whose size (long side, px) is at most this batch; larger ones run alone. On
+    #: a 2-core CPU with AMX, batches of 4 gave 1.19–1.31× the jobs per minute at 128 and
+    #: 256 px, and 0.90–1.06× at 512 px (bench/batching.py, docs/benchmarks.md).
     batch_max_size: int = 256
     #: A worker's name in heartbeats and in the jobs it runs (default: host and pid).
     worker_name: str = ""

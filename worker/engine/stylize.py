@@ -208,9 +208,9 @@ def stylize_together(runs: Sequence[PreparedRun]) -> list[Result]:
     """Several runs at once, their images one batch through the backbone.
 
     Each image keeps its own options, targets, optimizer, callbacks and seed; one forward
-    and one backward pass serve them all, which is what pays: on a 2-core CPU with AMX, two
-    128 px images took 1.4× less time per image than one, four 1.55× less; at 512 px it
-    made no difference (docs/benchmarks.md). A run whose callback stops it leaves the batch.
+    and one backward pass serve them all, which is what pays for small images: on a 2-core
+    CPU with AMX, 128 px runs took 1.26× less time per image in twos and 1.36× in fours; at
+    512 px, none (docs/benchmarks.md). A run whose callback stops it leaves the batch.
     The runs must share a :attr:`PreparedRun.batch_key` (same device, backbone, layers,
     precision, iterations and pyramid, and images of the same shape at every scale) and
     none may resume from a checkpoint: else :class:`OptionError`.
