@@ -22,81 +22,37 @@ import shutil
 import statistics
 import tempfile
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from report import (  # bench/report.py (run as a script)
-    bench_settings,
-    machine,
-    start_workers,
-    stop,
-    update_section,
-    wait,
-)
+from report import machine, update_section  # bench/report.py (run as a script)
+from service import Service  # bench/service.py
 
-from shared.db import make_engine, make_sessionmaker
-from shared.models import Job
 from shared.presets import presets
-from stylequeue.service import start_embedded_redis
-from web import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Service:
-    """redis-server, a SQLite file, one worker and the app, with one batching setting."""
-
-    def __init__(self, base: Path, batch_jobs: int, batch_max_size: int) -> None:
-        base.mkdir()
-        self.redis_process, redis_url = start_embedded_redis(base)
-        self.settings = bench_settings(
-            base, redis_url, batch_jobs=batch_jobs, batch_max_size=batch_max_size
-        )
-        self.workers = start_workers(self.settings, 1, base)
-        self.app = create_app({"SETTINGS": self.settings})
-        self.client = self.app.test_client()
-        self.sessions = make_sessionmaker(make_engine(self.settings.database_url))
-
-    def run(self, photo: bytes, size: int, iterations: int, jobs: int) -> dict[str, float]:
-        names = list(presets())
-        started = time.perf_counter()
-        ids = []
-        for index in range(jobs):
-            response = self.client.post(
-                "/api/jobs",
-                data={"content": (io.BytesIO(photo), "p.png"), "style_preset": names[index % 4],
-                      "backbone": "vgg19-random", "size": str(size), "iterations": str(iterations),
-                      "scales": "1", "seed": str(index), "reuse": "false"},
-                content_type="multipart/form-data",
-            )  # fmt: skip
-            assert response.status_code == 202, response.get_json()
-            ids.append(uuid.UUID(response.get_json()["id"]))
-
-        def finished() -> list[tuple[str, datetime, datetime]] | None:
-            with self.sessions() as session:
-                jobs = [session.get(Job, job_id) for job_id in ids]
-            ended = [
-                (job.status, job.created_at, job.finished_at)
-                for job in jobs
-                if job is not None and job.finished_at is not None
-            ]
-            return ended if len(ended) == len(ids) else None
-
-        # Polled gently: the bench must not take the CPU the worker runs on.
-        ended = wait(finished, 3600, "the jobs", every=0.25)
-        wall = time.perf_counter() - started
-        assert all(status == "succeeded" for status, _, _ in ended), ended
-        waits = [(end - created).total_seconds() for _, created, end in ended]
-        return {"jobs_per_minute": jobs / wall * 60, "mean_wait": statistics.mean(waits)}
-
-    def close(self) -> None:
-        self.app.extensions["stylequeue"]["engine"].dispose()
-        stop(self.workers)
-        self.redis_process.terminate()
-        self.redis_process.wait(10)
+def run_jobs(
+    service: Service, photo: bytes, size: int, iterations: int, jobs: int
+) -> dict[str, float]:
+    """Submit ``jobs`` jobs at once; jobs per minute until the last finished, and the mean
+    job's time from ``created_at`` to ``finished_at``."""
+    names = list(presets())
+    started = time.perf_counter()
+    ids = [
+        service.submit(photo, style_preset=names[index % 4], size=str(size),
+                       iterations=str(iterations), seed=str(index), reuse="false")
+        for index in range(jobs)
+    ]  # fmt: skip
+    finished = [service.finished(job_id) for job_id in ids]  # each asserts it succeeded
+    wall = time.perf_counter() - started
+    waits = [
+        (job.finished_at - job.created_at).total_seconds() for job in finished if job.finished_at
+    ]
+    return {"jobs_per_minute": jobs / wall * 60, "mean_wait": statistics.mean(waits)}
 
 
 def photo_bytes(images: Path) -> bytes:
@@ -123,10 +79,12 @@ def main() -> None:
     sizes = [int(size) for size in args.sizes.split(",")]
     photo = photo_bytes(args.images)
     scratch = Path(tempfile.mkdtemp(prefix="stylequeue-bench-"))
-    services = {
-        "off": Service(scratch / "off", 1, max(sizes)),
-        "on": Service(scratch / "on", args.batch_jobs, max(sizes)),
-    }
+    services = {}
+    for mode, batch_jobs in (("off", 1), ("on", args.batch_jobs)):
+        (scratch / mode).mkdir()
+        services[mode] = Service(
+            scratch / mode, None, batch_jobs=batch_jobs, batch_max_size=max(sizes)
+        )
     rows: list[dict[str, Any]] = []
     try:
         for size in sizes:
@@ -134,7 +92,9 @@ def main() -> None:
             iterations = max(5, round(args.work / (size * size * 3 / 4)))
             for round_index in range(args.rounds):
                 order = ["off", "on"] if round_index % 2 == 0 else ["on", "off"]
-                measured = {m: services[m].run(photo, size, iterations, args.jobs) for m in order}
+                measured = {
+                    m: run_jobs(services[m], photo, size, iterations, args.jobs) for m in order
+                }
                 row = {"size": size, "iterations": iterations, **{
                     f"{m}_{k}": v for m, figures in measured.items() for k, v in figures.items()
                 }}  # fmt: skip

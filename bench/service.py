@@ -60,9 +60,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Service:
-    def __init__(self, scratch: Path, database_url: str | None) -> None:
+    """redis-server, a database, one warm worker and the app, with ``overrides`` of the
+    settings."""
+
+    def __init__(self, scratch: Path, database_url: str | None, **overrides: Any) -> None:
         self.redis_process, redis_url = start_embedded_redis(scratch)
-        self.settings = bench_settings(scratch, redis_url, database_url)
+        self.settings = bench_settings(scratch, redis_url, database_url, **overrides)
         self.workers = start_workers(self.settings, 1, scratch)
         self.redis = broker.connect(redis_url)
         self.app = create_app({"SETTINGS": self.settings})

@@ -19,7 +19,8 @@ import pytest
 from flask import Flask, Response, url_for
 from flask.testing import FlaskClient
 from PIL import Image
-from sqlalchemy import func, inspect, select
+from sqlalchemy import Engine, func, inspect, select
+from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import encode_multipart
 
@@ -385,9 +386,10 @@ def test_presets_status_pages_and_listing(
     assert client.get("/jobs").status_code == 200
 
 
-def test_loss_points_are_written_in_batches_not_per_iteration(
-    settings: Settings, photo: bytes, painting: bytes, redis_server: RedisServer
-) -> None:
+def job_reporter(
+    settings: Settings, photo: bytes, painting: bytes, redis_url: str, flush_seconds: float
+) -> tuple[Engine, sessionmaker[Session], uuid.UUID, JobReporter]:
+    """A new job's row and a reporter for it, as a worker makes them."""
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine)
     uploads = [Upload("content", "c.png", photo), Upload("style", "s.png", painting)]
@@ -395,9 +397,18 @@ def test_loss_points_are_written_in_batches_not_per_iteration(
     with sessions.begin() as session:
         job_id = create_job(session, storage_from_settings(settings), request).id
     reporter = JobReporter(
-        job_id, sessions, storage_from_settings(settings),
-        broker.connect(redis_server.url), flush_seconds=0.5,
+        job_id, sessions, storage_from_settings(settings), broker.connect(redis_url),
+        flush_seconds=flush_seconds,
     )  # fmt: skip
+    return engine, sessions, job_id, reporter
+
+
+def test_loss_points_are_written_in_batches_not_per_iteration(
+    settings: Settings, photo: bytes, painting: bytes, redis_server: RedisServer
+) -> None:
+    engine, sessions, job_id, reporter = job_reporter(
+        settings, photo, painting, redis_server.url, flush_seconds=0.5
+    )
     started = time.monotonic()
     for iteration in range(1, 2001):  # 2,000 iterations at about 1,000 per second
         reporter.progress(
@@ -428,16 +439,9 @@ def test_a_large_backlog_is_written_once_even_when_sent_again(
 ) -> None:
     # 12,000 points: what a database outage of two minutes leaves at 100 iterations a
     # second, and more bound values (7 per point) than SQLite takes in one statement.
-    engine = make_engine(settings.database_url)
-    sessions = make_sessionmaker(engine)
-    uploads = [Upload("content", "c.png", photo), Upload("style", "s.png", painting)]
-    request = parse_request({"iterations": ["2000"]}, uploads, settings)
-    with sessions.begin() as session:
-        job_id = create_job(session, storage_from_settings(settings), request).id
-    reporter = JobReporter(
-        job_id, sessions, storage_from_settings(settings),
-        broker.connect(redis_server.url), flush_seconds=3600,
-    )  # fmt: skip
+    engine, sessions, job_id, reporter = job_reporter(
+        settings, photo, painting, redis_server.url, flush_seconds=3600
+    )
     reporter.close()  # no writer thread: this test flushes
 
     def feed(first: int, last: int) -> None:
