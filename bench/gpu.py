@@ -10,9 +10,10 @@ anywhere.
   from ``--images``, the offline backbone ``vgg19-random``: same architecture, same cost),
   median seconds per step after warm-up, and ``torch.cuda.max_memory_allocated``;
   ``tf32`` is the fp32 run with TF32 matmuls and convolutions allowed;
-* batching: one loss evaluation (forward through VGG19 to relu5_1, Grams, backward to the
-  pixels) for k images of one size at once against k separate ones: images per second and
-  the speed-up of batching. A worker may batch only where this is well above 1.
+* batching: k runs of one size through ``stylize_together``, as a worker batches k jobs
+  (one forward and backward pass for all, an L-BFGS step each), against one run: images
+  times iterations per second and the speed-up. ``STYLEQUEUE_BATCH_MAX_SIZE`` should stop
+  below the first size where this is not well above 1 (on a 2-core CPU: 256 px).
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ import torch
 from PIL import Image
 
 from worker.engine import Iterate, stylize
-from worker.engine.losses import gram_matrix
-from worker.engine.optimize import load_extractor
+from worker.engine.stylize import prepare, stylize_together
 
 ROOT = Path(__file__).resolve().parents[1]
-STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -71,40 +70,30 @@ def per_step(
             "peak_memory_mib": peak / 2**20}  # fmt: skip
 
 
-def batched(size: int, batch: int, repeats: int, device: torch.device, mode: str) -> float:
-    """Images per second of one loss evaluation (forward, Grams, backward) on ``batch``
-    images at once."""
+def batched(
+    content: Image.Image, style: Image.Image, size: int, batch: int, mode: str, steps: int,
+    device: torch.device,
+) -> float:  # fmt: skip
+    """Image-iterations per second of ``batch`` runs through :func:`stylize_together`, as a
+    worker batches jobs (single scale, L-BFGS each, one seed each), after warm-up."""
     set_tf32(mode == "tf32")
     precision = "bf16" if mode == "bf16" else "fp32"
-    extractor = load_extractor("vgg19-random", device=device, precision=precision).truncated(
-        "relu5_1"
-    )
-    height = size * 3 // 4
-    images = torch.rand(batch, 3, height, size, device=device)
-    if mode == "bf16":  # as the engine runs bf16: channels_last
-        images = images.contiguous(memory_format=torch.channels_last)
-    images.requires_grad_(True)
-    targets = {name: torch.rand(batch, 1, 1, device=device) for name in STYLE_LAYERS}
-    dtype = torch.bfloat16 if mode == "bf16" else None
+    stamps: list[float] = []
 
-    def evaluate() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            features = extractor(images, STYLE_LAYERS)
-        loss = sum(
-            ((gram_matrix(features[name]) - targets[name]) ** 2).mean() for name in STYLE_LAYERS
-        )
-        loss.backward()  # type: ignore[union-attr]
-        images.grad = None
+    def record(_: Iterate) -> None:  # the first run's callback: once per batched iteration
+        synchronize(device)
+        stamps.append(time.perf_counter())
 
-    for _ in range(2):
-        evaluate()
-    synchronize(device)
-    begin = time.perf_counter()
-    for _ in range(repeats):
-        evaluate()
-    synchronize(device)
+    runs = [
+        prepare(content=content, styles=[style], size=size, scales=1, iterations=steps,
+                backbone="vgg19-random", precision=precision, device=str(device), seed=index,
+                progress=record if index == 0 else None)
+        for index in range(batch)
+    ]  # fmt: skip
+    stylize_together(runs)
+    gaps = [b - a for a, b in itertools.pairwise(stamps)][3:]  # after warm-up
     set_tf32(False)
-    return batch * repeats / (time.perf_counter() - begin)
+    return batch / statistics.median(gaps)
 
 
 def main() -> None:
@@ -115,7 +104,7 @@ def main() -> None:
     parser.add_argument("--modes", default="fp32,tf32,bf16")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batches", default="1,2,4,8")
-    parser.add_argument("--batch-size", type=int, default=512, help="image size for batching")
+    parser.add_argument("--batch-sizes", default="128,256,512", help="image sizes for batching")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -141,14 +130,17 @@ def main() -> None:
                   f"{row['peak_memory_mib']:.0f} |", flush=True)  # fmt: skip
 
     batching = []
-    print(f"\n| batch at {args.batch_size} px | mode | images/s | vs batch 1 |\n|---|---|---|---|")
-    for mode in args.modes.split(","):
-        single = None
-        for batch in map(int, args.batches.split(",")):
-            rate = batched(args.batch_size, batch, args.repeats, device, mode)
-            single = single or rate
-            batching.append({"batch": batch, "mode": mode, "images_per_second": rate})
-            print(f"| {batch} | {mode} | {rate:.2f} | {rate / single:.2f}× |", flush=True)
+    print("\n| size | mode | batch | image-iterations/s | vs batch 1 |\n|---|---|---|---|---|")
+    for size in map(int, args.batch_sizes.split(",")):
+        for mode in args.modes.split(","):
+            single = None
+            for batch in map(int, args.batches.split(",")):
+                rate = batched(content, style, size, batch, mode, args.steps, device)
+                single = single or rate
+                batching.append({"size": size, "mode": mode, "batch": batch,
+                                 "image_iterations_per_second": rate})  # fmt: skip
+                print(f"| {size} | {mode} | {batch} | {rate:.2f} | {rate / single:.2f}× |",
+                      flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"device": name, "steps": steps, "batching": batching}))
 
