@@ -88,9 +88,9 @@ class Settings:
     max_attempts: int = 3
     #: The torch device a worker runs jobs on (``auto``: cuda, then mps, then cpu).
     device: str = "auto"
-    #: A worker that starts a job takes up to this many queued jobs it can run with it (same
-    #: size, shape, backbone, layers and iterations) and runs them as one batch through the
-    #: backbone. 1 turns batching off.
+    #: The most jobs a worker runs as one batch through the backbone: the job it starts, and
+    #: queued ones it can run with it (the same batch key: device, backbone, pooling,
+    #: precision, layers, iterations, pyramid and image shape). 1 turns batching off.
     batch_jobs: int = 4
     #: Only jobs whose size (long side, px) is at most this batch; larger ones run alone. On
     #: a 2-core CPU with AMX, batches of 4 gave 1.19–1.31× the jobs per minute at 128 and

@@ -221,6 +221,42 @@ def test_only_runs_of_one_batch_key_batch_together(
     assert [r.iterations for r in stylize_together([run, same])] == [4, 4]
 
 
+def test_a_run_whose_callback_fails_leaves_the_batch_alone_and_early(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    base = {**FAST, "content": content_image, "styles": [style_image], "iterations": 6}
+    ended: list[tuple[int, int]] = []  # (run, iterations the others had done by then)
+    seen: list[int] = []
+
+    def failing_at_two(iterate: Iterate) -> None:
+        if iterate.iteration == 2:
+            raise RuntimeError("the checkpoint store is away")
+
+    def stopping_at_three(iterate: Iterate) -> bool:
+        return iterate.iteration == 3
+
+    def going_on(iterate: Iterate) -> None:
+        seen.append(iterate.iteration)
+
+    callbacks = [going_on, failing_at_two, stopping_at_three]
+    runs = [
+        prepare(**base, progress=callback, seed=index) for index, callback in enumerate(callbacks)
+    ]
+    outcomes = stylize_together(
+        runs, on_result=lambda index, outcome: ended.append((index, len(seen)))
+    )
+    failed, stopped, finished = outcomes[1], outcomes[2], outcomes[0]
+    assert isinstance(failed, RuntimeError) and "store is away" in str(failed)
+    assert isinstance(stopped, Result) and stopped.stopped and stopped.iterations == 3
+    assert isinstance(finished, Result) and finished.iterations == 6 and not finished.stopped
+    assert seen == [1, 2, 3, 4, 5, 6]
+    # Each heard of as it ended: the failed one at 2, the stopped one at 3, the last at 6.
+    assert ended == [(1, 2), (2, 3), (0, 6)]
+    # A lone run's failure is raised, as ``stylize`` raises it.
+    with pytest.raises(RuntimeError, match="store is away"):
+        stylize_together([prepare(**base, progress=failing_at_two)])
+
+
 def _checkpoint_at_two(content: Image.Image, style: Image.Image) -> Checkpoint:
     saved: list[Checkpoint] = []
     stylize(content=content, styles=[style], iterations=4, checkpoint_every=2,

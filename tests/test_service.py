@@ -43,6 +43,7 @@ from tests.service import (
 )
 from web import SECURITY_HEADERS, create_app, security_headers
 from web.api import job_json, job_links, load_job
+from worker import lease
 from worker.engine import Iterate
 from worker.reporting import JobReporter
 
@@ -432,6 +433,31 @@ def test_loss_points_are_written_in_batches_not_per_iteration(
     seconds = time.monotonic() - started
     assert reporter.flushes <= seconds / 0.5 + 2  # one write per 0.5 s, not per iteration
     assert reporter.flushes < 20
+
+
+def test_a_released_job_is_queued_again_and_its_attempt_says_so(
+    settings: Settings, photo: bytes, painting: bytes, redis_server: RedisServer
+) -> None:
+    # What a worker does with a batch partner it claimed but could not start.
+    engine, sessions, job_id, reporter = job_reporter(
+        settings, photo, painting, redis_server.url, flush_seconds=3600
+    )
+    reporter.close()
+    claim = lease.claim(sessions, job_id, "w9/abc", 30.0, host="h", worker="w9", device="cpu")
+    assert claim is not None and claim.attempts == 1
+    lease.release(sessions, lease.Claim(job_id, "someone else", 1))  # not ours: no-op
+    with sessions() as session:
+        assert session.scalar(select(Job.status).where(Job.id == job_id)) == "running"
+    lease.release(sessions, claim)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert (job.status, job.lease_owner, job.lease_expires_at) == ("queued", None, None)
+        run = session.get(JobRun, (job_id, 1))
+        assert run is not None and run.outcome == "released" and run.ended_at is not None
+    again = lease.claim(sessions, job_id, "w9/def", 30.0, host="h", worker="w9", device="cpu")
+    assert again is not None and again.attempts == 2  # a release counts as an attempt
+    engine.dispose()
 
 
 def test_a_large_backlog_is_written_once_even_when_sent_again(

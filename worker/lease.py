@@ -94,6 +94,20 @@ def end_run(session: Session, job_id: uuid.UUID, attempt: int, outcome: str) -> 
     )
 
 
+def release(sessions: sessionmaker[Session], job: Claim) -> None:
+    """Give a claimed job back to the queue, if it is still ours: its attempt ends as
+    ``released`` (and counts, so that a job that keeps failing to start ends up failed).
+    The reconciler sends it again if its message is gone."""
+    with sessions.begin() as session:
+        ours = session.execute(
+            update(Job)
+            .where(Job.id == job.job_id, Job.lease_owner == job.owner)
+            .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None)
+        )
+        if ours.rowcount:  # type: ignore[attr-defined]
+            end_run(session, job.job_id, job.attempts, "released")
+
+
 def renew(sessions: sessionmaker[Session], job: Claim, lease_seconds: float) -> bool:
     """Push the lease forward; False when the job is no longer ours."""
     with sessions.begin() as session:

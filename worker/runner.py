@@ -94,19 +94,18 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
         for partner in _claim_partners(ctx, leader):
             try:
                 attempts.append(_Attempt.begin(ctx, partner, leader.device))
-            except Exception:  # as if its worker had died: its lease expires, it is retried
+            except Exception:
                 log.exception("job %s: could not start it in this batch", partner.job_id)
+                _release(ctx, partner)
         if len(attempts) > 1:
             log.info("running %d jobs as one batch: %s", len(attempts),
                      ", ".join(str(a.claim.job_id) for a in attempts))  # fmt: skip
-        outcomes = _run_engine(attempts)
+        _run_engine(ctx, attempts)
     finally:
         for attempt in attempts:
-            attempt.stop()
+            if not attempt.ended:  # an exception got here first
+                attempt.stop()
         ctx.activity.update(job=None, iterations_per_second=0.0)
-    for attempt, outcome in zip(attempts, outcomes, strict=True):
-        with job_context(str(attempt.claim.job_id)):
-            attempt.end(ctx, outcome)
 
 
 def _claim(ctx: Context, job_id: uuid.UUID, device: str) -> Claim | None:
@@ -136,8 +135,8 @@ def _claim_partners(ctx: Context, leader: _Attempt) -> list[Claim]:
     """Claim queued jobs that can run in one batch with ``leader``: same batch key (the
     engine's, from their stored options and content size), on this worker's queues, fresh
     (no checkpoint), oldest first, while the batch's memory (each job's estimate, as routing
-    made it) fits what the worker offers. With the database away, the jobs claimed so far
-    (perhaps none: the leader then runs alone)."""
+    made it) fits what the worker offers. On an error midway (the database away, say), the
+    jobs claimed so far (perhaps none: the leader then runs alone)."""
     settings = ctx.settings
     if (
         settings.batch_jobs <= 1
@@ -149,8 +148,8 @@ def _claim_partners(ctx: Context, leader: _Attempt) -> list[Claim]:
     partners: list[Claim] = []
     try:
         _claim_into(ctx, leader, key, partners)
-    except DBAPIError as error:
-        log.warning("batch: could not look for more queued jobs: %s", error.orig)
+    except Exception:  # the database away, say: the batch is what was claimed so far
+        log.exception("batch: could not look for more queued jobs")
     return partners
 
 
@@ -185,34 +184,44 @@ def _claim_into(ctx: Context, leader: _Attempt, key: Any, partners: list[Claim])
             memory += memory_bytes or 0
 
 
-def _run_engine(attempts: list[_Attempt]) -> list[Result | BaseException]:
-    """Each attempt's result, or the error that ended it."""
+def _run_engine(ctx: Context, attempts: list[_Attempt]) -> None:
+    """Run the attempts' jobs, one alone or several as batches, and end each as soon as
+    its run ends: a job canceled mid-batch is canceled then, not when the batch ends."""
     if len(attempts) == 1:
         try:
-            return [stylize(**attempts[0].arguments())]
+            outcome: Result | Exception = stylize(**attempts[0].arguments())
         except Exception as error:
-            return [error]
-    outcomes: dict[int, Result | BaseException] = {}
-    groups: dict[Any, list[tuple[int, PreparedRun]]] = {}
+            outcome = error
+        attempts[0].settle(ctx, outcome)
+        return
+    groups: dict[Any, list[tuple[_Attempt, PreparedRun]]] = {}
     for index, attempt in enumerate(attempts):
         try:
             run = prepare(**attempt.arguments())
         except Exception as error:  # this job's own inputs or options: it alone fails
-            outcomes[index] = error
+            attempt.settle(ctx, error)
             continue
-        groups.setdefault(run.batch_key, []).append((index, run))
-    # One group unless an image decoded to another size than the row says: the others then
-    # run after it, still on this worker.
+        # One group unless a run cannot share it: an image decoded to another size than
+        # its row says, or a checkpoint written since the partner was chosen.
+        groups.setdefault(run.batch_key or ("alone", index), []).append((attempt, run))
     for group in groups.values():
+
+        def on_result(index: int, outcome: Result | Exception, group: Any = group) -> None:
+            group[index][0].settle(ctx, outcome)
+
         try:
-            results: list[Result | BaseException] = list(
-                stylize_together([run for _, run in group])
-            )
-        except Exception as error:
-            results = [error] * len(group)
-        for (index, _), outcome in zip(group, results, strict=True):
-            outcomes[index] = outcome
-    return [outcomes[index] for index in range(len(attempts))]
+            stylize_together([run for _, run in group], on_result=on_result)
+        except Exception as error:  # the batch's own failure: every job still in it
+            for attempt, _ in group:
+                if not attempt.ended:
+                    attempt.settle(ctx, error)
+
+
+def _release(ctx: Context, claim: Claim) -> None:
+    try:
+        lease.release(ctx.sessions, claim)
+    except Exception:  # the database is away: the lease expires instead
+        log.exception("job %s: could not give it back to the queue", claim.job_id)
 
 
 class _Attempt:
@@ -250,6 +259,7 @@ class _Attempt:
         self.started = time.monotonic()
         self.first_iteration = self.resume_from.iteration if self.resume_from else 0
         self.soft_limit_reached = False
+        self.ended = False
 
     @classmethod
     def begin(cls, ctx: Context, claim: Claim, device: str) -> _Attempt:
@@ -291,10 +301,22 @@ class _Attempt:
         self.keeper.stop()
         self.reporter.close()
 
-    def end(self, ctx: Context, outcome: Result | BaseException) -> None:
+    def settle(self, ctx: Context, outcome: Result | Exception) -> None:
+        """Stop the attempt's threads and record its end; if that fails, give the job back
+        to the queue rather than leave it running under a lease nobody renews."""
+        self.ended = True
+        self.stop()
+        with job_context(str(self.claim.job_id)):
+            try:
+                self.end(ctx, outcome)
+            except Exception:
+                log.exception("job %s: could not record how it ended", self.claim.job_id)
+                _release(ctx, self.claim)
+
+    def end(self, ctx: Context, outcome: Result | Exception) -> None:
         """Record how the attempt ended: failed, lost, time-limited, canceled or succeeded."""
         claim, reporter = self.claim, self.reporter
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, Exception):
             if isinstance(outcome, StylequeueError):
                 code, message = outcome.code, str(outcome)
             else:

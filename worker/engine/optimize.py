@@ -32,6 +32,7 @@ from worker.engine.stylize import (
     Iterate,
     PreparedRun,
     Result,
+    ResultCallback,
     pyramid,
     smallest_side,
 )
@@ -222,13 +223,17 @@ def finish_image(
     return to_pil(image)
 
 
-def optimize(runs: list[PreparedRun]) -> list[Result]:
+def optimize(
+    runs: list[PreparedRun], on_result: ResultCallback | None = None
+) -> list[Result | Exception]:
     """Run ``runs`` (one, or several sharing a batch key) and return their results.
 
     Every iteration evaluates all the runs still going in one pass through the backbone
     (their images stacked into one batch), then steps each run's own optimizer with its
     own loss and gradient: the losses of different images share no term, so each image's
-    gradient is the one it would get alone.
+    gradient is the one it would get alone. In a batch, a run whose callback raises leaves
+    it with that exception as its outcome; the others go on. A lone run's exception is
+    raised. ``on_result(index, outcome)`` hears of each run as soon as it ends.
     """
     first = runs[0]
     options = first.options
@@ -246,7 +251,7 @@ def optimize(runs: list[PreparedRun]) -> list[Result]:
     plan = pyramid(options["size"], options["scales"], total)
     resume_from = first.resume_from if len(runs) == 1 else None
     done = resume_from.iteration if resume_from is not None else 0
-    states = [_RunState(run) for run in runs]
+    states = [_RunState(run, index) for index, run in enumerate(runs)]
     scale_end = 0
 
     for scale, (long_side, count) in enumerate(plan):
@@ -268,13 +273,24 @@ def optimize(runs: list[PreparedRun]) -> list[Result]:
             values = torch.stack(parts).tolist()
             for state, run_parts, (content, style, tv) in zip(going, parts, values, strict=True):
                 state.step(lambda run_parts=run_parts: run_parts)  # evaluated above
-                state.report(done, total, scale, len(plan), content, style, tv)
+                try:
+                    state.report(done, total, scale, len(plan), content, style, tv)
+                except Exception as error:
+                    if len(runs) == 1:
+                        raise
+                    state.error, state.stopped = error, True
             going = [state for state in going if not state.stopped]
+            for state in states:  # those that just left the batch
+                if state.stopped and not state.announced:
+                    state.announce(on_result, total, torch_device, precision)
         for state in states:
             if state.param is not None:
                 state.image = state.param.detach()
 
-    return [state.result(total, torch_device, precision) for state in states]
+    for state in states:
+        if not state.announced:
+            state.announce(on_result, total, torch_device, precision)
+    return [state.outcome for state in states]
 
 
 def _evaluate(going: list[_RunState]) -> list[torch.Tensor]:
@@ -312,8 +328,9 @@ def _evaluate(going: list[_RunState]) -> list[torch.Tensor]:
 class _RunState:
     """One run's image, objective, optimizer and progress within :func:`optimize`."""
 
-    def __init__(self, run: PreparedRun) -> None:
+    def __init__(self, run: PreparedRun, index: int) -> None:
         self.run = run
+        self.index = index  #: its place in ``optimize``'s runs
         self.options = run.options
         self.objective: Objective | None = None
         self.content_tensor: torch.Tensor | None = None
@@ -323,6 +340,9 @@ class _RunState:
         self.last: Iterate | None = None
         self.iterations = run.resume_from.iteration if run.resume_from is not None else 0
         self.stopped = False
+        self.error: Exception | None = None  #: what a callback of this run raised
+        self.outcome: Result | Exception | None = None
+        self.announced = False
 
     def start_scale(
         self,
@@ -395,6 +415,19 @@ class _RunState:
             run.on_checkpoint(_checkpoint(self.param, done, scale, options, self.optimizer))
         if self.stopped:
             self.image = self.param.detach()
+
+    def announce(
+        self,
+        on_result: ResultCallback | None,
+        total: int,
+        device: torch.device,
+        precision: str,
+    ) -> None:
+        """Settle this run's outcome and tell ``on_result``."""
+        self.outcome = self.error or self.result(total, device, precision)
+        self.announced = True
+        if on_result is not None:
+            on_result(self.index, self.outcome)
 
     def result(self, total: int, device: torch.device, precision: str) -> Result:
         if self.image is None or self.content_tensor is None:  # resumed at the very end

@@ -78,6 +78,8 @@ class Result:
 
 ProgressCallback = Callable[[Iterate], bool | None]
 CheckpointCallback = Callable[[Checkpoint], None]
+#: ``stylize_together``'s: the index of a run that ended, and its result or exception.
+ResultCallback = Callable[[int, "Result | Exception"], None]
 
 
 def stylize(
@@ -172,7 +174,9 @@ def stylize(
     run = _prepare(dict(locals()))  # this call's arguments, defaults included
     from worker.engine.optimize import optimize  # torch is imported here, not before
 
-    return optimize([run])[0]
+    (result,) = optimize([run])  # a lone run raises what ends it
+    assert isinstance(result, Result)
+    return result
 
 
 @dataclass(frozen=True)
@@ -204,19 +208,26 @@ def prepare(**arguments: Any) -> PreparedRun:
     return _prepare(bound.arguments)
 
 
-def stylize_together(runs: Sequence[PreparedRun]) -> list[Result]:
+def stylize_together(
+    runs: Sequence[PreparedRun], *, on_result: ResultCallback | None = None
+) -> list[Result | Exception]:
     """Several runs at once, their images one batch through the backbone.
 
     Each image keeps its own options, targets, optimizer, callbacks and seed; one forward
     and one backward pass serve them all, which is what pays for small images: on a 2-core
     CPU with AMX, 128 px runs took 1.26× less time per image in twos and 1.36× in fours; at
-    512 px, none (docs/benchmarks.md). A run whose callback stops it leaves the batch.
-    The runs must share a :attr:`PreparedRun.batch_key` (same device, backbone, layers,
-    precision, iterations and pyramid, and images of the same shape at every scale) and
-    none may resume from a checkpoint: else :class:`OptionError`.
+    512 px, none (docs/benchmarks.md).
+
+    A run whose callback stops it leaves the batch; so does one whose callback raises, and
+    that exception is its outcome in the list returned (an error of the batch itself, in
+    the backbone say, is raised). ``on_result(index, outcome)`` is called as soon as the
+    run at ``index`` ends, before the batch does. Several runs must share a
+    :attr:`PreparedRun.batch_key` (same device, backbone, layers, precision, iterations
+    and pyramid, and images of the same shape at every scale) and none may resume from a
+    checkpoint: else :class:`OptionError`. A lone run may be any run.
     """
     keys = {run.batch_key for run in runs}
-    if not runs or None in keys or len(keys) != 1:
+    if not runs or (len(runs) > 1 and (None in keys or len(keys) != 1)):
         raise OptionError(
             "runs batch together only with the same device, backbone, layers, precision, "
             "iterations, pyramid and image shape, and none resumed",
@@ -224,7 +235,7 @@ def stylize_together(runs: Sequence[PreparedRun]) -> list[Result]:
         )
     from worker.engine.optimize import optimize
 
-    return optimize(list(runs))
+    return optimize(list(runs), on_result)
 
 
 def batch_key(
