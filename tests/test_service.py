@@ -482,6 +482,8 @@ def test_a_large_backlog_is_written_once_even_when_sent_again(
     # A flush whose commit was answered but not heard is sent again with newer points.
     feed(11001, 12500)
     assert reporter.flush()
+    writes = reporter.flushes
+    assert reporter.flush() and reporter.flushes == writes  # nothing new: nothing written
     with sessions() as session:
         rows = session.execute(
             select(LossPoint.iteration, LossPoint.total)

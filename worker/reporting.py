@@ -150,8 +150,9 @@ class JobReporter:
             self.last_flush = time.monotonic()
             with self._buffer_lock:
                 points, self.points = self.points, []
-                latest, preview = self.latest, self.pending_preview
-                self.pending_preview = None
+                # The progress is written once: a flush with nothing new writes nothing.
+                latest, self.latest = self.latest, None
+                preview, self.pending_preview = self.pending_preview, None
             if not points and latest is None and preview is None:
                 return True
             try:
@@ -159,6 +160,7 @@ class JobReporter:
             except Exception as error:  # the database or the storage is away
                 with self._buffer_lock:  # put them back, before any newer ones
                     self.points = points + self.points
+                    self.latest = self.latest or latest
                     self.pending_preview = self.pending_preview or preview
                 if self.db_errors == 0:
                     log.warning("job %s: cannot write, buffering %d loss points: %s",

@@ -97,6 +97,8 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
             except Exception:
                 log.exception("job %s: could not start it in this batch", partner.job_id)
                 _release(ctx, partner)
+        for attempt in attempts:
+            attempt.batch = attempts
         if len(attempts) > 1:
             log.info("running %d jobs as one batch: %s", len(attempts),
                      ", ".join(str(a.claim.job_id) for a in attempts))  # fmt: skip
@@ -232,6 +234,7 @@ class _Attempt:
         self.device = device
         self.settings = ctx.settings
         self.activity = ctx.activity
+        self.speed = 0.0  #: this job's iterations per second
         with ctx.sessions.begin() as session:
             job = session.get(Job, claim.job_id)
             assert job is not None
@@ -260,6 +263,8 @@ class _Attempt:
         self.first_iteration = self.resume_from.iteration if self.resume_from else 0
         self.soft_limit_reached = False
         self.ended = False
+        #: The attempts run with this one (itself included): the worker's speed is theirs.
+        self.batch: list[_Attempt] = [self]
 
     @classmethod
     def begin(cls, ctx: Context, claim: Claim, device: str) -> _Attempt:
@@ -277,8 +282,10 @@ class _Attempt:
     def progress(self, iterate: Iterate) -> bool:
         self.soft_limit_reached = time.monotonic() - self.started > self.settings.soft_time_limit
         if iterate.elapsed > 0:  # for the heartbeat, and so for /metrics
-            speed = (iterate.iteration - self.first_iteration) / iterate.elapsed
-            self.activity.update(job=str(self.claim.job_id), iterations_per_second=round(speed, 3))
+            self.speed = (iterate.iteration - self.first_iteration) / iterate.elapsed
+            # A batching worker's speed is that of its jobs together.
+            total = sum(attempt.speed for attempt in self.batch if not attempt.ended)
+            self.activity.update(job=str(self.claim.job_id), iterations_per_second=round(total, 3))
         return self.reporter.progress(iterate) or self.keeper.lost or self.soft_limit_reached
 
     def arguments(self) -> dict[str, Any]:
