@@ -222,7 +222,8 @@ def _run_engine(ctx: Context, attempts: list[_Attempt]) -> None:
 def _release(ctx: Context, claim: Claim) -> None:
     try:
         lease.release(ctx.sessions, claim)
-    except Exception:  # the database is away: the lease expires instead
+    except Exception:  # the database is away: the job waits for this worker's end (the
+        # reconciler takes over expired leases of workers whose heartbeat is gone)
         log.exception("job %s: could not give it back to the queue", claim.job_id)
 
 
