@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from flask.testing import FlaskClient
+from PIL import Image
 from sqlalchemy import update
 
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
-from shared.models import Job, JobStatus, utcnow
+from shared.models import Job, JobStatus, StoredImage, utcnow
 from tests.service import (
     FAST_RECOVERY,
     RedisServer,
@@ -152,6 +153,39 @@ def test_a_job_that_keeps_killing_its_worker_fails_clearly(
     assert final["status"] == "failed"
     assert final["error"]["code"] == "too_many_attempts"
     assert "limit is 5" in final["error"]["message"]
+
+
+def test_a_job_whose_input_is_gone_is_tried_again_then_fails_clearly(
+    client: FlaskClient, settings: Settings, tmp_path: Path
+) -> None:
+    photo = tmp_path / "unique.png"  # its own file: the other tests' photo stays
+    Image.effect_noise((80, 60), 50).convert("RGB").save(photo)
+    submitted = submit_preset(client, photo, iterations=5)
+    engine = make_engine(settings.database_url)
+    with make_sessionmaker(engine)() as session:
+        content = session.get(Job, uuid.UUID(submitted["id"]))
+        assert content is not None
+        stored = session.get(StoredImage, content.content_sha256)
+        assert stored is not None
+        key = stored.storage_key
+    engine.dispose()
+    (Path(settings.data_dir) / "files" / key).unlink()  # the local storage's file
+    worker = WorkerProcess(settings, "starter", tmp_path / "starter.log")
+    worker.start()
+    try:
+        final = wait_for(
+            lambda: (b := job(client, submitted["id"]))["status"] in ("failed", "succeeded") and b,
+            90,
+            "the job to be given up",
+        )
+    finally:
+        worker.stop()
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "too_many_attempts"
+    assert "could not start it" in final["error"]["message"]
+    # Every attempt gave the job back (none left it running under a dead lease).
+    assert [run["outcome"] for run in final["runs"]][:-1] == ["released"] * settings.max_attempts
+    assert "could not start it" in (tmp_path / "starter.log").read_text()
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,12 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
         return
     if _out_of_attempts(ctx, claim):
         return
-    leader = _Attempt.begin(ctx, claim, str(device))
+    try:
+        leader = _Attempt.begin(ctx, claim, str(device))
+    except Exception:  # its inputs unreadable, say: back to the queue, a limited number of times
+        log.exception("job %s: could not start it", job_uuid)
+        _release(ctx, claim)
+        return
     attempts = [leader]
     try:
         for partner in _claim_partners(ctx, leader):
@@ -123,7 +128,7 @@ def _out_of_attempts(ctx: Context, claim: Claim) -> bool:
         return False
     message = (
         f"the job was started {claim.attempts - 1} times without finishing (its worker "
-        f"died each time); the limit is {ctx.settings.max_attempts}"
+        f"died, or could not start it, each time); the limit is {ctx.settings.max_attempts}"
     )
     _finish(ctx, claim, JobStatus.FAILED, error_code="too_many_attempts", error_message=message)
     return True
