@@ -140,19 +140,26 @@ def test_a_job_that_keeps_killing_its_worker_fails_clearly(
             )
         )
     engine.dispose()
-    worker = WorkerProcess(settings, "survivor", tmp_path / "survivor.log")
-    worker.start()
-    try:
-        final = wait_for(
-            lambda: (b := job(client, submitted["id"]))["status"] in ("failed", "succeeded") and b,
-            60,
-            "the job to be given up",
-        )
-    finally:
-        worker.stop()
+    final = ended_under_a_new_worker(client, settings, submitted["id"], tmp_path / "survivor.log")
     assert final["status"] == "failed"
     assert final["error"]["code"] == "too_many_attempts"
     assert "limit is 5" in final["error"]["message"]
+
+
+def ended_under_a_new_worker(
+    client: FlaskClient, settings: Settings, job_id: str, log: Path
+) -> dict:
+    """The job's JSON once it failed or succeeded, with a worker started for it."""
+    worker = WorkerProcess(settings, log.stem, log)
+    worker.start()
+    try:
+        return wait_for(  # type: ignore[no-any-return]
+            lambda: (b := job(client, job_id))["status"] in ("failed", "succeeded") and b,
+            90,
+            f"job {job_id} to end",
+        )
+    finally:
+        worker.stop()
 
 
 def test_a_job_whose_input_is_gone_is_tried_again_then_fails_clearly(
@@ -170,16 +177,7 @@ def test_a_job_whose_input_is_gone_is_tried_again_then_fails_clearly(
         key = stored.storage_key
     engine.dispose()
     (Path(settings.data_dir) / "files" / key).unlink()  # the local storage's file
-    worker = WorkerProcess(settings, "starter", tmp_path / "starter.log")
-    worker.start()
-    try:
-        final = wait_for(
-            lambda: (b := job(client, submitted["id"]))["status"] in ("failed", "succeeded") and b,
-            90,
-            "the job to be given up",
-        )
-    finally:
-        worker.stop()
+    final = ended_under_a_new_worker(client, settings, submitted["id"], tmp_path / "starter.log")
     assert final["status"] == "failed"
     assert final["error"]["code"] == "too_many_attempts"
     assert "could not start it" in final["error"]["message"]
