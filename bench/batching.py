@@ -17,7 +17,6 @@ Usage: ``python bench/batching.py [--sizes 128,256,512] [--update docs/benchmark
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import statistics
 import tempfile
@@ -28,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 from report import machine, update_section  # bench/report.py (run as a script)
-from service import Service  # bench/service.py
+from service import Service, png  # bench/service.py
 
 from shared.presets import presets
 
@@ -55,14 +54,6 @@ def run_jobs(
     return {"jobs_per_minute": jobs / wall * 60, "mean_wait": statistics.mean(waits)}
 
 
-def photo_bytes(images: Path) -> bytes:
-    image = Image.open(images / "content" / "tubingen.jpg").convert("RGB")
-    image.thumbnail((1024, 1024))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "images")
@@ -77,7 +68,9 @@ def main() -> None:
     args = parser.parse_args()
 
     sizes = [int(size) for size in args.sizes.split(",")]
-    photo = photo_bytes(args.images)
+    content = Image.open(args.images / "content" / "tubingen.jpg").convert("RGB")
+    content.thumbnail((1024, 1024))
+    photo = png(content)
     scratch = Path(tempfile.mkdtemp(prefix="stylequeue-bench-"))
     services = {}
     for mode, batch_jobs in (("off", 1), ("on", args.batch_jobs)):
