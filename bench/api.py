@@ -224,6 +224,11 @@ def main() -> None:
         + " | | |",
         f"| `GET /healthz` per second (Flask and gunicorn alone) | "
         f"{median_and_each(floor_rates, '{:,.0f}')} | | |",
+        "| `GET /healthz` latency p50 / p99 | "
+        + median_and_each([run.latency.get("50", 0) for run in floors], "{:.1f}")
+        + " / "
+        + median_and_each([run.latency.get("99", 0) for run in floors], "{:.1f}")
+        + " ms | | |",
         f"| a poll's cost in `/healthz` requests (rate ratio, median) "
         f"| {statistics.median(f / r for f, r in zip(floor_rates, rates, strict=True)):.2f} | | |",
     ]

@@ -4,6 +4,7 @@ bench owns one section)."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -52,6 +53,24 @@ def machine() -> str:
         found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
         model = f" ({found.group(1).strip()})" if found else ""
     return f"{platform.machine()}{model}, {os.cpu_count()} cores"
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A confidence interval for the median of ``values``, from their order statistics
+    (distribution-free: each value falls below the true median with probability one half,
+    so the number below it is binomial). Its coverage is at least ``level``; with fewer
+    than 6 values no interval reaches 95 %, and the whole range is returned."""
+    ordered = sorted(values)
+    n = len(ordered)
+    tail = (1 - level) / 2
+    # The largest k with P(Binomial(n, 1/2) < k) <= tail: [x_(k), x_(n-k+1)], 1-based.
+    k, below = 0, 0.0
+    while k < n // 2 and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return ordered[0], ordered[-1]
+    return ordered[k - 1], ordered[n - k]
 
 
 def markers(name: str) -> tuple[str, str]:
