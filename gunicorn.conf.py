@@ -12,7 +12,8 @@ bind = ["0.0.0.0:8000"]
 worker_class = "gthread"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # An open event stream (/api/jobs/<id>/events: each job page holds one) keeps its thread
-# for as long as it lasts; the polls share the others.
+# for as long as it lasts. A process serves at most STYLEQUEUE_EVENT_STREAMS (8) of them and
+# refuses more, so that the polls always have the other threads.
 threads = 16
 # Event streams last as long as their jobs; gthread's worker timeout would cut them.
 timeout = 0

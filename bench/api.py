@@ -9,10 +9,13 @@ rows), and gunicorn; then, in each of ``--rounds`` rounds, ``wrk`` (Debian's pac
 long on ``GET /healthz`` (Flask and gunicorn with none of our code: the floor). The API's
 rate limit stays in the path (one Redis round trip per poll) with a limit none reaches.
 Each round also counts wrk's connections on each gunicorn process: the latency of a
-process's connections grows with their number.
+process's connections grows with their number. A last round polls while ``--streams``
+event streams (open job pages, more than the server's threads) are held open on a queued
+job: how many were served, refused (503 ``streams_busy``) or left waiting for a thread, and
+what the polls got meanwhile.
 
 Usage: ``python bench/api.py [--clients 50] [--seconds 10] [--rounds 3] [--threads T]
-[--update docs/benchmarks.md]``
+[--streams 40] [--event-streams N] [--update docs/benchmarks.md]``
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ import os
 import re
 import runpy
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
 import requests
@@ -56,6 +62,8 @@ class WrkRun:
     #: Latency percentiles in ms: "50", "75", "90", "99".
     latency: dict[str, float]
     errors: int
+    #: Requests wrk gave up on after its 2 s timeout.
+    timeouts: int
     #: wrk's connections on each gunicorn worker process, mid-run.
     split: list[int]
 
@@ -83,7 +91,31 @@ def wrk(url: str, clients: int, seconds: int, split: Callable[[], list[int]]) ->
         for p, v, u in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
     }
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return WrkRun(rate, percentiles, int(errors.group(1)) if errors else 0, connections)
+    timeouts = re.search(r"Socket errors:.*timeout (\d+)", out)
+    return WrkRun(
+        rate,
+        percentiles,
+        int(errors.group(1)) if errors else 0,
+        int(timeouts.group(1)) if timeouts else 0,
+        connections,
+    )
+
+
+def hold_streams(port: int, path: str, count: int) -> tuple[list[socket.socket], Counter[str]]:
+    """``count`` connections asking for the event stream at ``path``, left open; how each
+    was answered within 5 s: ``served``, ``refused`` (503) or ``waiting`` (no thread)."""
+    held, answers = [], Counter[str]()
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        held.append(client)
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        try:
+            head = client.recv(64)
+        except TimeoutError:
+            answers["waiting"] += 1
+            continue
+        answers["served" if head.startswith(b"HTTP/1.1 200") else "refused"] += 1
+    return held, answers
 
 
 def connections_per_worker(master: psutil.Process, port: int) -> list[int]:
@@ -114,6 +146,12 @@ def main() -> None:
     parser.add_argument("--gunicorn-workers", type=int, help="default: gunicorn.conf.py's")
     parser.add_argument("--threads", type=int, help="default: gunicorn.conf.py's")
     parser.add_argument("--worker-class", help="default: gunicorn.conf.py's")
+    parser.add_argument(
+        "--streams", type=int, default=40, help="event streams held open in the last round"
+    )
+    parser.add_argument(
+        "--event-streams", type=int, help="STYLEQUEUE_EVENT_STREAMS (default: the setting's)"
+    )
     parser.add_argument("--update", type=Path, help="replace the section in this Markdown file")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -128,6 +166,7 @@ def main() -> None:
         redis_url,
         args.database_url,
         rate_limit_per_minute=10**9,
+        **({} if args.event_streams is None else {"event_streams": args.event_streams}),
     )
     production = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     workers = args.gunicorn_workers or production["workers"]
@@ -143,6 +182,9 @@ def main() -> None:
     processes = []
     polls: list[WrkRun] = []
     floors: list[WrkRun] = []
+    held: list[socket.socket] = []
+    streams: Counter[str] = Counter()
+    loaded: WrkRun | None = None
     try:
         (worker,) = start_workers(settings, 1, scratch)
         processes.append(worker)
@@ -158,13 +200,17 @@ def main() -> None:
         master = psutil.Process(web.pid)
         photo = io.BytesIO()
         Image.effect_noise((48, 36), 64).convert("RGB").save(photo, format="PNG")
-        job = requests.post(
-            base + "/api/jobs",
-            files={"content": ("p.png", photo.getvalue())},
-            data={"style_preset": "starry-night", "backbone": "vgg19-random", "size": "32",
-                  "iterations": "2", "scales": "1"},
-            timeout=30,
-        ).json()  # fmt: skip
+
+        def submit() -> dict[str, Any]:
+            return requests.post(  # type: ignore[no-any-return]
+                base + "/api/jobs",
+                files={"content": ("p.png", photo.getvalue())},
+                data={"style_preset": "starry-night", "backbone": "vgg19-random", "size": "32",
+                      "iterations": "2", "scales": "1", "reuse": "false"},
+                timeout=30,
+            ).json()  # fmt: skip
+
+        job = submit()
         url = base + job["links"]["self"]
         wait(
             lambda: requests.get(url, timeout=5).json()["status"] == "succeeded",
@@ -182,7 +228,13 @@ def main() -> None:
         for _ in range(args.rounds):
             polls.append(wrk(url, args.clients, args.seconds, split))
             floors.append(wrk(base + "/healthz", args.clients, args.seconds, split))
+        if args.streams:
+            # No worker runs any more: this job stays queued, and its streams stay open.
+            held, streams = hold_streams(port, submit()["links"]["events"], args.streams)
+            loaded = wrk(url, args.clients, args.seconds, split)
     finally:
+        for client in held:
+            client.close()
         stop(processes)
         redis_process.terminate()
         redis_process.wait(10)
@@ -232,6 +284,19 @@ def main() -> None:
         f"| a poll's cost in `/healthz` requests (rate ratio, median) "
         f"| {statistics.median(f / r for f, r in zip(floor_rates, rates, strict=True)):.2f} | | |",
     ]
+    if loaded is not None:
+        answered = loaded.rate > 0 and loaded.latency.get("99", 0) > 0
+        polled = f"{loaded.rate:,.0f} polls/s, p99 " + (
+            f"{loaded.latency['99']:.1f} ms" if answered else "none (no answer)"
+        )
+        lines.append(
+            f"| with {args.streams} event streams held open (job pages; "
+            f"`STYLEQUEUE_EVENT_STREAMS={settings.event_streams}` per process): served / "
+            f"refused (503) / waiting for a thread; the polls meanwhile | {streams['served']} / "
+            f"{streams['refused']} / {streams['waiting']}; {polled}, {loaded.timeouts} timed "
+            f"out (2 s) | ≥ 1,000 polls/s, none timed out | "
+            f"{'met' if answered and loaded.rate >= 1000 and not loaded.timeouts else 'not met'} |"
+        )
     print("\n".join(lines))
     if args.update:
         update_section(args.update, "api", lines)

@@ -34,6 +34,12 @@ class Settings:
     #: the pool were opened and closed again per request under load (PostgreSQL: a server
     #: process each time).
     database_pool_size: int = 16
+    #: Event streams (``/api/jobs/<id>/events``, one per open job page) one web process
+    #: serves at once. Each holds one of the process's threads (gunicorn.conf.py: 16) for as
+    #: long as it lasts, so this stays below them: the rest answer the status polls. A
+    #: stream beyond it is refused at once (503 ``streams_busy``) and the page, like
+    #: ``stylequeue submit --wait``, follows the job by polling instead. 0: no streams.
+    event_streams: int = 8
     #: The Celery broker, and where workers publish their heartbeats and cancel flags.
     redis_url: str = "redis://127.0.0.1:6379/0"
     #: Where local files live: the default file store (``data_dir/files``), the session

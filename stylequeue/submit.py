@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -59,31 +60,85 @@ def submit(
     return _check(response)
 
 
-def events(http: requests.Session, server: str, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event, data) pairs from a Server-Sent Events stream, reconnecting where it broke."""
-    last_id = "0"
+#: How often the job is polled while the server has no event stream to spare.
+POLL_SECONDS = 2.0
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+def events(
+    http: requests.Session, server: str, links: dict[str, str]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs from the job's Server-Sent Events stream (``links`` are the
+    job's), reconnecting where it broke. While the server refuses a stream (503
+    ``streams_busy``: its places are all taken), the same events come from polling the
+    job and its loss points, until the server's ``Retry-After`` has passed."""
+    last_id = 0
     while True:
-        headers = {"Accept": "text/event-stream", "Last-Event-ID": last_id}
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(last_id)}
+        retry_after = 0.0
         try:
-            with http.get(server + path, headers=headers, stream=True, timeout=60) as stream:
-                if stream.status_code >= 400:
+            with http.get(server + links["events"], headers=headers, stream=True,
+                          timeout=60) as stream:  # fmt: skip
+                if _streams_busy(stream):
+                    retry_after = float(stream.headers.get("Retry-After") or POLL_SECONDS)
+                elif stream.status_code >= 400:
                     _check(stream)
-                event, data = "message", ""
-                for line in stream.iter_lines(decode_unicode=True):
-                    if line.startswith("id:"):
-                        last_id = line[3:].strip()
-                    elif line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data += line[5:].strip()
-                    elif line == "" and data:
-                        payload = json.loads(data)
-                        yield event, payload
-                        if event == "done":
-                            return
-                        event, data = "message", ""
+                else:
+                    event, data = "message", ""
+                    for line in stream.iter_lines(decode_unicode=True):
+                        if line.startswith("id:"):
+                            last_id = int(line[3:].strip())
+                        elif line.startswith("event:"):
+                            event = line[6:].strip()
+                        elif line.startswith("data:"):
+                            data += line[5:].strip()
+                        elif line == "" and data:
+                            payload = json.loads(data)
+                            yield event, payload
+                            if event == "done":
+                                return
+                            event, data = "message", ""
         except requests.RequestException:
             continue  # dropped: reconnect with Last-Event-ID
+        if retry_after:
+            until = time.monotonic() + retry_after
+            while True:
+                for event, data in _polled(http, server, links, last_id):
+                    if event == "loss":
+                        last_id = data["iteration"]
+                    yield event, data
+                    if event == "done":
+                        return
+                if time.monotonic() >= until:
+                    break
+                time.sleep(POLL_SECONDS)
+
+
+def _streams_busy(response: requests.Response) -> bool:
+    if response.status_code != 503:
+        return False
+    try:
+        return bool(response.json()["error"]["code"] == "streams_busy")
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def _polled(
+    http: requests.Session, server: str, links: dict[str, str], after: int
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The events a stream would have sent since loss point ``after``, from one poll of the
+    job and its loss points (the status first: every point of a finished job is in)."""
+    job = _check(http.get(server + links["self"], timeout=30))
+    while True:
+        page = _check(http.get(server + links["losses"], params={"after": after}, timeout=30))
+        for point in page["points"]:
+            yield "loss", {**point, "of": job["progress"]["total"]}
+            after = point["iteration"]
+        if not page["points"] or job["status"] not in FINISHED:
+            break  # a running job's later pages come at the next poll
+    yield "status", {"status": job["status"], "attempts": job["attempts"]}
+    if job["status"] in FINISHED:
+        yield "done", {"status": job["status"]}
 
 
 def submit_and_wait(
@@ -105,7 +160,7 @@ def submit_and_wait(
 
     bar = tqdm(total=job["progress"]["total"], unit="it", file=sys.stderr, leave=False)
     status = job["status"]
-    for event, data in events(http, server, job["links"]["events"]):
+    for event, data in events(http, server, job["links"]):
         if event == "loss":
             bar.update(data["iteration"] - bar.n)
             bar.set_postfix(loss=f"{data['total']:.4g}")

@@ -1,10 +1,11 @@
 """The production server's settings (gunicorn.conf.py, the Dockerfile's CMD) load, serve,
 and give each worker process a listening socket of its own, so that the kernel spreads
-connections over the processes."""
+connections over the processes; open event streams leave threads for the status polls."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,11 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import requests
 
 from shared.config import Settings
 from stylequeue.service import free_port
 from tests.conftest import REPO
-from tests.service import wait_for
+from tests.service import RedisServer, service_app, service_settings, submit_preset, wait_for
 
 
 def get_healthz(port: int) -> socket.socket:
@@ -40,6 +42,15 @@ def listening(process: psutil.Process, port: int) -> int:
     )
 
 
+def start_gunicorn(settings: Settings, log: Path, flags: str) -> subprocess.Popen[bytes]:
+    """Plain ``gunicorn`` in the repository (it reads gunicorn.conf.py), with ``flags``."""
+    env = {**os.environ, **settings.environ(), "GUNICORN_CMD_ARGS": flags}
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn"], cwd=REPO, env=env, stdout=out, stderr=out
+        )
+
+
 def test_gunicorn_conf_serves_with_a_socket_per_worker(tmp_path: Path) -> None:
     settings = Settings.from_env(
         {}, database_url=f"sqlite:///{tmp_path / 'jobs.db'}", data_dir=tmp_path / "data"
@@ -47,11 +58,7 @@ def test_gunicorn_conf_serves_with_a_socket_per_worker(tmp_path: Path) -> None:
     port = free_port()
     # A long keep-alive, so that no connection is closed before the workers' are counted.
     flags = f"--bind 127.0.0.1:{port} --workers 2 --threads 2 --keep-alive 60"
-    env = {**os.environ, **settings.environ(), "GUNICORN_CMD_ARGS": flags}
-    log = (tmp_path / "gunicorn.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn"], cwd=REPO, env=env, stdout=log, stderr=log
-    )
+    server = start_gunicorn(settings, tmp_path / "gunicorn.log", flags)
     clients: list[socket.socket] = []
     try:
         master = psutil.Process(server.pid)
@@ -85,4 +92,77 @@ def test_gunicorn_conf_serves_with_a_socket_per_worker(tmp_path: Path) -> None:
             client.close()
         server.terminate()
         server.wait(30)
-        log.close()
+
+
+def serves(base: str) -> bool:
+    try:
+        return requests.get(base + "/healthz", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+def open_stream(port: int, path: str) -> tuple[socket.socket, bytes]:
+    """A connection that asked for ``path``, with what it has read: a refusal whole, or a
+    stream's head and its first event."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    answer = b""
+    while not re.search(rb"\r\n\r\n(.*\}\}|.*retry: \d+\n\n)", answer, re.S):
+        chunk = client.recv(4096)
+        assert chunk, answer
+        answer += chunk
+    return client, answer
+
+
+def test_open_event_streams_leave_threads_for_polls(tmp_path: Path, sample_images: Path) -> None:
+    """More job pages open than the server has threads: the streams beyond the limit are
+    refused at once (the page then polls), and a status poll is still answered."""
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    server: subprocess.Popen[bytes] | None = None
+    streams: list[socket.socket] = []
+    try:
+        settings = service_settings(tmp_path, redis_server.url, event_streams=2)
+        with service_app(settings) as app:  # no worker runs: the job stays queued
+            photo = sample_images / "content" / "tubingen.jpg"
+            job = submit_preset(app.test_client(), photo, 5)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        flags = f"--bind 127.0.0.1:{port} --workers 1 --threads 4"
+        server = start_gunicorn(settings, tmp_path / "gunicorn.log", flags)
+        wait_for(lambda: serves(base), 60, "gunicorn")
+        answers = []
+        for _ in range(6):
+            stream, head = open_stream(port, job["links"]["events"])
+            streams.append(stream)
+            answers.append(head)
+        opened = [a for a in answers if a.startswith(b"HTTP/1.1 200")]
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert len(opened) == 2 and len(refused) == 4, answers
+        assert all(b"text/event-stream" in a for a in opened)
+        assert all(b"Retry-After: " in a and b"streams_busy" in a for a in refused), refused
+        # Two threads hold the streams; the other two answer the polls.
+        for _ in range(20):
+            poll = requests.get(base + job["links"]["self"], timeout=5)
+            assert poll.status_code == 200 and poll.json()["status"] == "queued"
+        # A stream that ends gives its place back: the job is canceled, both streams say
+        # "done" and end, and a new one is served.
+        assert requests.post(base + job["links"]["cancel"], timeout=5).ok
+
+        def served() -> bool:
+            stream, answer = open_stream(port, job["links"]["events"])
+            streams.append(stream)
+            return answer.startswith(b"HTTP/1.1 200")
+
+        wait_for(served, 10, "a stream served again", every=0.3)
+    except BaseException:
+        if (tmp_path / "gunicorn.log").exists():
+            print((tmp_path / "gunicorn.log").read_text())
+        raise
+    finally:
+        for stream in streams:
+            stream.close()
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        redis_server.stop()

@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 #: How often the event stream looks for news in the database.
 EVENT_POLL_SECONDS = 0.25
+#: An idle event stream sends a comment this often: proxies keep it open, and a client
+#: that has left is noticed (the write fails), which frees its thread.
+KEEP_ALIVE_SECONDS = 5
+#: When a client refused an event stream (every place taken) may ask again.
+STREAMS_BUSY_RETRY_SECONDS = 10
 MAX_LOSS_PAGE = 10_000
 DATABASE_RETRY_AFTER_SECONDS = 5
 
@@ -87,18 +92,27 @@ def _http_error(error: HTTPException) -> Response | HTTPException:
     return error_response(error.code or 500, code.replace(" ", "_"), error.description or "")
 
 
-class RateLimited(StylequeueError):
-    code = "rate_limited"
-    http_status = 429
+class RetryLater(StylequeueError):
+    """Refused for now: the answer says when to come back (``Retry-After``, seconds)."""
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
-@bp.app_errorhandler(RateLimited)
-def _rate_limited(error: RateLimited) -> Response:
-    response = error_response(429, error.code, error.message)
+class RateLimited(RetryLater):
+    code = "rate_limited"
+    http_status = 429
+
+
+class StreamsBusy(RetryLater):
+    code = "streams_busy"
+    http_status = 503
+
+
+@bp.app_errorhandler(RetryLater)
+def _retry_later(error: RetryLater) -> Response:
+    response = error_response(error.http_status, error.code, error.message)
     response.headers["Retry-After"] = str(error.retry_after)
     return response
 
@@ -531,8 +545,32 @@ def get_events(job_id: str) -> Response:
 
     Every event's id is the iteration of the latest loss point sent, so a client that
     reconnects with ``Last-Event-ID: N`` gets the current status and every point after N.
+
+    A stream holds a server thread for as long as it lasts, so a process serves at most
+    ``event_streams`` at once and refuses more at once (503 ``streams_busy``): the threads
+    left answer the polls, with which the client follows the job meanwhile.
     """
     job_key = load_job(job_id).id
+    places = services.event_streams
+    if not places.acquire(blocking=False):
+        own = url_for("api.get_job", job_id=str(job_key))
+        raise StreamsBusy(
+            f"this server's event streams are all taken; poll {own} and {own}/losses "
+            "instead, or ask again later",
+            STREAMS_BUSY_RETRY_SECONDS,
+        )
+    try:
+        response = _event_stream(job_key)
+    except BaseException:
+        places.release()
+        raise
+    # The WSGI server closes the response when the stream ends, the client leaves (seen at
+    # a write: a keep-alive at least every KEEP_ALIVE_SECONDS) or the request fails.
+    response.call_on_close(places.release)
+    return response
+
+
+def _event_stream(job_key: uuid.UUID) -> Response:
     # The stream reads with short sessions of its own; the request's session would hold a
     # pooled connection (on PostgreSQL, in an open transaction) for the stream's whole life.
     services.session.close()
@@ -574,7 +612,7 @@ def get_events(job_id: str) -> Response:
                 if current.job_status.finished and len(points) < MAX_LOSS_PAGE:
                     yield _sse("done", {"status": status}, cursor)
                     return
-            if time.monotonic() - last_beat > 15:
+            if time.monotonic() - last_beat > KEEP_ALIVE_SECONDS:
                 last_beat = time.monotonic()
                 yield ": keep-alive\n\n"
             time.sleep(EVENT_POLL_SECONDS)

@@ -41,6 +41,8 @@ class Services:
             # Set once Redis refuses the script (an ACL, a managed Redis without scripting).
             "rate_window_script_refused": threading.Event(),
             "celery": Celery("stylequeue", broker=settings.redis_url, set_as_current=False),
+            # This process's places for open event streams (see Settings.event_streams).
+            "event_streams": threading.BoundedSemaphore(max(settings.event_streams, 0)),
         }
         app.teardown_appcontext(self._close_session)
 
@@ -83,6 +85,11 @@ class Services:
     @property
     def rate_window_script_refused(self) -> threading.Event:
         return self._get("rate_window_script_refused")  # type: ignore[no-any-return]
+
+    @property
+    def event_streams(self) -> threading.BoundedSemaphore:
+        """The process's places for open event streams (none when streams are off)."""
+        return self._get("event_streams")  # type: ignore[no-any-return]
 
     def enqueue(self, job_id: str, queue: str) -> None:
         celery: Celery = self._get("celery")

@@ -129,14 +129,15 @@ def openapi_document() -> dict[str, Any]:
             "/api/jobs/{job_id}/events": {
                 "get": {
                     "summary": "Server-Sent Events: status, loss, preview, done; resumable "
-                    "with Last-Event-ID",
+                    "with Last-Event-ID. 503 streams_busy (with Retry-After) while the "
+                    "server's streams are all taken: poll the job and its losses instead",
                     "parameters": [JOB_ID],
                     "responses": {
                         "200": {
                             "description": "event stream",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
-                        **_errors(404),
+                        **_errors(404, 503),
                     },
                 }
             },

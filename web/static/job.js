@@ -71,17 +71,56 @@ async function onDone(status) {
   }
 }
 
+function showPreview(url, iteration) {
+  $("preview").src = url + "?iteration=" + iteration;
+}
+$("preview").addEventListener("load", () => { $("preview").hidden = false; });
+
 const events = new EventSource(section.dataset.events);
 events.addEventListener("status", (e) => showStatus(JSON.parse(e.data).status));
 events.addEventListener("loss", (e) => onLoss(JSON.parse(e.data)));
 events.addEventListener("preview", (e) => {
   const data = JSON.parse(e.data);
-  $("preview").src = data.url + "?iteration=" + data.iteration;
-  $("preview").hidden = false;
+  showPreview(data.url, data.iteration);
 });
 events.addEventListener("done", (e) => {
   events.close();
   onDone(JSON.parse(e.data).status);
+});
+
+// A server whose event streams are all taken refuses one (503 streams_busy), and so does
+// one with streams turned off; EventSource then gives up for good (it retries only dropped
+// streams). The page follows the job by polling its status and its new loss points.
+const POLL_MS = 2000;
+let polledIteration = 0;
+
+async function poll() {
+  try {
+    const after = points.length ? points[points.length - 1].iteration : 0;
+    const page = await (await fetch(section.dataset.losses + "?after=" + after)).json();
+    page.points.forEach(onLoss);
+    const job = await (await fetch(section.dataset.statusUrl)).json();
+    total = job.progress.total;
+    showStatus(job.status);
+    if (job.progress.iteration > polledIteration) {
+      polledIteration = job.progress.iteration;
+      showPreview(section.dataset.preview, polledIteration);  // shown once it loads
+    }
+    if (["succeeded", "failed", "canceled"].includes(job.status)) {
+      onDone(job.status);
+      return;
+    }
+  } catch (error) {
+    // The server is away for a moment: try again at the next turn.
+  }
+  setTimeout(poll, POLL_MS);
+}
+
+events.addEventListener("error", () => {
+  if (events.readyState === EventSource.CLOSED) {
+    section.dataset.following = "polling";
+    poll();
+  }
 });
 
 $("cancel").addEventListener("click", async () => {
