@@ -96,17 +96,22 @@ let polledIteration = 0;
 
 async function poll() {
   try {
-    const after = points.length ? points[points.length - 1].iteration : 0;
-    const page = await (await fetch(section.dataset.losses + "?after=" + after)).json();
-    page.points.forEach(onLoss);
+    // The status first: once it says finished, every loss point is in the database.
     const job = await (await fetch(section.dataset.statusUrl)).json();
     total = job.progress.total;
+    const finished = ["succeeded", "failed", "canceled"].includes(job.status);
+    let page;
+    do {
+      const after = points.length ? points[points.length - 1].iteration : 0;
+      page = await (await fetch(section.dataset.losses + "?after=" + after)).json();
+      page.points.forEach((point) => onLoss(point));
+    } while (finished && page.points.length > 0);
     showStatus(job.status);
     if (job.progress.iteration > polledIteration) {
       polledIteration = job.progress.iteration;
       showPreview(section.dataset.preview, polledIteration);  // shown once it loads
     }
-    if (["succeeded", "failed", "canceled"].includes(job.status)) {
+    if (finished) {
       onDone(job.status);
       return;
     }
