@@ -179,12 +179,16 @@ def test_runs_batched_together_follow_their_own_paths(
     ]
     together = stylize_together(runs)
 
-    # Batched convolutions may sum in another order: fp32 agrees to rounding, bf16 to its own.
-    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    # Batched convolutions may sum in another order. In fp32 the first evaluation agrees to
+    # rounding, and each L-BFGS step amplifies the difference a little (up to 2e-4 by the
+    # 7th iteration on an AMD EPYC; a run mixed up with another would be off by far more).
+    # bf16 agrees to its own rounding.
+    first, later = (1e-6, 1e-3) if precision == "fp32" else (2e-2, 2e-2)
     for (result, seen), batched, (batched_seen, _) in zip(alone, together, batch_seen, strict=True):
         assert [it.iteration for it in batched_seen] == [it.iteration for it in seen]
         assert [it.preview is None for it in batched_seen] == [it.preview is None for it in seen]
         for it, batched_it in zip(seen, batched_seen, strict=True):
+            tolerance = first if it.iteration == 1 else later
             assert batched_it.loss == pytest.approx(it.loss, rel=tolerance)
         assert (batched.iterations, batched.stopped) == (result.iterations, result.stopped)
         assert batched.seed == result.seed and batched.image.size == result.image.size

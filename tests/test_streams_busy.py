@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -24,15 +25,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def test_the_stream_is_refused_with_where_to_poll(server: str, sample_images: Path) -> None:
-    photo = sample_images / "content" / "tubingen.jpg"
-    job = requests.post(
+def submit(server: str, photo: Path, *, size: int, iterations: int) -> dict[str, Any]:
+    """A job with the Starry Night preset, through the API over HTTP."""
+    answer = requests.post(
         server + "/api/jobs",
         files={"content": ("photo.jpg", photo.read_bytes())},
-        data={"style_preset": "starry-night", "backbone": "vgg19-random", "size": "32",
-              "iterations": "2"},
+        data={"style_preset": "starry-night", "backbone": "vgg19-random", "size": str(size),
+              "iterations": str(iterations)},
         timeout=30,
-    ).json()  # fmt: skip
+    )  # fmt: skip
+    assert answer.status_code == 202, answer.text
+    return answer.json()  # type: ignore[no-any-return]
+
+
+def test_the_stream_is_refused_with_where_to_poll(server: str, sample_images: Path) -> None:
+    job = submit(server, sample_images / "content" / "tubingen.jpg", size=32, iterations=2)
     refused = requests.get(server + job["links"]["events"], timeout=10)
     assert refused.status_code == 503
     assert refused.headers["Retry-After"] == "10"
@@ -66,14 +73,7 @@ def test_submit_wait_follows_the_job_by_polling(
 def test_the_job_page_follows_the_job_by_polling(server: str, sample_images: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    photo = sample_images / "content" / "tubingen.jpg"
-    job = requests.post(
-        server + "/api/jobs",
-        files={"content": ("photo.jpg", photo.read_bytes())},
-        data={"style_preset": "starry-night", "backbone": "vgg19-random", "size": "64",
-              "iterations": "150"},
-        timeout=30,
-    ).json()  # fmt: skip
+    job = submit(server, sample_images / "content" / "tubingen.jpg", size=64, iterations=150)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:

@@ -97,7 +97,15 @@ let polledIteration = 0;
 async function poll() {
   try {
     // The status first: once it says finished, every loss point is in the database.
-    const job = await (await fetch(section.dataset.statusUrl)).json();
+    const answer = await fetch(section.dataset.statusUrl);
+    if (answer.status >= 400 && answer.status < 500 && answer.status !== 429) {
+      // Gone (expired, deleted) or no longer ours: say so, and stop asking.
+      const error = (await answer.json()).error;
+      $("error").textContent = error.code + ": " + error.message;
+      $("error").hidden = false;
+      return;
+    }
+    const job = await answer.json();
     total = job.progress.total;
     const finished = ["succeeded", "failed", "canceled"].includes(job.status);
     let page;
