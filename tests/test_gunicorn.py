@@ -145,16 +145,22 @@ def test_open_event_streams_leave_threads_for_polls(tmp_path: Path, sample_image
         for _ in range(20):
             poll = requests.get(base + job["links"]["self"], timeout=5)
             assert poll.status_code == 200 and poll.json()["status"] == "queued"
-        # A stream that ends gives its place back: the job is canceled, both streams say
-        # "done" and end, and a new one is served.
-        assert requests.post(base + job["links"]["cancel"], timeout=5).ok
 
         def served() -> bool:
             stream, answer = open_stream(port, job["links"]["events"])
             streams.append(stream)
             return answer.startswith(b"HTTP/1.1 200")
 
-        wait_for(served, 10, "a stream served again", every=0.3)
+        # A client that leaves gives its place back: its stream's next keep-alive fails.
+        for stream in streams:
+            stream.close()
+        streams.clear()
+        wait_for(served, 20, "a place given back by a client that left", every=0.5)
+        # A stream that ends gives its place back: the job is canceled, the streams say
+        # "done" and end, and new ones are served.
+        assert requests.post(base + job["links"]["cancel"], timeout=5).ok
+        for _ in range(2):
+            wait_for(served, 10, "a stream served after the others ended", every=0.3)
     except BaseException:
         if (tmp_path / "gunicorn.log").exists():
             print((tmp_path / "gunicorn.log").read_text())
