@@ -84,6 +84,9 @@ def test_gunicorn_conf_serves_with_a_socket_per_worker(tmp_path: Path) -> None:
         # Spread by the kernel's hash of each connection: all 40 on one of the two
         # processes would happen once in 2**39 runs.
         assert len(owners) == 2 and sum(owners.values()) == 40, owners
+        # 2 threads a process, and 8 event streams allowed by default: said at start.
+        log = (tmp_path / "gunicorn.log").read_text()
+        assert "STYLEQUEUE_EVENT_STREAMS=8 is not below the 2 threads" in log
     except BaseException:
         print((tmp_path / "gunicorn.log").read_text())  # pytest shows it with the failure
         raise
@@ -131,6 +134,7 @@ def test_open_event_streams_leave_threads_for_polls(tmp_path: Path, sample_image
         flags = f"--bind 127.0.0.1:{port} --workers 1 --threads 4"
         server = start_gunicorn(settings, tmp_path / "gunicorn.log", flags)
         wait_for(lambda: serves(base), 60, "gunicorn")
+        assert "STYLEQUEUE_EVENT_STREAMS" not in (tmp_path / "gunicorn.log").read_text()
         answers = []
         for _ in range(6):
             stream, head = open_stream(port, job["links"]["events"])
