@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 import requests
+from PIL import Image
 
 from shared import broker
 from shared.config import Settings
@@ -209,6 +210,24 @@ def submit_preset(client: Any, photo: Path, iterations: int, preset: str = "star
     response = client.post("/api/jobs", data=data, content_type="multipart/form-data")
     assert response.status_code == 202, response.get_json()
     return response.get_json()
+
+
+def submit_and_wait(
+    server: str, photo: Path, out: Path, iterations: int
+) -> subprocess.CompletedProcess[str]:
+    """``stylequeue submit --wait`` as a user runs it (the Shipwreck preset, 48 px, the
+    offline backbone); it must save a 48 px result at ``out``."""
+    submitted = subprocess.run(
+        [sys.executable, "-m", "stylequeue", "submit", str(photo), "--preset", "shipwreck",
+         "--server", server, "--wait", "-o", str(out), "--backbone", "vgg19-random",
+         "--size", "48", "--iterations", str(iterations)],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    assert f"done: {out}" in submitted.stdout
+    with Image.open(out) as image:
+        assert max(image.size) == 48
+    return submitted
 
 
 def reset_database(url: str) -> None:

@@ -13,10 +13,9 @@ import uuid
 from pathlib import Path
 
 import requests
-from PIL import Image
 
 from tests.conftest import REPO
-from tests.service import free_port, wait_for
+from tests.service import free_port, submit_and_wait, wait_for
 
 
 def _child_worker(queue: str) -> int:
@@ -114,18 +113,9 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
 
         # `stylequeue submit --wait` against the same server: event-fed progress, result saved.
         out = tmp_path / "submitted.png"
-        submitted = subprocess.run(
-            [sys.executable, "-m", "stylequeue", "submit",
-             str(sample_images / "content" / "hoovertowernight.jpg"), "--preset", "shipwreck",
-             "--server", url, "--wait", "-o", str(out), "--backbone", "vgg19-random",
-             "--size", "48", "--iterations", "8"],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert submitted.returncode == 0, submitted.stderr
+        photo = sample_images / "content" / "hoovertowernight.jpg"
+        submitted = submit_and_wait(url, photo, out, iterations=8)
         assert submitted.stdout.splitlines()[0].startswith("job ")
-        assert f"done: {out}" in submitted.stdout
-        with Image.open(out) as image:
-            assert max(image.size) == 48
         refused = subprocess.run(
             [sys.executable, "-m", "stylequeue", "submit", str(out), "--preset", "shipwreck",
              "--server", url, "--size", "5", "--backbone", "vgg19-random"],

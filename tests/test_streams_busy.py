@@ -4,18 +4,14 @@ polling instead, to the end. test_gunicorn.py shows why the places are limited."
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from PIL import Image
 
-from tests.conftest import REPO
-from tests.service import live_service, wait_for
+from tests.service import live_service, submit_and_wait, wait_for
 from tests.test_browser import BROWSER_ARGS, CHROMIUM
 
 
@@ -53,20 +49,10 @@ def test_the_stream_is_refused_with_where_to_poll(server: str, sample_images: Pa
 def test_submit_wait_follows_the_job_by_polling(
     server: str, sample_images: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "result.png"
-    submitted = subprocess.run(
-        [sys.executable, "-m", "stylequeue", "submit",
-         str(sample_images / "content" / "hoovertowernight.jpg"), "--preset", "shipwreck",
-         "--server", server, "--wait", "-o", str(out), "--backbone", "vgg19-random",
-         "--size", "48", "--iterations", "30"],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert submitted.returncode == 0, submitted.stderr
-    assert f"done: {out}" in submitted.stdout
+    photo = sample_images / "content" / "hoovertowernight.jpg"
+    submitted = submit_and_wait(server, photo, tmp_path / "result.png", iterations=30)
     # The progress bar reached the end from the polled loss points.
     assert "30/30" in submitted.stderr, submitted.stderr
-    with Image.open(out) as image:
-        assert max(image.size) == 48
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
