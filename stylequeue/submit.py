@@ -13,6 +13,7 @@ from typing import Any
 import requests
 
 from shared.errors import StylequeueError
+from shared.models import JobStatus
 
 
 class ServerError(StylequeueError):
@@ -62,7 +63,6 @@ def submit(
 
 #: How often the job is polled while the server has no event stream to spare.
 POLL_SECONDS = 2.0
-FINISHED = ("succeeded", "failed", "canceled")
 
 
 def events(
@@ -129,15 +129,16 @@ def _polled(
     """The events a stream would have sent since loss point ``after``, from one poll of the
     job and its loss points (the status first: every point of a finished job is in)."""
     job = _check(http.get(server + links["self"], timeout=30))
+    finished = JobStatus(job["status"]).finished
     while True:
         page = _check(http.get(server + links["losses"], params={"after": after}, timeout=30))
         for point in page["points"]:
             yield "loss", {**point, "of": job["progress"]["total"]}
             after = point["iteration"]
-        if not page["points"] or job["status"] not in FINISHED:
+        if not page["points"] or not finished:
             break  # a running job's later pages come at the next poll
     yield "status", {"status": job["status"], "attempts": job["attempts"]}
-    if job["status"] in FINISHED:
+    if finished:
         yield "done", {"status": job["status"]}
 
 

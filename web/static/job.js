@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 const points = [];
 let total = Number($("progress").max);
 let started = null;
+const FINISHED = ["succeeded", "failed", "canceled"];
 
 function drawPlot() {
   const canvas = $("plot");
@@ -36,7 +37,7 @@ function drawPlot() {
 
 function showStatus(status) {
   $("status").textContent = status;
-  const finished = ["succeeded", "failed", "canceled"].includes(status);
+  const finished = FINISHED.includes(status);
   $("cancel").hidden = finished;
   if (finished) $("eta").textContent = "";
 }
@@ -107,7 +108,7 @@ async function poll() {
     }
     const job = await answer.json();
     total = job.progress.total;
-    const finished = ["succeeded", "failed", "canceled"].includes(job.status);
+    const finished = FINISHED.includes(job.status);
     let page;
     do {
       const after = points.length ? points[points.length - 1].iteration : 0;
