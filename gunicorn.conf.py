@@ -7,11 +7,15 @@ Flags given on the command line or in ``GUNICORN_CMD_ARGS`` win, e.g.
 
 from __future__ import annotations
 
+import math
 import os
-from typing import TYPE_CHECKING
+from multiprocessing.sharedctypes import RawArray
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
+    from gunicorn.http.message import Request
+    from gunicorn.workers.base import Worker
 
 wsgi_app = "web:create_app()"
 bind = ["0.0.0.0:8000"]
@@ -28,6 +32,47 @@ timeout = 0
 # them: in bench/api.py all 50 of wrk's connections sometimes went to one of the two
 # processes (one core busy, the other idle: 400-520 polls/s instead of 1,700-1,900).
 reuse_port = True
+# The kernel's hash spreads connections unevenly, though: 50 clients split 28/22 or 31/19 as
+# often as 25/25, and the busier process's clients wait. At 1,000 polls/s from 50 clients
+# (bench/api.py), p99 was 18-28 ms at 25/25 and 26/24, 75-86 ms at 28/22 and 29/21, 1.3 s
+# at 31/19. So a process holding more than its share of the connections (one over the
+# mean) answers with "Connection: close"; the client connects again, and the kernel places
+# the new connection afresh. Each process's count lives in memory the processes share.
+#: Open connections of each worker process (gthread's ``nr_conns``), by slot.
+connections_by_slot: Any = None
+MAX_WORKERS = 64
+
+
+def on_starting(server: Arbiter) -> None:
+    """Before the workers fork: the shared counts they inherit."""
+    global connections_by_slot
+    connections_by_slot = RawArray("i", MAX_WORKERS)
+
+
+def pre_fork(server: Arbiter, worker: Worker) -> None:
+    """In the master: a free slot for the new worker's count."""
+    taken = {getattr(other, "slot", None) for other in server.WORKERS.values()}
+    worker.slot = next((i for i in range(MAX_WORKERS) if i not in taken), None)  # type: ignore[attr-defined]
+    if worker.slot is not None:  # type: ignore[attr-defined]
+        connections_by_slot[worker.slot] = 0  # type: ignore[attr-defined]
+
+
+def child_exit(server: Arbiter, worker: Worker) -> None:
+    """In the master: a worker gone holds no connections."""
+    slot = getattr(worker, "slot", None)
+    if slot is not None:
+        connections_by_slot[slot] = 0
+
+
+def pre_request(worker: Worker, req: Request) -> None:
+    """Close this connection after the answer when this process holds more than its share."""
+    slot, held = getattr(worker, "slot", None), getattr(worker, "nr_conns", None)
+    if slot is None or held is None or connections_by_slot is None:  # not gthread
+        return
+    connections_by_slot[slot] = held
+    share = math.ceil(sum(connections_by_slot[:MAX_WORKERS]) / worker.cfg.workers)
+    if held > share + 1:
+        req.force_close()
 
 
 def when_ready(server: Arbiter) -> None:

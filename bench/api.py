@@ -8,6 +8,11 @@ rows), and gunicorn; then, in each of ``--rounds`` rounds, ``wrk`` (Debian's pac
 ``--clients`` connections for ``--seconds`` seconds on ``GET /api/jobs/<id>``, then as
 long on ``GET /healthz`` (Flask and gunicorn with none of our code: the floor). The API's
 rate limit stays in the path (one Redis round trip per poll) with a limit none reaches.
+wrk's clients poll again as soon as they are answered, so its rounds measure the most the
+server answers, and a latency that Little's law ties to that rate (clients / rate). Each
+round then also polls at fixed rates (``--paced-rates``, the goal's 1,000 per second first)
+from as many clients, timed from when each poll was due (bench/paced.py): the latency a
+service that has that load to answer gives.
 Each round also counts wrk's connections on each gunicorn process: the latency of a
 process's connections grows with their number. A last round polls while ``--streams``
 event streams (open job pages, more than the server's threads) are held open on a queued
@@ -15,7 +20,7 @@ job: how many were served, refused (503 ``streams_busy``) or left waiting for a 
 what the polls got meanwhile.
 
 Usage: ``python bench/api.py [--clients 50] [--seconds 10] [--rounds 3] [--threads T]
-[--streams 40] [--event-streams N] [--update docs/benchmarks.md]``
+[--paced-rates 1000,1500] [--streams 40] [--event-streams N] [--update docs/benchmarks.md]``
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -41,6 +47,7 @@ from typing import Any
 
 import psutil
 import requests
+from paced import PacedRun, paced  # bench/paced.py
 from PIL import Image
 from report import (  # bench/report.py (run as a script)
     bench_settings,
@@ -101,6 +108,23 @@ def wrk(url: str, clients: int, seconds: int, split: Callable[[], list[int]]) ->
     )
 
 
+def at_rate(
+    port: int, path: str, rate: int, args: argparse.Namespace, split: Callable[[], list[int]]
+) -> tuple[PacedRun, list[int]]:
+    """A fixed-rate run (bench/paced.py), with ``split()`` taken halfway through."""
+    runs: list[PacedRun] = []
+    thread = threading.Thread(
+        target=lambda: runs.append(
+            paced("127.0.0.1", port, path, rate=rate, clients=args.clients, seconds=args.seconds)
+        )
+    )
+    thread.start()
+    time.sleep(args.seconds / 2)
+    connections = split()
+    thread.join()
+    return runs[0], connections
+
+
 def hold_streams(port: int, path: str, count: int) -> tuple[list[socket.socket], Counter[str]]:
     """``count`` connections asking for the event stream at ``path``, left open; how each
     was answered within 5 s: ``served``, ``refused`` (503) or ``waiting`` (no thread)."""
@@ -147,6 +171,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="default: gunicorn.conf.py's")
     parser.add_argument("--worker-class", help="default: gunicorn.conf.py's")
     parser.add_argument(
+        "--paced-rates",
+        default="1000,1500",
+        help="fixed poll rates per second, each polled for --seconds in every round",
+    )
+    parser.add_argument(
         "--streams", type=int, default=40, help="event streams held open in the last round"
     )
     parser.add_argument(
@@ -156,6 +185,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    try:
+        paced_rates = [int(rate) for rate in args.paced_rates.split(",") if rate]
+    except ValueError:
+        parser.error(f"--paced-rates takes whole numbers: {args.paced_rates!r}")
     if shutil.which("wrk") is None:
         raise SystemExit("bench/api.py needs wrk: apt install wrk")
 
@@ -182,6 +215,7 @@ def main() -> None:
     processes = []
     polls: list[WrkRun] = []
     floors: list[WrkRun] = []
+    at_rates: dict[int, list[tuple[PacedRun, list[int]]]] = {rate: [] for rate in paced_rates}
     held: list[socket.socket] = []
     streams: Counter[str] = Counter()
     loaded: WrkRun | None = None
@@ -228,6 +262,8 @@ def main() -> None:
         for _ in range(args.rounds):
             polls.append(wrk(url, args.clients, args.seconds, split))
             floors.append(wrk(base + "/healthz", args.clients, args.seconds, split))
+            for rate, runs in at_rates.items():
+                runs.append(at_rate(port, job["links"]["self"], rate, args, split))
         if args.streams:
             # No worker runs any more: this job stays queued, and its streams stay open.
             held, streams = hold_streams(port, submit()["links"]["events"], args.streams)
@@ -257,7 +293,9 @@ def main() -> None:
         + ", a socket each; "
         f"`wrk -c {args.clients}` for {args.seconds} s on loopback (wrk shares the machine's "
         "cores), `GET /api/jobs/<id>` of a finished job, then `GET /healthz` as long, "
-        f"alternating, {args.rounds} round{'s' if args.rounds > 1 else ''}.",
+        f"alternating, {args.rounds} round{'s' if args.rounds > 1 else ''}; in each round "
+        f"then, polls at fixed rates from {args.clients} clients, timed from when each was "
+        "due (`bench/paced.py`).",
         "",
         f"| figure | {rounds} | goal | |",
         "|---|---|---|---|",
@@ -284,6 +322,29 @@ def main() -> None:
         f"| a poll's cost in `/healthz` requests (rate ratio, median) "
         f"| {statistics.median(f / r for f, r in zip(floor_rates, rates, strict=True)):.2f} | | |",
     ]
+    for rate, rounds_at_rate in at_rates.items():
+        runs = [run for run, _ in rounds_at_rate]
+        at_p99 = statistics.median(run.latency["99"] for run in runs)
+        failed = sum(run.errors for run in runs)
+        lines.append(
+            f"| at a fixed {rate:,} polls/s: answered per second; latency p50 / p90 / p99 "
+            "from when each poll was due; errors (unanswered at the end included); the "
+            "connections on each process | "
+            + median_and_each([run.answered_rate for run in runs], "{:,.0f}")
+            + "; "
+            + " / ".join(
+                median_and_each([run.latency[p] for run in runs], "{:.1f}")
+                for p in ("50", "90", "99")
+            )
+            + f" ms; {failed}; "
+            + ", ".join("/".join(map(str, connections)) for _, connections in rounds_at_rate)
+            + " | "
+            + (
+                f"p99 ≤ 50 ms | {'met' if at_p99 <= 50 and not failed else 'not met'} |"
+                if rate == 1000
+                else "| |"
+            )
+        )
     if loaded is not None:
         answered = loaded.rate > 0 and loaded.latency.get("99", 0) > 0
         polled = f"{loaded.rate:,.0f} polls/s, p99 " + (

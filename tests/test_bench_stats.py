@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from types import ModuleType
 
 import numpy as np
@@ -12,11 +13,12 @@ import numpy as np
 from tests.conftest import REPO
 
 
-def load_report() -> ModuleType:
-    """bench/report.py, which the benches import as a script's neighbour."""
-    spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")
+def load_bench_module(name: str) -> ModuleType:
+    """bench/<name>.py, which the benches import as a script's neighbour."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while loading
     spec.loader.exec_module(module)
     return module
 
@@ -27,7 +29,7 @@ def below(n: int, k: int) -> float:
 
 
 def test_median_interval_is_the_widest_order_statistics_at_95_percent() -> None:
-    median_interval = load_report().median_interval
+    median_interval = load_bench_module("report").median_interval
     for n, (low, high) in {15: (4, 12), 9: (2, 8), 6: (1, 6), 25: (8, 18)}.items():
         values = [float(i) for i in range(1, n + 1)]
         assert median_interval(values) == (low, high), n
@@ -39,7 +41,7 @@ def test_median_interval_is_the_widest_order_statistics_at_95_percent() -> None:
 
 
 def test_median_interval_covers_the_true_median() -> None:
-    median_interval = load_report().median_interval
+    median_interval = load_bench_module("report").median_interval
     generator = np.random.default_rng(7)
     trials = 2000
     # Skewed, like run times: a lognormal whose median is exactly 1.
