@@ -79,7 +79,7 @@ async def _run(
     interval = clients / rate
     latencies: list[float] = []
     statuses: list[int] = []
-    start = time.perf_counter() + 0.2  # after every connection is open
+    start = time.perf_counter() + 0.2  # time for the connections to open
     until = start + seconds
     tasks = []
     for i in range(clients):

@@ -82,14 +82,19 @@ def start_gunicorn(settings: Settings, log: Path, flags: str) -> subprocess.Pope
         )
 
 
-def test_gunicorn_conf_serves_with_a_socket_per_worker(tmp_path: Path) -> None:
+def start_two_workers(tmp_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
+    """gunicorn with 2 worker processes of 2 threads on a free port, and its port. A long
+    keep-alive, so that no connection is closed before the workers' are counted."""
     settings = Settings.from_env(
         {}, database_url=f"sqlite:///{tmp_path / 'jobs.db'}", data_dir=tmp_path / "data"
     )
     port = free_port()
-    # A long keep-alive, so that no connection is closed before the workers' are counted.
     flags = f"--bind 127.0.0.1:{port} --workers 2 --threads 2 --keep-alive 60"
-    server = start_gunicorn(settings, tmp_path / "gunicorn.log", flags)
+    return port, start_gunicorn(settings, tmp_path / "gunicorn.log", flags)
+
+
+def test_gunicorn_conf_serves_with_a_socket_per_worker(tmp_path: Path) -> None:
+    port, server = start_two_workers(tmp_path)
     clients: list[socket.socket] = []
     try:
         master = psutil.Process(server.pid)
@@ -134,12 +139,7 @@ def test_workers_shed_connections_beyond_their_share(tmp_path: Path) -> None:
     the mean answers "Connection: close" until the split is even; three times over, from
     fresh connections each time. Without the shedding, all three would end even about
     once in 40 runs."""
-    settings = Settings.from_env(
-        {}, database_url=f"sqlite:///{tmp_path / 'jobs.db'}", data_dir=tmp_path / "data"
-    )
-    port = free_port()
-    flags = f"--bind 127.0.0.1:{port} --workers 2 --threads 2 --keep-alive 60"
-    server = start_gunicorn(settings, tmp_path / "gunicorn.log", flags)
+    port, server = start_two_workers(tmp_path)
     clients: list[socket.socket] = []
     try:
         master = psutil.Process(server.pid)
