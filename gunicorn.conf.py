@@ -32,12 +32,13 @@ timeout = 0
 # them: in bench/api.py all 50 of wrk's connections sometimes went to one of the two
 # processes (one core busy, the other idle: 400-520 polls/s instead of 1,700-1,900).
 reuse_port = True
-# The kernel's hash spreads connections unevenly, though: 50 clients split 28/22 or 31/19 as
-# often as 25/25, and the busier process's clients wait. At 1,000 polls/s from 50 clients
-# (bench/api.py), p99 was 18-28 ms at 25/25 and 26/24, 75-86 ms at 28/22 and 29/21, 1.3 s
-# at 31/19. So a process holding more than its share of the connections (one over the
-# mean) answers with "Connection: close"; the client connects again, and the kernel places
-# the new connection afresh. Each process's count lives in memory the processes share.
+# The kernel's hash spreads connections unevenly, though: 50 clients split 28/22 or worse
+# about half the time (25/25 one time in nine), and the busier process's clients wait. At
+# 1,000 polls/s from 50 clients (bench/api.py), p99 was 18-28 ms at 25/25 and 26/24,
+# 75-86 ms at 28/22 and 29/21, 1.3 s at 31/19. So a process holding more than its share of
+# the connections (one over the mean) answers with "Connection: close"; the client connects
+# again, and the kernel places the new connection afresh. Each process's count lives in
+# memory the processes share.
 #: Open connections of each worker process (gthread's ``nr_conns``), by slot.
 connections_by_slot: Any = None
 MAX_WORKERS = 64
