@@ -51,15 +51,13 @@ def on_starting(server: Arbiter) -> None:
 
 
 def pre_fork(server: Arbiter, worker: Worker) -> None:
-    """In the master: a free slot for the new worker's count."""
+    """In the master: a free slot for the new worker's count (at 0: see child_exit)."""
     taken = {getattr(other, "slot", None) for other in server.WORKERS.values()}
     worker.slot = next((i for i in range(MAX_WORKERS) if i not in taken), None)  # type: ignore[attr-defined]
-    if worker.slot is not None:  # type: ignore[attr-defined]
-        connections_by_slot[worker.slot] = 0  # type: ignore[attr-defined]
 
 
 def child_exit(server: Arbiter, worker: Worker) -> None:
-    """In the master: a worker gone holds no connections."""
+    """In the master: a worker gone holds no connections, and its slot is free again."""
     slot = getattr(worker, "slot", None)
     if slot is not None:
         connections_by_slot[slot] = 0

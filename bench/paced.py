@@ -21,8 +21,7 @@ import numpy as np
 
 @dataclass
 class PacedRun:
-    #: The rate asked for, and the answers per second actually received.
-    rate: float
+    #: Answers received per second.
     answered_rate: float
     #: Latency percentiles in ms, from when each request was due: "50", "90", "99".
     latency: dict[str, float]
@@ -94,7 +93,6 @@ async def _run(
     milliseconds = np.array(latencies) * 1000
     errors = sum(1 for status in statuses if status != 200) + unanswered
     return PacedRun(
-        rate=rate,
         answered_rate=len(latencies) / seconds,
         latency={
             p: float(np.percentile(milliseconds, int(p))) if len(milliseconds) else float("nan")

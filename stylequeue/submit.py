@@ -84,20 +84,11 @@ def events(
                 elif stream.status_code >= 400:
                     _check(stream)
                 else:
-                    event, data = "message", ""
-                    for line in stream.iter_lines(decode_unicode=True):
-                        if line.startswith("id:"):
-                            last_id = int(line[3:].strip())
-                        elif line.startswith("event:"):
-                            event = line[6:].strip()
-                        elif line.startswith("data:"):
-                            data += line[5:].strip()
-                        elif line == "" and data:
-                            payload = json.loads(data)
-                            yield event, payload
-                            if event == "done":
-                                return
-                            event, data = "message", ""
+                    for event_id, event, payload in _stream_events(stream, last_id):
+                        last_id = event_id  # where a reconnection resumes
+                        yield event, payload
+                        if event == "done":
+                            return
         except requests.RequestException:
             continue  # dropped: reconnect with Last-Event-ID
         if retry_after:
@@ -112,6 +103,24 @@ def events(
                 if time.monotonic() >= until:
                     break
                 time.sleep(POLL_SECONDS)
+
+
+def _stream_events(
+    stream: requests.Response, last_id: int
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(id, event, data) of each event of a Server-Sent Events response; the id is the
+    latest the stream gave (``last_id`` until it gives one)."""
+    event, data = "message", ""
+    for line in stream.iter_lines(decode_unicode=True):
+        if line.startswith("id:"):
+            last_id = int(line[3:].strip())
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+        elif line == "" and data:
+            yield last_id, event, json.loads(data)
+            event, data = "message", ""
 
 
 def _streams_busy(response: requests.Response) -> bool:

@@ -10,9 +10,12 @@ import socket
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 
 from shared.config import Settings
@@ -82,101 +85,99 @@ def start_gunicorn(settings: Settings, log: Path, flags: str) -> subprocess.Pope
         )
 
 
-def start_two_workers(tmp_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
-    """gunicorn with 2 worker processes of 2 threads on a free port, and its port. A long
-    keep-alive, so that no connection is closed before the workers' are counted."""
+@dataclass
+class TwoWorkers:
+    """gunicorn with 2 worker processes of 2 threads, and the test's connections to it."""
+
+    port: int
+    server: subprocess.Popen[bytes]
+    clients: list[socket.socket] = field(default_factory=list)  # closed at the end
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[TwoWorkers]:
+    """A long keep-alive, so that no connection is closed before the workers' are counted.
+    gunicorn's log is printed at the end: pytest shows it when the test failed."""
     settings = Settings.from_env(
         {}, database_url=f"sqlite:///{tmp_path / 'jobs.db'}", data_dir=tmp_path / "data"
     )
     port = free_port()
     flags = f"--bind 127.0.0.1:{port} --workers 2 --threads 2 --keep-alive 60"
-    return port, start_gunicorn(settings, tmp_path / "gunicorn.log", flags)
+    running = TwoWorkers(port, start_gunicorn(settings, tmp_path / "gunicorn.log", flags))
+    yield running
+    for client in running.clients:
+        client.close()
+    running.server.terminate()
+    running.server.wait(30)
+    print((tmp_path / "gunicorn.log").read_text())
 
 
-def test_gunicorn_conf_serves_with_a_socket_per_worker(tmp_path: Path) -> None:
-    port, server = start_two_workers(tmp_path)
-    clients: list[socket.socket] = []
-    try:
-        master = psutil.Process(server.pid)
+def test_gunicorn_conf_serves_with_a_socket_per_worker(
+    tmp_path: Path, two_workers: TwoWorkers
+) -> None:
+    port = two_workers.port
+    master = psutil.Process(two_workers.server.pid)
 
-        def workers_listening() -> list[psutil.Process] | None:
-            workers = master.children()
-            try:
-                ready = len(workers) == 2 and all(listening(w, port) == 1 for w in workers)
-            except psutil.NoSuchProcess:  # a worker that failed to boot: gunicorn.log says
-                return None
-            return workers if ready else None
+    def workers_listening() -> list[psutil.Process] | None:
+        workers = master.children()
+        try:
+            ready = len(workers) == 2 and all(listening(w, port) == 1 for w in workers)
+        except psutil.NoSuchProcess:  # a worker that failed to boot: gunicorn.log says
+            return None
+        return workers if ready else None
 
-        workers = wait_for(workers_listening, 60, "two gunicorn workers listening")
-        assert listening(master, port) == 0  # no shared socket inherited from the master
+    workers = wait_for(workers_listening, 60, "two gunicorn workers listening")
+    assert listening(master, port) == 0  # no shared socket inherited from the master
 
-        clients = [get_healthz(port) for _ in range(40)]
-        owners = Counter(
-            worker.pid
-            for worker in workers
-            for c in worker.net_connections(kind="tcp")
-            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
-        )
-        # Spread by the kernel's hash of each connection: all 40 on one of the two
-        # processes would happen once in 2**39 runs.
-        assert len(owners) == 2 and sum(owners.values()) == 40, owners
-        # 2 threads a process, and 8 event streams allowed by default: said at start.
-        log = (tmp_path / "gunicorn.log").read_text()
-        assert "STYLEQUEUE_EVENT_STREAMS=8 is not below the 2 threads" in log
-    except BaseException:
-        print((tmp_path / "gunicorn.log").read_text())  # pytest shows it with the failure
-        raise
-    finally:
-        for client in clients:
-            client.close()
-        server.terminate()
-        server.wait(30)
+    two_workers.clients += [get_healthz(port) for _ in range(40)]
+    owners = Counter(
+        worker.pid
+        for worker in workers
+        for c in worker.net_connections(kind="tcp")
+        if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+    )
+    # Spread by the kernel's hash of each connection: all 40 on one of the two
+    # processes would happen once in 2**39 runs.
+    assert len(owners) == 2 and sum(owners.values()) == 40, owners
+    # 2 threads a process, and 8 event streams allowed by default: said at start.
+    log = (tmp_path / "gunicorn.log").read_text()
+    assert "STYLEQUEUE_EVENT_STREAMS=8 is not below the 2 threads" in log
 
 
-def test_workers_shed_connections_beyond_their_share(tmp_path: Path) -> None:
+def test_workers_shed_connections_beyond_their_share(two_workers: TwoWorkers) -> None:
     """The kernel's hash splits 60 connections unevenly between two processes more often
     than not (29 to 31 each only three times in ten). A process holding more than one over
     the mean answers "Connection: close" until the split is even; three times over, from
     fresh connections each time. Without the shedding, all three would end even about
     once in 40 runs."""
-    port, server = start_two_workers(tmp_path)
-    clients: list[socket.socket] = []
-    try:
-        master = psutil.Process(server.pid)
-        wait_for(lambda: serves(f"http://127.0.0.1:{port}"), 60, "gunicorn")
-        workers = wait_for(lambda: len(master.children()) == 2 and master.children(), 30, "2")
-        closed = 0
-        for _ in range(3):
-            for _ in range(60):
-                client, refused = keep_connection(port)
-                clients.append(client)
-                closed += refused
-            for _ in range(30):  # passes until none is asked to leave
-                leaving = [i for i, client in enumerate(clients) if ask_healthz(client)]
-                for i in leaving:
-                    clients[i].close()
-                    clients[i], refused = keep_connection(port)
-                    closed += 1 + refused
-                if not leaving:
-                    break
-            split = wait_for(
-                lambda: (held := held_by_each(workers, port)) and sum(held) == 60 and held,
-                10,
-                "the connections counted",
-            )
-            assert split[-1] <= 31, split
-            for client in clients:
-                client.close()
-            clients = []
-        assert closed > 0  # some split was uneven at first
-    except BaseException:
-        print((tmp_path / "gunicorn.log").read_text())
-        raise
-    finally:
+    port, clients = two_workers.port, two_workers.clients
+    master = psutil.Process(two_workers.server.pid)
+    wait_for(lambda: serves(f"http://127.0.0.1:{port}"), 60, "gunicorn")
+    workers = wait_for(lambda: len(master.children()) == 2 and master.children(), 30, "2")
+    closed = 0
+    for _ in range(3):
+        for _ in range(60):
+            client, refused = keep_connection(port)
+            clients.append(client)
+            closed += refused
+        for _ in range(30):  # passes until none is asked to leave
+            leaving = [i for i, client in enumerate(clients) if ask_healthz(client)]
+            for i in leaving:
+                clients[i].close()
+                clients[i], refused = keep_connection(port)
+                closed += 1 + refused
+            if not leaving:
+                break
+        split = wait_for(
+            lambda: (held := held_by_each(workers, port)) and sum(held) == 60 and held,
+            10,
+            "the connections counted",
+        )
+        assert split[-1] <= 31, split
         for client in clients:
             client.close()
-        server.terminate()
-        server.wait(30)
+        clients.clear()
+    assert closed > 0  # some split was uneven at first
 
 
 def serves(base: str) -> bool:
