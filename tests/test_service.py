@@ -44,8 +44,8 @@ from tests.service import (
 from web import SECURITY_HEADERS, create_app, security_headers
 from web.api import job_json, job_links, load_job
 from worker import lease
-from worker.engine import Iterate
-from worker.reporting import JobReporter
+from worker.engine import Checkpoint, Iterate
+from worker.reporting import JobReporter, checkpoint_key
 
 TABLES = {"images", "jobs", "job_styles", "loss_points", "api_tokens", "job_runs"}
 
@@ -433,6 +433,40 @@ def test_loss_points_are_written_in_batches_not_per_iteration(
     seconds = time.monotonic() - started
     assert reporter.flushes <= seconds / 0.5 + 2  # one write per 0.5 s, not per iteration
     assert reporter.flushes < 20
+
+
+def test_a_checkpoint_is_written_by_the_writer_thread_after_its_points(
+    settings: Settings, photo: bytes, painting: bytes, redis_server: RedisServer
+) -> None:
+    """``checkpoint`` returns at once, even while a write holds the writer's lock (it ran
+    in the engine's thread, between two iterations); the writer then stores the points up
+    to it, the file and the row."""
+    engine, sessions, job_id, reporter = job_reporter(
+        settings, photo, painting, redis_server.url, flush_seconds=3600
+    )
+    for iteration in range(1, 51):
+        reporter.progress(
+            Iterate(iteration=iteration, total=2000, scale=0, scales=1, loss=1.0, content=0.5,
+                    style=0.5, tv=0.0, elapsed=iteration * 0.01)
+        )  # fmt: skip
+    image = np.zeros((1, 3, 8, 8), dtype=np.float32)
+    with reporter._write_lock:  # a flush in progress, say
+        reporter.checkpoint(Checkpoint(iteration=50, scale=0, image=image, options={}, seed=1))
+        with sessions() as session:
+            assert session.scalar(select(Job.checkpoint_iteration).where(Job.id == job_id)) is None
+
+    def recorded() -> int | None:
+        with sessions() as session:
+            return session.scalar(select(Job.checkpoint_iteration).where(Job.id == job_id))
+
+    assert wait_for(recorded, 10, "the checkpoint recorded") == 50
+    with sessions() as session:
+        points = session.scalars(select(LossPoint.iteration).where(LossPoint.job_id == job_id))
+        assert sorted(points) == list(range(1, 51))
+    stored = storage_from_settings(settings).get(checkpoint_key(job_id))
+    assert Checkpoint.load(stored).iteration == 50
+    reporter.close()
+    engine.dispose()
 
 
 def test_a_released_job_is_queued_again_and_its_attempt_says_so(
