@@ -55,8 +55,7 @@ class JobReporter:
     Redis round trip sits between two iterations (at 100 iterations a second, a 30 ms
     preview encode would cost 30 %). ``checkpoint`` hands the checkpoint to that thread
     too: written in the engine's thread, it held up the next iteration by 7-17 ms at
-    128 px (docs/benchmarks.md). ``close`` writes one still pending; ``flush`` writes
-    synchronously.
+    128 px (docs/benchmarks.md). ``flush`` writes synchronously.
     """
 
     CANCEL_POLL_SECONDS = 0.1
@@ -115,7 +114,7 @@ class JobReporter:
         while not self._closing.is_set():
             self._checkpoint_due.wait(min(self.CANCEL_POLL_SECONDS, self.flush_seconds))
             if self._closing.is_set():
-                break  # close() writes what is left
+                break
             self._write_checkpoint()
             now = time.monotonic()
             if now - last_cancel_check >= self.CANCEL_POLL_SECONDS:
@@ -128,12 +127,12 @@ class JobReporter:
                     log.exception("job %s: writing progress failed", self.job_id)
 
     def close(self) -> None:
-        """Stop the writer thread and write a checkpoint still pending (the caller then
-        flushes what is left)."""
+        """Stop the writer thread (the caller then flushes what is left). A checkpoint
+        still pending is dropped: the run has ended, and if its lease was lost, the job's
+        files are another worker's now."""
         self._closing.set()
         self._checkpoint_due.set()
         self._writer.join()
-        self._write_checkpoint()
 
     def checkpoint(self, checkpoint: Checkpoint) -> None:
         """Hand ``checkpoint`` to the writer thread (the engine's ``on_checkpoint``)."""
