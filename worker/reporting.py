@@ -54,8 +54,8 @@ class JobReporter:
     cancel every ``CANCEL_POLL_SECONDS``, so that neither PNG encoding nor a database or
     Redis round trip sits between two iterations (at 100 iterations a second, a 30 ms
     preview encode would cost 30 %). ``checkpoint`` hands the checkpoint to that thread
-    too: written in the engine's thread, it held up the next iteration by 7-17 ms at
-    128 px (docs/benchmarks.md). ``flush`` writes synchronously.
+    too, so that no upload of it (to ``s3://`` storage, say) waits between two iterations.
+    ``flush`` writes synchronously.
     """
 
     CANCEL_POLL_SECONDS = 0.1
@@ -111,11 +111,14 @@ class JobReporter:
 
     def _write_loop(self) -> None:
         last_cancel_check = 0.0
-        while not self._closing.is_set():
+        while True:
             self._checkpoint_due.wait(min(self.CANCEL_POLL_SECONDS, self.flush_seconds))
             if self._closing.is_set():
                 break
-            self._write_checkpoint()
+            try:
+                self._write_checkpoint()
+            except Exception:  # never let the writer die
+                log.exception("job %s: writing a checkpoint failed", self.job_id)
             now = time.monotonic()
             if now - last_cancel_check >= self.CANCEL_POLL_SECONDS:
                 last_cancel_check = now
