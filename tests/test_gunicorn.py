@@ -4,8 +4,10 @@ connections over the processes; open event streams leave threads for the status 
 
 from __future__ import annotations
 
+import gc
 import os
 import re
+import runpy
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -178,6 +181,24 @@ def test_workers_shed_connections_beyond_their_share(two_workers: TwoWorkers) ->
             client.close()
         clients.clear()
     assert closed > 0  # some split was uneven at first
+
+
+def test_workers_keep_the_app_out_of_the_garbage_collectors_sight() -> None:
+    """A full collection scans every object not frozen, with all the process's threads
+    stopped: the hooks freeze the loaded app, then what the first requests left."""
+    hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
+    before = gc.get_freeze_count()
+    try:
+        hooks["post_worker_init"](SimpleNamespace())
+        loaded = gc.get_freeze_count()
+        assert loaded > before
+        left_by_requests = [[] for _ in range(1000)]
+        hooks["pre_request"](SimpleNamespace(nr=99), None)  # not yet
+        assert gc.get_freeze_count() == loaded
+        hooks["pre_request"](SimpleNamespace(nr=100), None)
+        assert gc.get_freeze_count() >= loaded + len(left_by_requests)
+    finally:
+        gc.unfreeze()
 
 
 def serves(base: str) -> bool:
