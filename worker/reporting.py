@@ -117,7 +117,7 @@ class JobReporter:
                 break
             try:
                 self._write_checkpoint()
-            except Exception:  # never let the writer die
+            except Exception:  # a checkpoint only shortens a resume: the run goes on
                 log.exception("job %s: writing a checkpoint failed", self.job_id)
             now = time.monotonic()
             if now - last_cancel_check >= self.CANCEL_POLL_SECONDS:
@@ -151,15 +151,10 @@ class JobReporter:
             return
         # A checkpoint is recorded only once every point up to it is in the database, so a
         # resume from it never leaves a gap. While the database is away, the run goes on
-        # and the checkpoint waits (the file of a later one replaces it).
+        # without it (a later one takes its place).
         if not self.flush():
             return
-        try:  # a checkpoint only shortens a resume: its trouble must not end the run
-            self.storage.put(checkpoint_key(self.job_id), checkpoint.to_bytes())
-        except Exception as error:
-            log.warning("job %s: checkpoint %d not stored: %s", self.job_id,
-                        checkpoint.iteration, error)  # fmt: skip
-            return
+        self.storage.put(checkpoint_key(self.job_id), checkpoint.to_bytes())
         try:
             with self.sessions.begin() as session:
                 session.execute(
