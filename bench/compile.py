@@ -5,7 +5,11 @@ bf16) at ``--size`` px, then alternates an eager evaluation (forward, Grams, los
 backward) with one through ``torch.compile(objective.parts)`` (inductor, default mode),
 ``--samples`` times, and prints the compile time and both medians.
 
-Usage: ``python bench/compile.py [--size 256] [--samples 8]``
+On a GPU (``--device cuda``), ``--mode reduce-overhead`` also replays each evaluation as a
+CUDA graph: where a small image leaves the GPU waiting on kernel launches, that is what
+could pay.
+
+Usage: ``python bench/compile.py [--size 256] [--samples 8] [--device cuda] [--mode M]``
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from engine import sample_pair  # bench/engine.py (run as a script)
 
 from worker.engine import defaults
 from worker.engine.imaging import to_tensor
@@ -36,19 +40,19 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "images")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mode", default=None, help="torch.compile's mode (default: its own)")
     args = parser.parse_args()
 
-    cpu = torch.device("cpu")
-    precision = resolve_precision("auto", cpu)
+    device = torch.device(args.device)
+    precision = resolve_precision("auto", device)
     options = {**defaults(), "style_weights": [1.0]}  # the default objective, TV included
     layers = options["style_layers"]
     options["style_layer_weights"] = [1 / len(layers)] * len(layers)
     content, style = (
-        to_tensor(Image.open(args.images / kind / name).convert("RGB"), long_side=args.size,
-                  device=cpu)
-        for kind, name in (("content", "tubingen.jpg"), ("style", "starry_night.jpg"))
-    )  # fmt: skip
-    extractor = load_extractor("vgg19-random", device=cpu, precision=precision)
+        to_tensor(image, long_side=args.size, device=device) for image in sample_pair(args.images)
+    )
+    extractor = load_extractor("vgg19-random", device=device, precision=precision)
     autocast_dtype = AUTOCAST_DTYPES.get(precision)
     objective = build_objective(
         extractor, options, content, [style], autocast_dtype, autocast_dtype is not None
@@ -57,16 +61,22 @@ def main() -> None:
 
     def evaluation(parts: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], float]:
         def run() -> float:
+            synchronize()
             begin = time.perf_counter()
             image.grad = None
             parts(image).sum().backward()
+            synchronize()
             return time.perf_counter() - begin
 
         return run
 
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     eager = evaluation(objective.parts)
     begin = time.perf_counter()
-    compiled = evaluation(torch.compile(objective.parts))
+    compiled = evaluation(torch.compile(objective.parts, mode=args.mode))
     compiled()  # compiles
     compile_seconds = time.perf_counter() - begin
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
@@ -77,8 +87,9 @@ def main() -> None:
             times[name].append(sides[name]())
     eager_s, compiled_s = (float(np.median(times[k][1:])) for k in ("eager", "compiled"))
     print(
-        f"{args.size} px, {precision}: compile {compile_seconds:.0f} s; eager {eager_s:.3f} s, "
-        f"compiled {compiled_s:.3f} s per evaluation: {eager_s / compiled_s:.2f}× the eager "
+        f"{args.size} px, {precision}, {device.type}, mode {args.mode}: compile "
+        f"{compile_seconds:.0f} s; eager {eager_s:.4f} s, "
+        f"compiled {compiled_s:.4f} s per evaluation: {eager_s / compiled_s:.2f}× the eager "
         "speed"
     )
 

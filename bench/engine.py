@@ -59,8 +59,8 @@ class ReferenceObjective:
         last = max(names.index(n) for n in [CONTENT_LAYER, *STYLE_LAYERS])
         self.layers = nn.Sequential(*list(layers.children())[: last + 1])
         self.names = names[: last + 1]
-        self.mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        self.std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        self.mean = torch.tensor([0.485, 0.456, 0.406], device=content.device).view(1, 3, 1, 1)
+        self.std = torch.tensor([0.229, 0.224, 0.225], device=content.device).view(1, 3, 1, 1)
         with torch.no_grad():
             feats = self.features(content)
             self.content_target = feats[CONTENT_LAYER]
@@ -83,6 +83,19 @@ class ReferenceObjective:
             for n in STYLE_LAYERS
         )
         return CONTENT_WEIGHT * content + STYLE_WEIGHT * style
+
+
+def sample_pair(images: Path) -> tuple[Image.Image, Image.Image]:
+    """tubingen.jpg and starry_night.jpg from ``images`` (``../shared/images``); where that
+    folder is missing (a GPU machine, which gets the repository alone), two of the
+    repository's presets: a step's cost depends on the size, not on what the images show."""
+    photo = images / "content" / "tubingen.jpg"
+    if photo.is_file():
+        paths = [photo, images / "style" / "starry_night.jpg"]
+    else:
+        paths = sorted((ROOT / "shared" / "presets").glob("*.jpg"))[:2]
+    content, style = (Image.open(path).convert("RGB") for path in paths)
+    return content, style
 
 
 def to_tensor(image: Image.Image, long_side: int) -> torch.Tensor:
@@ -191,6 +204,7 @@ def engine_time_to(
     budget: int,
     check_every: int,
     trace: list[tuple[float, float]] | None = None,
+    device: str = "cpu",
 ) -> tuple[list[float | None], float, int]:
     """Engine seconds until its output first reaches each of ``targets`` (None: never),
     its last measured loss and the iterations it ran. Stops once all are reached.
@@ -219,7 +233,7 @@ def engine_time_to(
     stylize(
         content=content, styles=[style], size=size, scales=scales, iterations=budget,
         tv_weight=0.0, backbone=backbone, progress=check, preview_every=check_every,
-        device="cpu",
+        device=device,
     )  # fmt: skip
     return reached, last, iterations
 
@@ -415,8 +429,7 @@ def main() -> None:
         allocator_probe(setting, int(size), args.probe_steps, args.backbone, args.images)
         return
 
-    content = Image.open(args.images / "content" / "tubingen.jpg").convert("RGB")
-    style = Image.open(args.images / "style" / "starry_night.jpg").convert("RGB")
+    content, style = sample_pair(args.images)
     cpu = torch.device("cpu")
     layers = load_backbone(args.backbone, device=cpu).layers  # the same weights on both sides
     precision = resolve_precision("auto", cpu)

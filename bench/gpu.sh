@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# The GPU benchmark, prepared for one H200 (or any CUDA GPU): seconds per step at 512 and
-# 1024 px in fp32, TF32 and bf16 with peak memory, and the throughput of k = 1, 2, 4, 8 runs
-# batched as a worker batches jobs, at 128, 256 and 512 px. Never run on a GPU yet: its
-# time there is an estimate (a few minutes on an H200; the timeout below is 8).
-# Needs python3 with torch, numpy and pillow; run from the repository root:
+# The GPU benchmark, prepared for one H200 (or any CUDA GPU), within 8 minutes: bench/gpu.py
+# (a check against the CPU; seconds per step at 128-1024 px against the fp32 reference in
+# fp32, TF32, bf16 and bf16 with cudnn.benchmark, peak memory; where a step's time goes;
+# time to the reference's loss; k = 1, 2, 4, 8 runs batched as a worker batches jobs), then
+# whether torch.compile pays there (bench/compile.py, CUDA graphs at 128 px, inductor's
+# default at 512 px). Needs python3 with torch, numpy and pillow; from the repository root:
 #   bash bench/gpu.sh [results.json]
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 # The sample photos if they are beside the checkout, else the repository's presets.
 images="${STYLEQUEUE_SAMPLE_IMAGES:-../shared/images}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-PYTHONPATH=. timeout 480 python3 bench/gpu.py --device cuda --images "$images" \
-    --sizes 512,1024 --modes fp32,tf32,bf16 --steps 30 --batches 1,2,4,8 --batch-sizes 128,256,512 \
-    --repeats 10 ${1:+--json "$1"}
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+timeout 300 python3 bench/gpu.py --device cuda --images "$images" ${1:+--json "$1"}
+echo
+echo "## torch.compile"
+for run in "128 reduce-overhead" "512 default"; do
+    set -- $run
+    mode=$([ "$2" = default ] || echo "--mode $2")
+    timeout 60 python3 bench/compile.py --device cuda --images "$images" --size "$1" \
+        --samples 20 $mode 2>&1 | grep -v "^W[0-9]" | tail -3
+done
