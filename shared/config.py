@@ -14,6 +14,8 @@ from pathlib import Path
 from shared.errors import OptionError
 
 PREFIX = "STYLEQUEUE_"
+#: ``batch_max_size`` when it is 0, by the torch device's type (others: the CPU's).
+BATCH_MAX_SIZE_BY_DEVICE = {"cpu": 256, "cuda": 512}
 
 
 def parse_bool(raw: str) -> bool:
@@ -98,10 +100,12 @@ class Settings:
     #: queued ones it can run with it (the same batch key: device, backbone, pooling,
     #: precision, layers, iterations, pyramid and image shape). 1 turns batching off.
     batch_jobs: int = 4
-    #: Only jobs whose size (long side, px) is at most this batch; larger ones run alone. On
-    #: a 2-core CPU with AMX, batches of 4 gave 1.19–1.31× the jobs per minute at 128 and
-    #: 256 px, and 0.90–1.06× at 512 px (bench/batching.py, docs/benchmarks.md).
-    batch_max_size: int = 256
+    #: Only jobs whose size (long side, px) is at most this batch; larger ones run alone.
+    #: 0: by the worker's device, where batches of 4 paid (bench/batching.py, bench/gpu.py,
+    #: docs/benchmarks.md): 256 px on a CPU (1.19–1.31× the jobs per minute at 128–256 px
+    #: on 2 cores, 0.90–1.06× at 512), 512 px on a GPU (an H200: 1.43–2.03× the images per
+    #: second at 128–512 px, 0.66–1.02× at 1024).
+    batch_max_size: int = 0
     #: A worker's name in heartbeats and in the jobs it runs (default: host and pid).
     worker_name: str = ""
     #: The machine's name in heartbeats and job runs (default: the host name).
@@ -128,6 +132,12 @@ class Settings:
     webhook_secret: str = ""
     webhook_retry_seconds: float = 5.0
     webhook_max_attempts: int = 8
+
+    def batch_size_limit(self, device: str) -> int:
+        """The largest job (long side, px) that a worker on ``device`` runs in a batch."""
+        if self.batch_max_size:
+            return self.batch_max_size
+        return BATCH_MAX_SIZE_BY_DEVICE.get(device.split(":")[0], BATCH_MAX_SIZE_BY_DEVICE["cpu"])
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -148,7 +148,7 @@ def _claim_partners(ctx: Context, leader: _Attempt) -> list[Claim]:
     if (
         settings.batch_jobs <= 1
         or leader.resume_from is not None
-        or leader.params["size"] > settings.batch_max_size
+        or leader.params["size"] > settings.batch_size_limit(leader.device)
     ):
         return []
     key = batch_key(leader.params, leader.content.size, leader.device)
