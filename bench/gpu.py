@@ -51,7 +51,7 @@ from engine import (  # bench/engine.py (run as a script)
 )
 from PIL import Image
 
-from worker.engine import Iterate, stylize
+from worker.engine import Iterate, optimize, stylize
 from worker.engine.backbones import load_backbone
 from worker.engine.stylize import prepare, stylize_together
 
@@ -74,6 +74,11 @@ def set_backends(*, tf32: bool, benchmark: bool = False) -> None:
 
 def precision_of(mode: str) -> str:
     return "bf16" if mode.startswith("bf16") else "fp32"
+
+
+def use_graphs(enabled: bool) -> None:
+    """The engine's CUDA graphs (``worker/engine/optimize.py``) on or off."""
+    optimize.cuda_graphs = enabled
 
 
 def reset_peak(device: torch.device) -> None:
@@ -140,6 +145,7 @@ def engine_step(
 ) -> tuple[float, float]:  # fmt: skip
     """Median seconds per engine step after warm-up, and the peak memory."""
     set_backends(tf32=mode == "tf32", benchmark=mode == "bf16+benchmark")
+    use_graphs(mode != "bf16-eager")
     stamps: list[float] = []
 
     def record(_: Iterate) -> None:
@@ -153,6 +159,7 @@ def engine_step(
         content=content, styles=[style], size=size, scales=1, iterations=steps, tv_weight=0.0,
         backbone=BACKBONE, precision=precision_of(mode), device=str(device), progress=record,
     )  # fmt: skip
+    use_graphs(True)
     return statistics.median(step_seconds(stamps, WARMUP)), peak_mib(device)
 
 
@@ -249,6 +256,38 @@ def where_time_goes(
               flush=True)  # fmt: skip
 
 
+def whole_runs(
+    content: Image.Image, style: Image.Image, sizes: list[int], iterations: int,
+    device: torch.device, report: Report,
+) -> None:  # fmt: skip
+    """Whole single-scale runs in bf16, graphs on and off: the L-BFGS history (100 pairs)
+    fills over the first 100 steps, and each pair costs the two-loop recursion 7 kernels."""
+    section(f"Whole runs: {iterations} iterations, bf16, single scale",
+            ["size", "graphs", "seconds", "ms/step, steps 4-30", "ms/step, last 50"])  # fmt: skip
+    set_backends(tf32=False)
+    for size, graphs in itertools.product(sizes, (True, False)):
+        use_graphs(graphs)
+        stamps: list[float] = []
+
+        def record(_: Iterate, stamps: list[float] = stamps) -> None:
+            synchronize(device)
+            stamps.append(time.perf_counter())
+
+        synchronize(device)
+        stamps.append(time.perf_counter())
+        stylize(
+            content=content, styles=[style], size=size, scales=1, iterations=iterations,
+            backbone=BACKBONE, precision="bf16", device=str(device), progress=record,
+        )  # fmt: skip
+        gaps = step_seconds(stamps, 0)
+        early, late = statistics.median(gaps[3:30]), statistics.median(gaps[-50:])
+        row(size, "on" if graphs else "off", f"{stamps[-1] - stamps[0]:.2f}",
+            f"{early * 1000:.2f}", f"{late * 1000:.2f}")  # fmt: skip
+        report.add("whole_runs", {"size": size, "graphs": graphs, "seconds": stamps[-1] -
+                                  stamps[0], "early": early, "late": late})  # fmt: skip
+    use_graphs(True)
+
+
 def time_to_reference(
     content: Image.Image, style: Image.Image, device: torch.device, evaluations: int,
     report: Report,
@@ -331,7 +370,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "images")
     parser.add_argument("--sizes", default="128,256,512,1024")
-    parser.add_argument("--modes", default="fp32,tf32,bf16,bf16+benchmark")
+    parser.add_argument("--modes", default="fp32,tf32,bf16,bf16+benchmark,bf16-eager")
+    parser.add_argument("--whole-sizes", default="128,512", help="sizes of whole runs")
+    parser.add_argument("--whole-iterations", type=int, default=300)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--profile-sizes", default="128,512")
     parser.add_argument(
@@ -356,6 +397,8 @@ def main() -> None:
                                       args.modes.split(","), args.steps, device, report)),
         ("time goes", lambda: where_time_goes(content, style, ints(args.profile_sizes),
                                               device, report)),
+        ("whole runs", lambda: whole_runs(content, style, ints(args.whole_sizes),
+                                          args.whole_iterations, device, report)),
         ("time to loss", lambda: time_to_reference(content, style, device, args.evaluations,
                                                    report) if args.evaluations else None),
         ("batching", lambda: batching(content, style, ints(args.batch_sizes), ints(args.batches),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark, prepared for one H200 (or any CUDA GPU), within 8 minutes: bench/gpu.py
-# (a check against the CPU; seconds per step at 128-1024 px against the fp32 reference in
+# The GPU benchmark, prepared for one H200 (or any CUDA GPU), within 8 minutes: the engine's
+# CUDA tests (CUDA graphs against eager evaluation), bench/gpu.py (a check against the CPU; seconds per step at 128-1024 px against the fp32 reference in
 # fp32, TF32, bf16 and bf16 with cudnn.benchmark, peak memory; where a step's time goes;
 # time to the reference's loss; k = 1, 2, 4, 8 runs batched as a worker batches jobs), then
 # whether torch.compile pays there (bench/compile.py, CUDA graphs at 128 px, inductor's
@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 images="${STYLEQUEUE_SAMPLE_IMAGES:-../shared/images}"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+echo "## CUDA tests"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py -k cuda 2>&1 | tail -25
 timeout 300 python3 bench/gpu.py --device cuda --images "$images" ${1:+--json "$1"}
 echo
 echo "## torch.compile"

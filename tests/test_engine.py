@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -480,3 +481,48 @@ def test_bad_options_name_their_field(change: dict[str, object], field: str) -> 
     with pytest.raises(OptionError) as caught:
         check_options(**options)
     assert caught.value.field == field
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
+    precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run on a GPU machine: ``bench/gpu.sh`` does, as ``pytest tests/test_engine.py -k
+    cuda``. Two scales (a capture each), a batch of two, and one run leaving the batch
+    early (the other's evaluation captured again), with and without graphs."""
+    from worker.engine import optimize
+
+    presets = sorted((Path(__file__).parents[1] / "shared" / "presets").glob("*.jpg"))
+    content, style = (Image.open(path).convert("RGB") for path in presets[:2])
+
+    def losses(graphs: bool) -> list[list[float]]:
+        monkeypatch.setattr(optimize, "cuda_graphs", graphs)
+        seen: list[list[float]] = [[], []]
+
+        def record(index: int) -> Callable[[Iterate], bool]:
+            def callback(iterate: Iterate) -> bool:
+                seen[index].append(iterate.loss)
+                return index == 1 and iterate.iteration == 9  # leaves the batch
+
+            return callback
+
+        runs = [
+            prepare(content=content, styles=[style], size=128, scales=2, iterations=16,
+                    backbone="vgg19-random", device="cuda", precision=precision, seed=index,
+                    progress=record(index))
+            for index in range(2)
+        ]  # fmt: skip
+        stylize_together(runs)
+        return seen
+
+    eager, graphed = losses(False), losses(True)
+    assert [len(run) for run in eager] == [len(run) for run in graphed] == [16, 9]
+    # The first replay (the third iteration) follows two eager iterations that are the
+    # same in both: it must agree to the kernels' own rounding. Later, as in the batch
+    # test above, each L-BFGS step amplifies any difference a little.
+    first, later = (1e-5, 1e-3) if precision == "fp32" else (1e-3, 2e-2)
+    for eager_run, graphed_run in zip(eager, graphed, strict=True):
+        np.testing.assert_allclose(graphed_run[2], eager_run[2], rtol=first)
+        np.testing.assert_allclose(graphed_run, eager_run, rtol=later)
+    assert graphed[0][-1] < graphed[0][0] / 2

@@ -53,8 +53,9 @@ class LBFGS:
             loss = closure()
         assert self.param.grad is not None
         grad = self.param.grad.detach().reshape(-1).float()
-        if self.bounds is not None:
-            grad = self._projected(grad)
+        # Kept as the next step's previous gradient: a copy, since the closure may write the
+        # next gradient into the same tensor (a CUDA graph's replay does).
+        grad = self._projected(grad) if self.bounds is not None else grad.clone()
         if self.prev_grad is None:
             direction = grad.neg()
             # As torch.optim.LBFGS: a first step of length at most lr along -g/|g|₁.

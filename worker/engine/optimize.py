@@ -266,8 +266,9 @@ def optimize(
                 scale, long_side, extractor, torch_device, autocast_dtype, channels_last,
                 resume_from,
             )  # fmt: skip
+        evaluation = _Evaluation(going, torch_device)
         while done < scale_end and going:
-            parts = _evaluate(going)
+            parts = evaluation()
             done += 1
             # The iteration's one host sync, for every run in the batch.
             values = torch.stack(parts).tolist()
@@ -280,6 +281,8 @@ def optimize(
                         raise
                     state.error, state.stopped = error, True
             going = [state for state in going if not state.stopped]
+            if len(going) != len(evaluation.going):  # a batch of the others from now on
+                evaluation = _Evaluation(going, torch_device)
             for state in states:  # those that just left the batch
                 if state.stopped and not state.announced:
                     state.announce(on_result, total, torch_device, precision)
@@ -291,6 +294,58 @@ def optimize(
         if not state.announced:
             state.announce(on_result, total, torch_device, precision)
     return [state.outcome for state in states]
+
+
+#: Whether evaluations on CUDA replay a captured graph (``bench/gpu.py`` turns it off to
+#: compare).
+cuda_graphs = True
+#: Eager evaluations of a set of runs, on the stream the capture will use, before their
+#: evaluation is captured: the first pass sets up cuDNN's and cuBLAS's state for that
+#: stream, which must not happen during a capture.
+GRAPH_WARMUP = 2
+
+
+class _Evaluation:
+    """:func:`_evaluate` for one set of runs at one scale. On CUDA, after ``GRAPH_WARMUP``
+    eager passes, the pass (forward, Grams, losses, backward) is captured once as a CUDA
+    graph and each later evaluation is one replay: on an H200, a step of one image at
+    128-512 px took about 10 ms although its kernels ran for 1-2.3 ms, the rest being the
+    CPU launching some 350 of them (``bench/gpu.py``). The images (each run's ``param``,
+    changed in place by its optimizer) are the graph's input; the loss parts and each
+    ``param.grad`` (created during the capture) are its outputs, rewritten by each replay.
+    """
+
+    def __init__(self, going: list[_RunState], device: torch.device) -> None:
+        self.going = going
+        self.graphed = cuda_graphs and device.type == "cuda"
+        self.passes = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.parts: list[torch.Tensor] = []
+        self.stream = torch.cuda.Stream(device) if self.graphed else None
+
+    def __call__(self) -> list[torch.Tensor]:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.parts
+        if self.stream is None:
+            return _evaluate(self.going)
+        # Autograd's tape, warm-up and capture on one side stream, as CUDA graphs want.
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            if self.passes < GRAPH_WARMUP:
+                self.passes += 1
+                parts = _evaluate(self.going)
+            else:
+                self.graph = torch.cuda.CUDAGraph()
+                for state in self.going:
+                    state.param.grad = None  # so that the capture makes the grads its own
+                with torch.cuda.graph(self.graph, stream=self.stream):
+                    self.parts = _evaluate(self.going)
+                parts = self.parts
+        torch.cuda.current_stream().wait_stream(self.stream)
+        if self.graph is not None:
+            self.graph.replay()  # the capture recorded the pass without running it
+        return parts
 
 
 def _evaluate(going: list[_RunState]) -> list[torch.Tensor]:
