@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark, prepared for one H200 (or any CUDA GPU), within 8 minutes: the engine's
-# CUDA tests (CUDA graphs against eager evaluation), bench/gpu.py (a check against the CPU; seconds per step at 128-1024 px against the fp32 reference in
-# fp32, TF32, bf16 and bf16 with cudnn.benchmark, peak memory; where a step's time goes;
-# time to the reference's loss; k = 1, 2, 4, 8 runs batched as a worker batches jobs), then
-# whether torch.compile pays there (bench/compile.py, CUDA graphs at 128 px, inductor's
-# default at 512 px). Needs python3 with torch, numpy and pillow; from the repository root:
+# CUDA tests (CUDA graphs against eager evaluation); bench/gpu.py (a check against the CPU;
+# seconds per step at 128-1024 px against the fp32 reference in fp32, TF32, bf16, bf16 with
+# cudnn.benchmark and bf16 without CUDA graphs, peak memory; where a step's time goes; whole
+# 300-iteration runs with and without graphs; time to the reference's loss; k = 1, 2, 4, 8
+# runs batched as a worker batches jobs); then whether torch.compile pays there
+# (bench/compile.py: CUDA graphs at 128 px, inductor's default at 512 px). Needs python3
+# with torch, numpy and pillow and, for the tests, pytest; from the repository root:
 #   bash bench/gpu.sh [results.json]
 set -uo pipefail
 cd "$(dirname "$0")/.."
