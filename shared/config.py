@@ -15,7 +15,7 @@ from shared.errors import OptionError
 
 PREFIX = "STYLEQUEUE_"
 #: ``batch_max_size`` when it is 0, by the torch device's type (others: the CPU's).
-BATCH_MAX_SIZE_BY_DEVICE = {"cpu": 256, "cuda": 512}
+BATCH_MAX_SIZE_BY_DEVICE = {"cpu": 256, "cuda": 128}
 
 
 def parse_bool(raw: str) -> bool:

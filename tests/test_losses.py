@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.engine.lbfgs import LBFGS
+from worker.engine.lbfgs import LBFGS, _Gathered, two_loop
 from worker.engine.losses import (
     ContentLoss,
     StyleLoss,
@@ -191,6 +191,48 @@ def test_lbfgs_takes_the_same_steps_as_torch_lbfgs() -> None:
     reference.step(torch_closure)
     torch.testing.assert_close(ours_x, torch_x, atol=1e-4, rtol=1e-4)
     assert objective(ours_x).item() < first.item()
+
+
+def bounded_quadratic_steps(steps: int, device: str, graphs: bool) -> tuple[LBFGS, torch.Tensor]:
+    """``steps`` L-BFGS steps (a history of 5) on Σ wᵢ(xᵢ - tᵢ)² + 0.1 Σ xᵢ⁴ in [0, 1]."""
+    generator = torch.Generator().manual_seed(3)
+    target = (torch.rand(300, generator=generator) * 1.6 - 0.3).to(device)
+    weight = (torch.rand(300, generator=generator) + 0.1).to(device)
+    x = torch.full((300,), 0.5, device=device, requires_grad=True)
+    optimizer = LBFGS(x, history_size=5, bounds=(0.0, 1.0), graphs=graphs)
+
+    def closure() -> torch.Tensor:
+        x.grad = None
+        loss = (weight * (x - target).pow(2)).sum() + 0.1 * x.pow(4).sum()
+        loss.backward()
+        return loss.detach()
+
+    for _ in range(steps):
+        optimizer.step(closure)
+    return optimizer, x.detach()
+
+
+def test_the_pairs_read_through_the_device_order_give_the_same_direction() -> None:
+    # What a CUDA graph replays, run eagerly: the same numbers, bit for bit.
+    # 13 steps store 12 pairs: the rings of 5 filled, then wrapped 7 times.
+    optimizer, _ = bounded_quadratic_steps(13, "cpu", graphs=False)
+    assert optimizer.count == 5 and optimizer.oldest == 2
+    assert optimizer.s_ring is not None and optimizer.y_ring is not None
+    assert optimizer.rho_ring is not None and optimizer.h_diag is not None
+    grad = torch.randn(300)
+    order = (torch.arange(5) + optimizer.oldest) % 5
+    rings = (optimizer.s_ring, optimizer.y_ring, optimizer.rho_ring)
+    gathered = two_loop(_Gathered(rings, order), grad, optimizer.h_diag)
+    assert torch.equal(gathered, optimizer._direction(grad))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_on_cuda_the_graphed_recursion_takes_the_eager_steps() -> None:
+    """Run on a GPU machine (``bench/gpu.sh``): 30 steps, the last 24 with full rings."""
+    graphed, x_graphed = bounded_quadratic_steps(30, "cuda", graphs=True)
+    assert graphed.recursion is not None and graphed.recursion.graph is not None
+    _, x_eager = bounded_quadratic_steps(30, "cuda", graphs=False)
+    torch.testing.assert_close(x_graphed, x_eager, rtol=1e-6, atol=1e-7)
 
 
 def test_bounded_lbfgs_stays_in_its_box_and_finds_the_constrained_minimum() -> None:

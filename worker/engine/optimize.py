@@ -518,7 +518,9 @@ class _Step:
         self.param = param
         self.kind = options["optimizer"]
         if self.kind == "lbfgs":
-            self.lbfgs = LBFGS(param, lr=1.0, history_size=100, bounds=(0.0, 1.0))
+            self.lbfgs = LBFGS(
+                param, lr=1.0, history_size=100, bounds=(0.0, 1.0), graphs=cuda_graphs
+            )
         else:
             self.adam = torch.optim.Adam([param], lr=options["lr"])
             if state:
