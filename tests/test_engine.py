@@ -490,9 +490,17 @@ def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
 ) -> None:
     """Run on a GPU machine: ``bench/gpu.sh`` does, as ``pytest tests/test_engine.py -k
     cuda``. Two scales (a capture each), a batch of two, and one run leaving the batch
-    early (the other's evaluation captured again), with and without graphs."""
+    early (the other's evaluation captured again), with and without graphs.
+
+    Adam, not L-BFGS: an L-BFGS run amplifies the smallest difference (two fp32 runs whose
+    first losses agreed to 7e-8, on the CPU and on an H200, were 4e-3 apart two steps
+    later), so its path cannot tell a wrong evaluation from rounding; Adam's steps keep
+    differences as small as they start. (The graphed L-BFGS recursion has its own test.)
+    "fp32" with TF32 off: cuDNN's convolutions use TF32 by default, and the capture may
+    choose other algorithms than the eager pass."""
     from worker.engine import optimize
 
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     presets = sorted((Path(__file__).parents[1] / "shared" / "presets").glob("*.jpg"))
     content, style = (Image.open(path).convert("RGB") for path in presets[:2])
 
@@ -509,8 +517,8 @@ def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
 
         runs = [
             prepare(content=content, styles=[style], size=128, scales=2, iterations=16,
-                    backbone="vgg19-random", device="cuda", precision=precision, seed=index,
-                    progress=record(index))
+                    optimizer="adam", backbone="vgg19-random", device="cuda",
+                    precision=precision, seed=index, progress=record(index))
             for index in range(2)
         ]  # fmt: skip
         stylize_together(runs)
@@ -518,13 +526,7 @@ def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
 
     eager, graphed = losses(False), losses(True)
     assert [len(run) for run in eager] == [len(run) for run in graphed] == [16, 9]
-    # The first replay (the third iteration) follows two eager iterations that are the
-    # same in both: it must agree to rounding, which for "fp32" is TF32's (cuDNN's
-    # convolutions use it unless told not to: PyTorch's default; 1e-3 apart on an H200,
-    # where the capture chose other algorithms). Later, as in the batch test above, each
-    # L-BFGS step amplifies any difference a little.
-    first, later = 5e-3, 2e-2
+    tolerance = 1e-4 if precision == "fp32" else 1e-2
     for eager_run, graphed_run in zip(eager, graphed, strict=True):
-        np.testing.assert_allclose(graphed_run[2], eager_run[2], rtol=first)
-        np.testing.assert_allclose(graphed_run, eager_run, rtol=later)
-    assert graphed[0][-1] < graphed[0][0] / 2
+        np.testing.assert_allclose(graphed_run, eager_run, rtol=tolerance)
+        assert graphed_run[-1] < graphed_run[0]
