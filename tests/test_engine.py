@@ -526,7 +526,10 @@ def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
 
     eager, graphed = losses(False), losses(True)
     assert [len(run) for run in eager] == [len(run) for run in graphed] == [16, 9]
-    tolerance = 1e-4 if precision == "fp32" else 1e-2
+    # The first replay (third iteration) follows two eager passes, the same in both runs.
+    # On an H200 in fp32 it agreed to 2.5e-7, and the paths to 3.8e-4 at most.
+    first, tolerance = (1e-5, 1e-3) if precision == "fp32" else (1e-2, 1e-2)
     for eager_run, graphed_run in zip(eager, graphed, strict=True):
+        np.testing.assert_allclose(graphed_run[2], eager_run[2], rtol=first)
         np.testing.assert_allclose(graphed_run, eager_run, rtol=tolerance)
         assert graphed_run[-1] < graphed_run[0]
