@@ -101,10 +101,10 @@ class Settings:
     #: precision, layers, iterations, pyramid and image shape). 1 turns batching off.
     batch_jobs: int = 4
     #: Only jobs whose size (long side, px) is at most this batch; larger ones run alone.
-    #: 0: by the worker's device, where batches of 4 paid (bench/batching.py, bench/gpu.py,
+    #: 0: by the worker's device, where batches of 4 paid (bench/batching.py, bench/gpu.sh,
     #: docs/benchmarks.md): 256 px on a CPU (1.19–1.31× the jobs per minute at 128–256 px
-    #: on 2 cores, 0.90–1.06× at 512), 512 px on a GPU (an H200: 1.43–2.03× the images per
-    #: second at 128–512 px, 0.66–1.02× at 1024).
+    #: on 2 cores, 0.90–1.06× at 512), 128 px on a GPU (an H200, with the engine's CUDA
+    #: graphs: 1.17× the images per second at 128 px, 0.95–0.97× at 256–512, 0.65× at 1024).
     batch_max_size: int = 0
     #: A worker's name in heartbeats and in the jobs it runs (default: host and pid).
     worker_name: str = ""

@@ -91,10 +91,10 @@ def test_queued_jobs_of_one_shape_run_in_batches_each_its_own_job(
 
 
 def test_the_batch_size_limit_follows_the_device_unless_set() -> None:
-    # Where batches paid in bench/batching.py (2-core CPU) and bench/gpu.py (an H200).
+    # Where batches paid in bench/batching.py (2-core CPU) and bench/gpu.sh (an H200).
     default = Settings()
     assert default.batch_size_limit("cpu") == 256
-    assert default.batch_size_limit("cuda:0") == 512
+    assert default.batch_size_limit("cuda:0") == 128
     assert default.batch_size_limit("mps") == 256
     chosen = Settings.from_env({"STYLEQUEUE_BATCH_MAX_SIZE": "1024"})
     assert chosen.batch_size_limit("cpu") == chosen.batch_size_limit("cuda:1") == 1024
