@@ -164,9 +164,10 @@ def two_loop(pairs: Sequence[Pair], grad: torch.Tensor, h_diag: torch.Tensor) ->
 
 
 class _GraphedRecursion:
-    """:func:`two_loop` over full rings as one CUDA graph replay: on an H200, with 100 pairs
-    it made a step at 128 px take 10 ms instead of 3 (``bench/gpu.py``, whole runs), each
-    of its ~700 kernels a launch of a few microseconds of work.
+    """:func:`two_loop` over full rings as one CUDA graph replay. On an H200, with 100 pairs
+    and the evaluation already graphed, the last steps of a 128 px run took 10.1 ms against
+    3.0 ms for the first ones, each of the recursion's ~700 kernels a launch for a few
+    microseconds of work; graphed, 4.8 ms (``bench/gpu.py``, whole runs).
 
     The graph reads the pairs through ``order`` (slot of the i-th oldest, on the device),
     one gathered copy per use, and its inputs and output are fixed tensors, so one capture

@@ -296,8 +296,8 @@ def optimize(
     return [state.outcome for state in states]
 
 
-#: Whether evaluations on CUDA replay a captured graph (``bench/gpu.py`` turns it off to
-#: compare).
+#: Whether, on CUDA, evaluations and L-BFGS's recursion replay captured graphs
+#: (``bench/gpu.py`` turns it off to compare).
 cuda_graphs = True
 #: Eager evaluations of a set of runs, on the stream the capture will use, before their
 #: evaluation is captured: the first pass sets up cuDNN's and cuBLAS's state for that
