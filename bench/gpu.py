@@ -365,6 +365,33 @@ def batching(
                                 "image_iterations_per_second": rates})  # fmt: skip
 
 
+def plot(results: Path, png: Path) -> None:
+    """Seconds per step against the image size from a ``--json`` file, log-log."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(results.read_text())
+    rows = data["per_step"]
+    sizes = [row["size"] for row in rows]
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    axes.plot(sizes, [row["reference"] * 1000 for row in rows], "k--o", label="reference fp32")
+    for mode in rows[0]["engine"]:
+        axes.plot(sizes, [row["engine"][mode] * 1000 for row in rows], "-o", label=mode)
+    axes.set(xscale="log", yscale="log", xlabel="long side (px)", ylabel="ms per step",
+             title=f"{data['device']}: time per step, single scale, L-BFGS")  # fmt: skip
+    axes.set_xticks(sizes, [str(size) for size in sizes])
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.set_yticks([3, 5, 10, 20, 50], ["3", "5", "10", "20", "50"])
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+
+
 def ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
@@ -388,7 +415,12 @@ def main() -> None:
     )
     parser.add_argument("--batch-modes", default="bf16,tf32")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--plot", nargs=2, type=Path, metavar=("JSON", "PNG"),
+                        help="only plot the per-step figures of an earlier --json")  # fmt: skip
     args = parser.parse_args()
+    if args.plot:
+        plot(*args.plot)
+        return
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {name}, torch {torch.__version__}", flush=True)
