@@ -217,12 +217,13 @@ def test_the_pairs_read_through_the_device_order_give_the_same_direction() -> No
     # 13 steps store 12 pairs: the rings of 5 filled, then wrapped 7 times.
     optimizer, _ = bounded_quadratic_steps(13, "cpu", graphs=False)
     assert optimizer.count == 5 and optimizer.oldest == 2
-    assert optimizer.s_ring is not None and optimizer.y_ring is not None
+    assert optimizer.s_ring is not None and optimizer.rho_y_ring is not None
     assert optimizer.rho_ring is not None and optimizer.h_diag is not None
     grad = torch.randn(300)
     order = (torch.arange(5) + optimizer.oldest) % 5
-    rings = (optimizer.s_ring, optimizer.y_ring, optimizer.rho_ring)
-    gathered = two_loop(_Gathered(rings, order), grad, optimizer.h_diag)
+    rho = optimizer.rho_ring.index_select(0, order)
+    pairs = _Gathered(optimizer.s_ring, optimizer.rho_y_ring, rho, order)
+    gathered = two_loop(pairs, grad, optimizer.h_diag)
     assert torch.equal(gathered, optimizer._direction(grad))
 
 
