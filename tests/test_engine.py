@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from shared.config import Settings
 from shared.errors import OptionError
 from worker.engine import Checkpoint, Iterate, Result, check_options, defaults, stylize
 from worker.engine.backbones import load_backbone
@@ -533,3 +534,9 @@ def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
         np.testing.assert_allclose(graphed_run[2], eager_run[2], rtol=first)
         np.testing.assert_allclose(graphed_run, eager_run, rtol=tolerance)
         assert graphed_run[-1] < graphed_run[0]
+
+
+def test_cuda_graphs_can_be_turned_off_from_the_environment() -> None:
+    # A worker hands this to the engine when it starts (worker/tasks.py); CUDA only.
+    assert Settings().cuda_graphs is True
+    assert Settings.from_env({"STYLEQUEUE_CUDA_GRAPHS": "false"}).cuda_graphs is False

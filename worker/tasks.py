@@ -65,11 +65,13 @@ def _heartbeat(ctx: Context, record: dict[str, Any]) -> None:
 
 @worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
+    from worker.engine import optimize
     from worker.engine.optimize import load_extractor, resolve_device, resolve_precision
 
     ctx = context()
     backbones = available_backbones()
     device = resolve_device(ctx.settings.device)
+    optimize.cuda_graphs = ctx.settings.cuda_graphs
     # On the CPU the activations live in host memory: reuse them, job after job.
     if device.type == "cpu" and keep_freed_memory():
         log.info("freed memory stays in the heap for reuse (worker/allocator.py)")
