@@ -3,9 +3,10 @@ the plain fp32 reference, where does a step's time go, and does batching jobs pa
 
 Not a test. Needs only torch, numpy and pillow (what a GPU machine has), and the engine
 (``worker/engine``): no service, no database. ``bench/gpu.sh`` runs it with the sizes and
-counts that fit well inside 8 minutes on one H200; ``--device cpu --sizes 64`` checks it
-anywhere. Every section prints a Markdown table as it goes and adds to ``--json``, so a run
-cut short still reports what it finished.
+counts that fit well inside 8 minutes on one H200; ``--device cpu --sizes 64
+--profile-sizes 64 --whole-sizes 64 --whole-iterations 40 --evaluations 0 --batch-sizes 64``
+checks it anywhere in a few minutes. Every section prints a Markdown table as it goes and
+adds to ``--json``, so a run cut short still reports what it finished.
 
 * check: the losses of a CUDA fp32 run against the same run on the CPU (the same objective:
   the first must agree to float rounding), and that a bf16 run's loss falls;
