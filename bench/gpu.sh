@@ -15,7 +15,7 @@ images="${STYLEQUEUE_SAMPLE_IMAGES:-../shared/images}"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 echo "## CUDA tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py -k cuda 2>&1 | tail -25
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_losses.py -k cuda 2>&1 | tail -25
 timeout 300 python3 bench/gpu.py --device cuda --images "$images" ${1:+--json "$1"}
 echo
 echo "## torch.compile"

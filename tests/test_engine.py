@@ -489,9 +489,10 @@ def test_bad_options_name_their_field(change: dict[str, object], field: str) -> 
 def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
     precision: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Run on a GPU machine: ``bench/gpu.sh`` does, as ``pytest tests/test_engine.py -k
-    cuda``. Two scales (a capture each), a batch of two, and one run leaving the batch
-    early (the other's evaluation captured again), with and without graphs.
+    """Run on a GPU machine: ``bench/gpu.sh`` does (``pytest tests/test_engine.py
+    tests/test_losses.py -k cuda``). Two scales (a capture each), a batch of two, and one
+    run leaving the batch early (the other's evaluation captured again), with and without
+    graphs.
 
     Adam, not L-BFGS: an L-BFGS run amplifies the smallest difference (two fp32 runs whose
     first losses agreed to 7e-8, on the CPU and on an H200, were 4e-3 apart two steps
