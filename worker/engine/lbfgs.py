@@ -52,11 +52,10 @@ class LBFGS:
         self.s_ring: torch.Tensor | None = None
         self.rho_y_ring: torch.Tensor | None = None
         self.rho_ring: torch.Tensor | None = None
+        self.pair_views: list[Pair] = []  # each slot's (s, ρ·y, ρ), made once, written in place
         self.count = 0  # pairs stored
         self.oldest = 0  # slot of the oldest pair once the rings are full
         self.prev_grad: torch.Tensor | None = None
-        self.direction: torch.Tensor | None = None
-        self.step_length: torch.Tensor | None = None
         self.h_diag: torch.Tensor | None = None
         self.graphed = graphs and param.device.type == "cuda"
         self.recursion: _GraphedRecursion | None = None
@@ -77,10 +76,9 @@ class LBFGS:
             step_length = torch.clamp(1.0 / grad.abs().sum(), max=1.0) * self.lr
             self.h_diag = torch.ones((), device=grad.device)
         else:
-            assert self.direction is not None and self.step_length is not None
             y = grad - self.prev_grad
-            # The step actually taken: equal to direction·length, unless the caller projected
-            # the parameter back into its box after the step (see ``project``).
+            # The step actually taken: the direction times its length, unless the clamp into
+            # the box (``bounds``) shortened it.
             s = self.param.detach().reshape(-1).float() - self.prev_param
             ys = y.dot(s)
             valid = ys > 1e-10
@@ -97,8 +95,6 @@ class LBFGS:
         if self.bounds is not None:
             self.param.clamp_(*self.bounds)
         self.prev_grad = grad
-        self.direction = direction
-        self.step_length = step_length
         return loss
 
     def _projected(self, grad: torch.Tensor) -> torch.Tensor:
@@ -118,16 +114,20 @@ class LBFGS:
             size = (self.history_size, s.numel())
             self.s_ring, self.rho_y_ring = s.new_empty(size), s.new_empty(size)
             self.rho_ring = s.new_zeros(self.history_size)
-        assert self.rho_y_ring is not None and self.rho_ring is not None
+            self.pair_views = [
+                (self.s_ring[i], self.rho_y_ring[i], self.rho_ring[i])
+                for i in range(self.history_size)
+            ]
         if self.count < self.history_size:
             slot = self.count
             self.count += 1
         else:  # the oldest pair makes room
             slot = self.oldest
             self.oldest = (self.oldest + 1) % self.history_size
-        self.s_ring[slot] = s
-        torch.mul(y, rho, out=self.rho_y_ring[slot])
-        self.rho_ring[slot] = rho
+        slot_s, slot_rho_y, slot_rho = self.pair_views[slot]
+        slot_s.copy_(s)
+        torch.mul(y, rho, out=slot_rho_y)
+        slot_rho.copy_(rho)
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
         """-H·grad by the two-loop recursion over the stored pairs, oldest first."""
@@ -138,8 +138,7 @@ class LBFGS:
                 rings = (self.s_ring, self.rho_y_ring, self.rho_ring)
                 self.recursion = _GraphedRecursion(*rings)
             return self.recursion(grad, self.h_diag, self.oldest)
-        order = [(self.oldest + i) % self.history_size for i in range(self.count)]
-        pairs = [(self.s_ring[i], self.rho_y_ring[i], self.rho_ring[i]) for i in order]
+        pairs = [self.pair_views[(self.oldest + i) % self.history_size] for i in range(self.count)]
         return two_loop(pairs, grad, self.h_diag)
 
 
