@@ -200,6 +200,44 @@ def per_step(
                                 reference_peak, "engine": times, "peak_mib": peaks})  # fmt: skip
 
 
+def profiled_run(
+    content: Image.Image, style: Image.Image, size: int, device: torch.device, profiler: Any
+) -> tuple[list[float], list[int]]:
+    """A 21-iteration bf16 run with ``profiler`` on over iterations 5-15: the two time
+    stamps, and the host synchronisations counted in each iteration after the 16th."""
+    stamps: list[float] = []
+    syncs: list[int] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def record(it: Iterate) -> None:
+            if it.iteration > 15:  # syncs since the last callback; no sync of our own
+                syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+                caught.clear()
+                return
+            synchronize(device)
+            if it.iteration == 5:
+                profiler.start()
+                stamps.append(time.perf_counter())
+            elif it.iteration == 15:
+                profiler.stop()
+                stamps.append(time.perf_counter())
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("warn")
+                caught.clear()
+
+        try:
+            stylize(
+                content=content, styles=[style], size=size, scales=1, iterations=21,
+                tv_weight=0.0, backbone=BACKBONE, precision="bf16", device=str(device),
+                progress=record,
+            )  # fmt: skip
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    return stamps, syncs
+
+
 def where_time_goes(
     content: Image.Image, style: Image.Image, sizes: list[int], device: torch.device,
     report: Report,
@@ -216,35 +254,7 @@ def where_time_goes(
     set_backends(tf32=False)
     for size in sizes:
         profiler = profile(activities=activities)
-        stamps: list[float] = []
-        syncs: list[int] = []
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-
-            def record(it: Iterate, profiler: Any = profiler, stamps: list[float] = stamps,
-                       syncs: list[int] = syncs, caught: list[Any] = caught) -> None:  # fmt: skip
-                if it.iteration > 15:  # syncs since the last callback; no sync of our own
-                    syncs.append(sum("synchroniz" in str(w.message) for w in caught))
-                    caught.clear()
-                    return
-                synchronize(device)
-                if it.iteration == 5:
-                    profiler.start()
-                    stamps.append(time.perf_counter())
-                elif it.iteration == 15:
-                    profiler.stop()
-                    stamps.append(time.perf_counter())
-                    if device.type == "cuda":
-                        torch.cuda.set_sync_debug_mode("warn")
-                    caught.clear()
-
-            stylize(
-                content=content, styles=[style], size=size, scales=1, iterations=21,
-                tv_weight=0.0, backbone=BACKBONE, precision="bf16", device=str(device),
-                progress=record,
-            )  # fmt: skip
-        if device.type == "cuda":
-            torch.cuda.set_sync_debug_mode(0)
+        stamps, syncs = profiled_run(content, style, size, device, profiler)
         wall = (stamps[1] - stamps[0]) / 10
         events = profiler.key_averages()
         kernels = [e for e in profiler.events() if e.device_type.name == "CUDA"]
