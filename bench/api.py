@@ -12,7 +12,8 @@ wrk's clients poll again as soon as they are answered, so its rounds measure the
 server answers, and a latency that Little's law ties to that rate (clients / rate). Each
 round then also polls at fixed rates (``--paced-rates``, the goal's 1,000 per second first)
 from as many clients, timed from when each poll was due (bench/paced.py): the latency a
-service that has that load to answer gives.
+service that has that load to answer gives; then ``GET /healthz`` at the first of those
+rates, the floor that the client, gunicorn, Flask and the machine set on that tail.
 Each round also counts wrk's connections on each gunicorn process: the latency of a
 process's connections grows with their number. A last round polls while ``--streams``
 event streams (open job pages, more than the server's threads) are held open on a queued
@@ -216,6 +217,9 @@ def main() -> None:
     polls: list[WrkRun] = []
     floors: list[WrkRun] = []
     at_rates: dict[int, list[tuple[PacedRun, list[int]]]] = {rate: [] for rate in paced_rates}
+    # /healthz at the first fixed rate: the same client, server and machine without our
+    # code, so that a poll's tail can be told apart from the machine's.
+    floors_at_rate: list[PacedRun] = []
     held: list[socket.socket] = []
     streams: Counter[str] = Counter()
     loaded: WrkRun | None = None
@@ -264,6 +268,8 @@ def main() -> None:
             floors.append(wrk(base + "/healthz", args.clients, args.seconds, split))
             for rate, runs in at_rates.items():
                 runs.append(at_rate(port, job["links"]["self"], rate, args, split))
+            if paced_rates:
+                floors_at_rate.append(at_rate(port, "/healthz", paced_rates[0], args, split)[0])
         if args.streams:
             # No worker runs any more: this job stays queued, and its streams stay open.
             held, streams = hold_streams(port, submit()["links"]["events"], args.streams)
@@ -344,6 +350,16 @@ def main() -> None:
                 if rate == 1000
                 else "| |"
             )
+        )
+    if floors_at_rate:
+        lines.append(
+            f"| at a fixed {paced_rates[0]:,} requests/s, `GET /healthz` (the same client, "
+            "server and machine without our code): latency p50 / p90 / p99 | "
+            + " / ".join(
+                median_and_each([run.latency[p] for run in floors_at_rate], "{:.1f}")
+                for p in ("50", "90", "99")
+            )
+            + " ms | | |"
         )
     if loaded is not None:
         answered = loaded.rate > 0 and loaded.latency.get("99", 0) > 0
