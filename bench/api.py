@@ -5,9 +5,11 @@ Dockerfile runs it) on loopback.
 Not a test. Starts its own redis-server, a fresh database (SQLite, or ``--database-url``),
 one worker to finish one small job (then stops it, so that every poll reads the same
 rows), and gunicorn; then, in each of ``--rounds`` rounds, ``wrk`` (Debian's package) opens
-``--clients`` connections for ``--seconds`` seconds on ``GET /api/jobs/<id>``, then as
-long on ``GET /healthz`` (Flask and gunicorn with none of our code: the floor). The API's
-rate limit stays in the path (one Redis round trip per poll) with a limit none reaches.
+``--clients`` connections for ``--seconds`` seconds on ``GET /api/jobs/<id>`` of the
+finished job, then as long on a queued job's (whose answer counts its queue position),
+then on ``GET /healthz`` (Flask and gunicorn with none of our code: the floor). The API's
+rate limit stays in the path (web/ratelimit.py: its counts go to Redis in batches) with a
+limit none reaches.
 wrk's clients poll again as soon as they are answered, so its rounds measure the most the
 server answers, and a latency that Little's law ties to that rate (clients / rate). Each
 round then also polls at fixed rates (``--paced-rates``, the goal's 1,000 per second first)
@@ -215,6 +217,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     processes = []
     polls: list[WrkRun] = []
+    queued_polls: list[WrkRun] = []
     floors: list[WrkRun] = []
     at_rates: dict[int, list[tuple[PacedRun, list[int]]]] = {rate: [] for rate in paced_rates}
     # /healthz at the first fixed rate: the same client, server and machine without our
@@ -258,6 +261,10 @@ def main() -> None:
         )
         worker.terminate()
         worker.wait(30)
+        # No worker runs any more: this job stays queued (its polls count its queue
+        # position too), and its event streams stay open.
+        queued = submit()
+        queued_url = base + queued["links"]["self"]
 
         def split() -> list[int]:
             return connections_per_worker(master, port)
@@ -265,14 +272,14 @@ def main() -> None:
         wrk(url, args.clients, 2, split)  # warm-up: connections, caches
         for _ in range(args.rounds):
             polls.append(wrk(url, args.clients, args.seconds, split))
+            queued_polls.append(wrk(queued_url, args.clients, args.seconds, split))
             floors.append(wrk(base + "/healthz", args.clients, args.seconds, split))
             for rate, runs in at_rates.items():
                 runs.append(at_rate(port, job["links"]["self"], rate, args, split))
             if paced_rates:
                 floors_at_rate.append(at_rate(port, "/healthz", paced_rates[0], args, split)[0])
         if args.streams:
-            # No worker runs any more: this job stays queued, and its streams stay open.
-            held, streams = hold_streams(port, submit()["links"]["events"], args.streams)
+            held, streams = hold_streams(port, queued["links"]["events"], args.streams)
             loaded = wrk(url, args.clients, args.seconds, split)
     finally:
         for client in held:
@@ -286,7 +293,7 @@ def main() -> None:
     rates = [run.rate for run in polls]
     p99s = [run.latency.get("99", float("nan")) for run in polls]
     rate, p99 = statistics.median(rates), statistics.median(p99s)
-    errors = sum(run.errors for run in polls)
+    errors = sum(run.errors for run in polls + queued_polls)
     floor_rates = [run.rate for run in floors]
     rounds = f"median of {args.rounds} rounds (each)" if args.rounds > 1 else "one round"
     lines = [
@@ -298,7 +305,8 @@ def main() -> None:
         + (f" × {threads} threads" if worker_class == "gthread" else "")
         + ", a socket each; "
         f"`wrk -c {args.clients}` for {args.seconds} s on loopback (wrk shares the machine's "
-        "cores), `GET /api/jobs/<id>` of a finished job, then `GET /healthz` as long, "
+        "cores), `GET /api/jobs/<id>` of a finished job, then of a queued job, then "
+        "`GET /healthz`, as long each, "
         f"alternating, {args.rounds} round{'s' if args.rounds > 1 else ''}; in each round "
         f"then, polls at fixed rates from {args.clients} clients, timed from when each was "
         "due (`bench/paced.py`).",
@@ -314,7 +322,15 @@ def main() -> None:
         + " ms | | |",
         f"| latency p99 | {median_and_each(p99s, '{:.1f}')} ms | ≤ 50 ms "
         f"| {'met' if p99 <= 50 else 'not met'} |",
-        f"| errors (non-2xx) | {errors} | 0 | {'met' if errors == 0 else 'not met'} |",
+        f"| errors (non-2xx, both jobs' polls) | {errors} | 0 "
+        f"| {'met' if errors == 0 else 'not met'} |",
+        "| polls of a queued job (its queue position counted too): per second; p50 / p99 | "
+        + median_and_each([run.rate for run in queued_polls], "{:,.0f}")
+        + "; "
+        + median_and_each([run.latency.get("50", 0) for run in queued_polls], "{:.1f}")
+        + " / "
+        + median_and_each([run.latency.get("99", 0) for run in queued_polls], "{:.1f}")
+        + " ms | | |",
         "| wrk's connections on each gunicorn process, mid-run | "
         + ", ".join("/".join(map(str, run.split)) for run in polls)
         + " | | |",

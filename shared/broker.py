@@ -25,11 +25,11 @@ RUN_JOB_TASK = "stylequeue.run_job"
 PING_TASK = "stylequeue.ping"
 
 
-# INCR, and EXPIRE on the window's first request: one round trip, one command (a pipeline of
-# the two costs more Python per request, and the status poll is the API's hot path).
+# INCRBY, and EXPIRE when the window's count starts: one round trip, one command (a pipeline
+# of the two costs more Python per call, and the status poll is the API's hot path).
 RATE_WINDOW_SCRIPT = """
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+local count = redis.call('INCRBY', KEYS[1], ARGV[2])
+if count == tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return count
 """
 

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -281,9 +281,19 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
     return job
 
 
-def queue_position(session: Session, created_at: datetime) -> int:
-    """The position of a queued job created at ``created_at``: 1 for the next to start."""
-    earlier = select(func.count()).where(
-        Job.status == JobStatus.QUEUED, Job.created_at < created_at
+# Built once (SQLAlchemy compiles it once and caches that): building the ORM expression
+# anew took about half of a queued job's status poll (cProfile, in-process).
+QUEUED_BEFORE = (
+    select(func.count())
+    .select_from(Job.__table__)
+    .where(
+        Job.__table__.c.status == JobStatus.QUEUED.value,
+        Job.__table__.c.created_at < bindparam("created_at"),
     )
-    return int(session.scalar(earlier) or 0) + 1
+)
+
+
+def queue_position(db: Session | Connection, created_at: datetime) -> int:
+    """The position of a queued job created at ``created_at``: 1 for the next to start.
+    ``db`` is a Session or, for the status poll, the Core connection that read the job."""
+    return int(db.scalar(QUEUED_BEFORE, {"created_at": created_at}) or 0) + 1

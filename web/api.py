@@ -131,36 +131,20 @@ def client_id() -> str:
 
 
 def check_rate(bucket: str, limit: int) -> None:
-    """A fixed one-minute window per client in Redis; open when Redis is away."""
+    """A fixed one-minute window per client, counted with the other web processes through
+    Redis (web/ratelimit.py); open when Redis is away."""
     if limit <= 0:
         return
     now = time.time()
-    key = f"stylequeue:rate:{bucket}:{client_id()}:{int(now // 60)}"
+    window = int(now // 60)
+    key = f"stylequeue:rate:{bucket}:{client_id()}:{window}"
     try:
-        count = count_in_window(key, ttl_seconds=120)
+        count = services.window_counts.hit(key, window=window, limit=limit, ttl_seconds=120)
     except redis.RedisError:
-        return  # the broker is away (or refuses even INCR): stay open
+        return  # the broker is away (or refuses even INCRBY): stay open
     if count > limit:
         retry_after = 60 - int(now) % 60
         raise RateLimited(f"more than {limit} {bucket} requests a minute; retry later", retry_after)
-
-
-def count_in_window(key: str, *, ttl_seconds: int) -> int:
-    """INCR ``key``, with EXPIRE on the window's first request: one Lua script, one round
-    trip; where the server refuses scripts, the two commands pipelined."""
-    scripts_refused = services.rate_window_script_refused
-    if not scripts_refused.is_set():
-        try:
-            return int(services.rate_window_script(keys=[key], args=[ttl_seconds]))
-        except (redis.ConnectionError, redis.TimeoutError):
-            raise
-        except redis.RedisError as error:
-            scripts_refused.set()
-            log.warning("Redis refused the rate-limit script (%s); using INCR and EXPIRE", error)
-    pipe = services.redis.pipeline(transaction=False)
-    pipe.incr(key)
-    pipe.expire(key, ttl_seconds)
-    return int(pipe.execute()[0])
 
 
 @bp.before_app_request
@@ -192,9 +176,11 @@ def job_json(
     runs: Sequence[JobRun | SimpleNamespace] | None = None,
     *,
     with_position: bool = True,
+    position: int | None = None,
 ) -> dict[str, Any]:
     """The job as the API shows it: from an ORM ``Job`` (its styles and runs loaded with
-    it), or from the rows :func:`read_job` gives the status poll."""
+    it), or from the rows :func:`read_job` gives the status poll. A queued job's
+    ``position`` is counted here unless given."""
     if styles is None or runs is None:
         assert isinstance(job, Job), "rows come with their styles and runs"
         styles, runs = job.styles, job.runs
@@ -247,7 +233,9 @@ def job_json(
         "links": job_links(job),
     }
     if status == JobStatus.QUEUED and with_position:
-        body["queue_position"] = queue_position(services.session, job.created_at)
+        if position is None:
+            position = queue_position(services.session, job.created_at)
+        body["queue_position"] = position
     if status == JobStatus.FAILED:
         body["error"] = {"code": job.error_code, "message": job.error_message}
     if job.callback_url:
@@ -314,16 +302,24 @@ def _distinct_parts(
     return list(parts.values())
 
 
-def read_job(job_id: str) -> tuple[Row[Any], list[SimpleNamespace], list[SimpleNamespace]]:
-    """A job the caller may see (its row), its styles and its runs, read-only."""
+def read_job(
+    job_id: str,
+) -> tuple[Row[Any], list[SimpleNamespace], list[SimpleNamespace], int | None]:
+    """A job the caller may see (its row), its styles, its runs and, while it is queued,
+    its queue position, read-only."""
     with services.reader.connect() as connection:
         rows = connection.execute(JOB_STYLE_RUN_ROWS, {"job_id": parse_job_id(job_id)}).all()
-    if not rows or not may_see(rows[0]):
-        raise NotFound(f"no job {job_id!r}")
+        if not rows or not may_see(rows[0]):
+            raise NotFound(f"no job {job_id!r}")
+        job = rows[0]
+        position = None
+        if job.status == JobStatus.QUEUED:
+            position = queue_position(connection, job.created_at)
     return (
-        rows[0],
+        job,
         _distinct_parts(rows, "style_", STYLE_FIELDS, "position"),
         _distinct_parts(rows, "run_", RUN_FIELDS, "attempt"),
+        position,
     )
 
 
@@ -493,7 +489,8 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
 
 @bp.get("/api/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    return jsonify(job_json(*read_job(job_id)))
+    job, styles, runs, position = read_job(job_id)
+    return jsonify(job_json(job, styles, runs, position=position))
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:

@@ -8,7 +8,6 @@ from typing import Any
 import redis
 from celery import Celery
 from flask import Flask, current_app, g
-from redis.commands.core import Script
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,6 +15,7 @@ from shared import broker
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
 from shared.storage import Storage, storage_from_settings
+from web.ratelimit import RedisWindows, WindowCounts
 
 
 class Services:
@@ -25,6 +25,7 @@ class Services:
         settings: Settings = app.config["SETTINGS"]
         engine = make_engine(settings.database_url, pool_size=settings.database_pool_size)
         redis_client = broker.connect(settings.redis_url)
+        redis_windows = RedisWindows(redis_client)
         app.extensions["stylequeue"] = {
             "engine": engine,
             # For the status poll's one read: on PostgreSQL, without the BEGIN and ROLLBACK
@@ -37,9 +38,10 @@ class Services:
             "sessions": make_sessionmaker(engine),
             "storage": storage_from_settings(settings),
             "redis": redis_client,
-            "rate_window_script": redis_client.register_script(broker.RATE_WINDOW_SCRIPT),
-            # Set once Redis refuses the script (an ACL, a managed Redis without scripting).
-            "rate_window_script_refused": threading.Event(),
+            # This process's side of the per-client request counts (web/ratelimit.py).
+            "window_counts": WindowCounts(redis_windows),
+            # Set once Redis refuses the counts' script.
+            "rate_window_script_refused": redis_windows.script_refused,
             "celery": Celery("stylequeue", broker=settings.redis_url, set_as_current=False),
             # This process's places for open event streams (see Settings.event_streams).
             "event_streams": threading.BoundedSemaphore(max(settings.event_streams, 0)),
@@ -79,12 +81,8 @@ class Services:
         return self._get("redis")  # type: ignore[no-any-return]
 
     @property
-    def rate_window_script(self) -> Script:
-        return self._get("rate_window_script")  # type: ignore[no-any-return]
-
-    @property
-    def rate_window_script_refused(self) -> threading.Event:
-        return self._get("rate_window_script_refused")  # type: ignore[no-any-return]
+    def window_counts(self) -> WindowCounts:
+        return self._get("window_counts")  # type: ignore[no-any-return]
 
     @property
     def event_streams(self) -> threading.BoundedSemaphore:
