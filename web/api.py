@@ -309,6 +309,7 @@ def read_job(
     its queue position, read-only."""
     with services.reader.connect() as connection:
         rows = connection.execute(JOB_STYLE_RUN_ROWS, {"job_id": parse_job_id(job_id)}).all()
+        # may_see reads no database here: the caller was authenticated before the view.
         if not rows or not may_see(rows[0]):
             raise NotFound(f"no job {job_id!r}")
         job = rows[0]
