@@ -2,10 +2,10 @@
 through Redis, with most of the round trips saved.
 
 A Redis round trip at every API request was about 30 % of a status poll's CPU under
-gunicorn (bench/api.py: 3.05 ``/healthz`` requests a poll with it, 2.13 without). Here
-each process counts its own requests and adds them to the shared count in Redis in
-batches: after ``batch`` requests of a client, or at once when the client is past half
-its limit. A process knows its own requests exactly and the others' as of its last
+gunicorn (bench/api.py: a poll cost 3.04-3.07 ``/healthz`` requests with it, 2.13-2.14
+without). Here each process counts its own requests and adds them to the shared count in
+Redis in batches: after ``batch`` requests of a client, or at once when the client is past
+half its limit. A process knows its own requests exactly and the others' as of its last
 batch, so a limit is exact with one process; with P processes a client can get at most
 P × (batch - 1) requests past it in a window.
 """
