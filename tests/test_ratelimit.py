@@ -36,12 +36,12 @@ def test_one_process_counts_exactly_and_sends_a_batch_at_a_time_below_half_the_l
     sent = Sent(redis_url)
     counts = WindowCounts(sent, batch=8)
     key = new_key()
-    seen = [counts.hit(key, window=1, limit=100, ttl_seconds=60) for _ in range(60)]
-    assert seen == list(range(1, 61))
-    # Below half the limit one round trip per 8 requests (at 8, 16, ..., 48; the 49th
-    # waits), then one for each request from the 50th: 6 + 11.
-    assert sent.calls == 17
-    assert int(broker.connect(redis_url).get(key) or 0) == 60
+    seen = [counts.hit(key, window=1, limit=400, ttl_seconds=60) for _ in range(250)]
+    assert seen == list(range(1, 251))
+    # Below half the limit one round trip per 8 requests (at 8, 16, ..., 200), then one
+    # for each request from the 201st: 25 + 50.
+    assert sent.calls == 75
+    assert int(broker.connect(redis_url).get(key) or 0) == 250
     assert 0 < broker.connect(redis_url).ttl(key) <= 60
 
 
@@ -52,19 +52,32 @@ def test_a_small_limit_is_exact_in_one_process(redis_url: str) -> None:
     assert admitted == [True, True, True, False, False]
 
 
+def admitted_across(processes: list[WindowCounts], limit: int, requests: int) -> int:
+    """Requests sent to the processes in turn; how many were let through."""
+    key = new_key()
+    return sum(
+        processes[request % len(processes)].hit(key, window=1, limit=limit, ttl_seconds=60) <= limit
+        for request in range(requests)
+    )
+
+
 def test_processes_share_the_count_and_overshoot_by_less_than_a_batch_each(
     redis_url: str,
 ) -> None:
-    limit, batch = 100, 8
+    limit, batch = 400, 8
     processes = [WindowCounts(Sent(redis_url), batch=batch) for _ in range(3)]
-    key = new_key()
-    admitted = 0
-    for request in range(300):
-        if processes[request % 3].hit(key, window=1, limit=limit, ttl_seconds=60) <= limit:
-            admitted += 1
+    admitted = admitted_across(processes, limit, 3 * limit)
+    # Without the sharing each process would admit 400 of its own 400.
     assert limit <= admitted <= limit + len(processes) * (batch - 1)
-    # Without the sharing each process would admit 100 of its own 100.
-    assert int(broker.connect(redis_url).get(key) or 0) > limit
+
+
+def test_a_limit_under_80_is_sent_at_every_request_and_exact_across_processes(
+    redis_url: str,
+) -> None:
+    sent = [Sent(redis_url) for _ in range(3)]
+    processes = [WindowCounts(one, batch=8) for one in sent]
+    assert admitted_across(processes, 30, 90) == 30
+    assert sum(one.calls for one in sent) == 90
 
 
 def test_a_new_window_starts_from_zero(redis_url: str) -> None:

@@ -4,10 +4,12 @@ through Redis, with most of the round trips saved.
 A Redis round trip at every API request was about 30 % of a status poll's CPU under
 gunicorn (bench/api.py: a poll cost 3.04-3.07 ``/healthz`` requests with it, 2.13-2.14
 without). Here each process counts its own requests and adds them to the shared count in
-Redis in batches: after ``batch`` requests of a client, or at once when the client is past
-half its limit. A process knows its own requests exactly and the others' as of its last
-batch, so a limit is exact with one process; with P processes a client can get at most
-P × (batch - 1) requests past it in a window.
+Redis in batches: after b requests of a client, or at once when the client is past half
+its limit. A process knows its own requests exactly and the others' as of its last batch,
+so a limit is exact with one process; with P processes a client can get at most
+P × (b - 1) requests past it in a window. b is ``batch`` (8) for limits of 320 a minute
+and more, less below, and 1 (every request sent) under 80: so the API's default limit
+(600) lets at most 7 requests a process past it, and the submit limit (30) none.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class _Count:
 class WindowCounts:
     """A process's view of the per-client counts of the current window."""
 
+    #: A client's batch is at most this share of its limit.
+    LIMIT_PER_BATCH = 40
+
     def __init__(self, add_to_window: AddToWindow, *, batch: int = 8) -> None:
         self._add = add_to_window
         self._batch = batch
@@ -49,13 +54,14 @@ class WindowCounts:
     def hit(self, key: str, *, window: int, limit: int, ttl_seconds: int) -> int:
         """Count one request for ``key`` in ``window``; returns the count as far as this
         process knows it. Redis's errors propagate, and the request stays counted here."""
+        batch = max(1, min(self._batch, limit // self.LIMIT_PER_BATCH))
         with self._lock:
             if window > self._window:  # a new minute: the last one's counts are done with
                 self._window, self._counts = window, {}
             count = self._counts.setdefault(key, _Count())
             count.pending += 1
             known = count.shared + count.pending
-            if count.pending < self._batch and 2 * known < limit:
+            if count.pending < batch and 2 * known < limit:
                 return known
             sending, count.pending = count.pending, 0
         try:
