@@ -41,7 +41,7 @@ class _Count:
 class WindowCounts:
     """A process's view of the per-client counts of the current window."""
 
-    #: A client's batch is at most this share of its limit.
+    #: A client's batch is at most its limit divided by this.
     LIMIT_PER_BATCH = 40
 
     def __init__(self, add_to_window: AddToWindow, *, batch: int = 8) -> None:
