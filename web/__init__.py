@@ -13,6 +13,11 @@ from flask import Flask, Response
 
 from shared.config import Settings
 
+#: Room for a submission's text fields beside its images.
+FORM_TEXT_BYTES = 1024 * 1024
+#: Parts of one multipart body: a job's fields are a few dozen at most.
+MAX_FORM_PARTS = 100
+
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """The application; ``test_config`` may hold ``SETTINGS`` (a :class:`Settings`)."""
@@ -24,8 +29,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
         settings = app.config.get("SETTINGS", settings)
     app.config["SETTINGS"] = settings
-    # Room for a content image and a few style images in one request.
-    app.config.setdefault("MAX_CONTENT_LENGTH", settings.max_image_bytes * 6)
+    # Every request's body is bounded before it is read: room for the content image, the
+    # most style images a job may have and the form's text fields. Flask's own config
+    # already holds MAX_CONTENT_LENGTH = None, so a setdefault would leave it unbounded.
+    if app.config.get("MAX_CONTENT_LENGTH") is None:
+        app.config["MAX_CONTENT_LENGTH"] = (
+            settings.max_image_bytes * (1 + settings.max_styles) + FORM_TEXT_BYTES
+        )
+    app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
     from web.auth import secret_key
 
     if not app.config.get("SECRET_KEY"):  # Flask's default is None

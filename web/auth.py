@@ -67,8 +67,10 @@ def secret_key(app: Flask) -> str:
         # Written whole under a temporary name, then linked into place: a process starting
         # at the same moment sees no file or the whole key, never an empty one.
         draft = path.with_name(f".secret_key.{os.getpid()}.{secrets.token_hex(4)}")
-        draft.write_text(secrets.token_urlsafe(48))
-        draft.chmod(0o600)
+        # Created owner-only: a write then chmod would leave the key readable in between.
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_urlsafe(48))
         try:
             os.link(draft, path)
         except FileExistsError:  # another process was first: use its key
