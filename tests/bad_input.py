@@ -59,6 +59,8 @@ BAD_INPUT: list[tuple[str, Any, dict[str, Any], int, str, str]] = [
     ("unknown optimizer", "photo", {"optimizer": "sgd"}, 422, "invalid_option", "optimizer"),
     ("unknown layer", "photo", {"style_layers": "relu9_1"}, 422, "invalid_option",
      "style_layers"),
+    ("duplicate layers", "photo", {"style_layers": "relu1_1,relu2_1,relu1_1"}, 422,
+     "invalid_option", "style_layers"),
     ("unknown preset", "photo", {"style_preset": "mona-lisa"}, 422, "invalid_option",
      "style_preset"),
     ("too many styles", "photo", {"style_preset": ["starry-night"] * 8}, 422, "invalid_option",

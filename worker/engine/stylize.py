@@ -397,6 +397,9 @@ def check_options(
     for field, layers in (("content_layers", content_layers), ("style_layers", style_layers)):
         if isinstance(layers, str) or not layers:
             raise OptionError("give a list of one or more layer names", field=field)
+        if len(set(layers)) != len(layers):
+            # Each name repeated would cost a Gram matrix more (5,000 names were accepted).
+            raise OptionError("names a layer more than once", field=field)
         unknown = [name for name in layers if name not in layer_names]
         if unknown:
             raise OptionError(
