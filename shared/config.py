@@ -126,6 +126,9 @@ class Settings:
     #: Whether the web form's browser sessions act as tokens (off: with tokens required,
     #: only token holders can use the API; the form then cannot submit).
     form_sessions: bool = True
+    #: Send the session cookie only over HTTPS (its ``Secure`` flag): set it where the
+    #: service is served by TLS, directly or behind a proxy.
+    secure_cookies: bool = False
     #: Signs the web form's session cookie (and its CSRF token). Every web process must
     #: share it; empty: a random key kept in ``data_dir/secret_key``.
     secret_key: str = ""

@@ -41,3 +41,13 @@ def test_the_session_key_file_is_owner_only(limited_app: Any) -> None:
     path = Path(limited_app.config["SETTINGS"].data_dir) / "secret_key"
     assert path.read_text().strip() == limited_app.config["SECRET_KEY"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_the_session_cookie_is_secure_when_asked(settings: Any) -> None:
+    from dataclasses import replace
+
+    for secure in (False, True):
+        with service_app(replace(settings, secure_cookies=secure)) as app:
+            cookie = app.test_client().get("/").headers.get("Set-Cookie", "")
+        assert "stylequeue_session=" in cookie
+        assert ("Secure" in cookie) is secure

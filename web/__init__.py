@@ -29,6 +29,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
         settings = app.config.get("SETTINGS", settings)
     app.config["SETTINGS"] = settings
+    app.config["SESSION_COOKIE_SECURE"] = settings.secure_cookies
     # Every request's body is bounded before it is read: room for the content image, the
     # most style images a job may have and the form's text fields. Flask's own config
     # already holds MAX_CONTENT_LENGTH = None, so a setdefault would leave it unbounded.
