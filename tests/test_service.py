@@ -604,6 +604,9 @@ def test_readyz_without_workers(app: Flask, settings: Settings) -> None:
     other.extensions["stylequeue"]["engine"].dispose()
     assert response.status_code == 503
     assert response.get_json()["status"] == "not ready"
+    # Health only: no broker address or driver message for an anonymous caller.
+    assert response.get_json()["redis"] == "error"
+    assert "127.0.0.1:1" not in response.get_data(as_text=True)
 
 
 def test_migrations_upgrade_from_empty_and_downgrade(database_url: str, tmp_path: Path) -> None:
