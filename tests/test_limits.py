@@ -1,9 +1,11 @@
-"""Request bodies are bounded before they are read, and the session key is owner-only."""
+"""Request bodies are bounded before they are read; the session key is owner-only and
+its cookie Secure when asked."""
 
 from __future__ import annotations
 
 import stat
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +46,6 @@ def test_the_session_key_file_is_owner_only(limited_app: Any) -> None:
 
 
 def test_the_session_cookie_is_secure_when_asked(settings: Any) -> None:
-    from dataclasses import replace
-
     for secure in (False, True):
         with service_app(replace(settings, secure_cookies=secure)) as app:
             cookie = app.test_client().get("/").headers.get("Set-Cookie", "")
