@@ -22,8 +22,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p var
-	$(BIN)/stylequeue run ../shared/images/content/tubingen.jpg \
-		../shared/images/style/starry_night.jpg --backbone vgg19-random --size 256 \
+	$(BIN)/stylequeue run examples/chelsea.jpg \
+		shared/presets/starry-night.jpg --backbone vgg19-random --size 256 \
 		--iterations 100 --log-every 20 -o var/demo.png
 
 lint: $(STAMP)
