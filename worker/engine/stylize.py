@@ -398,7 +398,7 @@ def check_options(
         if isinstance(layers, str) or not layers:
             raise OptionError("give a list of one or more layer names", field=field)
         if len(set(layers)) != len(layers):
-            # Each name repeated would cost a Gram matrix more (5,000 names were accepted).
+            # Every repeat would cost one Gram matrix more per step, for nothing.
             raise OptionError("names a layer more than once", field=field)
         unknown = [name for name in layers if name not in layer_names]
         if unknown:
