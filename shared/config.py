@@ -58,6 +58,10 @@ class Settings:
     max_image_bytes: int = 20 * 1024 * 1024
     #: Largest accepted image, in pixels (width × height), checked before decoding.
     max_image_pixels: int = 40_000_000
+    #: Uploads one web process decodes at once to check them (each holds up to
+    #: ``max_image_pixels`` × 4 bytes while it lasts; no decoded image is kept). The others
+    #: wait their turn.
+    decode_concurrency: int = 2
     #: Largest output long side a job may ask for, in pixels.
     max_size: int = 2048
     #: Most iterations a job may ask for.

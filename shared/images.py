@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from shared.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
 
@@ -45,10 +47,10 @@ def _read_bytes(source: ImageSource, max_bytes: int, name: str) -> bytes:
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
-    # Pillow's convert("RGB") clips 16-bit values at 255 instead of scaling them.
-    values = np.asarray(image, dtype=np.int64)
-    eight_bit = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
-    return Image.fromarray(eight_bit).convert("RGB")
+    # Pillow's convert("RGB") clips 16-bit values at 255 instead of scaling them. Scaled in
+    # Pillow's own 32-bit mode (4 bytes a pixel), never through wider numpy copies; values
+    # outside 0..65535 (mode "I") clip when converted to 8 bits.
+    return image.convert("I").point(lambda value: value / 256).convert("L").convert("RGB")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -61,26 +63,36 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("LA", "RGBA", "PA"):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        # Pasted through its own alpha onto white: one RGB canvas, no float or RGBA copies.
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
     return image.convert("RGB")
 
 
-def decode_image(
-    source: ImageSource,
-    *,
-    max_bytes: int,
-    max_pixels: int,
-    name: str = "image",
-) -> Image.Image:
-    """Decode ``source`` (a path, bytes or a binary file) into an RGB image.
+#: Longest side over shortest side an image may have (content and styles): a style is
+#: resized to the output's scale from its aspect, so a 20000×1 strip would become a huge
+#: tensor however small its file.
+MAX_ASPECT_RATIO = 10.0
+#: EXIF orientations that turn the image a quarter: its upright width is its stored height.
+_QUARTER_TURNS = {5, 6, 7, 8}
 
-    Raises :class:`ImageTooLarge` for a file over ``max_bytes`` or an image over
-    ``max_pixels`` (checked from the header, before any pixel is decoded),
-    :class:`UnsupportedImageFormat` for anything but JPEG/PNG/WebP, and :class:`ImageError`
-    for a file that cannot be decoded. ``name`` is the field named in the error.
-    """
-    data = _read_bytes(source, max_bytes, name)
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says: the upright size (EXIF orientation applied) and the format."""
+
+    width: int
+    height: int
+    format: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+def _open_checked(data: bytes, *, max_pixels: int, max_aspect: float, name: str) -> Image.Image:
+    """``data`` opened lazily (no pixel decoded) after the header's checks."""
     try:
         with warnings.catch_warnings():
             # Our own pixel limit applies; Pillow's decompression-bomb warning would only
@@ -102,22 +114,89 @@ def decode_image(
             f"animated {image.format} images are not accepted; send a single frame", field=name
         )
     width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError("the image has no pixels", field=name)
     if width * height > max_pixels:
         raise ImageTooLarge(
             f"{width}×{height} is {width * height:,} pixels; the limit is {max_pixels:,}",
             field=name,
         )
-    if width < 1 or height < 1:
-        raise ImageError("the image has no pixels", field=name)
+    if max(width, height) > max_aspect * min(width, height):
+        raise ImageTooLarge(
+            f"{width}×{height} is more than {max_aspect:g} times as long as it is wide; crop it",
+            field=name,
+        )
+    return image
+
+
+def _load(image: Image.Image, name: str) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-            image = ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError) as exc:
-        # Pillow reports truncated or corrupt data as OSError/ValueError/SyntaxError.
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+        # Pillow reports truncated or corrupt data as OSError/ValueError/SyntaxError, and
+        # a chunk cut short as struct.error.
         raise ImageError(f"the {image.format} data is corrupt: {exc}", field=name) from exc
-    return to_rgb(image)
+
+
+def probe_image(
+    source: ImageSource,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_aspect: float = MAX_ASPECT_RATIO,
+    name: str = "image",
+    decode_slots: AbstractContextManager[Any] | None = None,
+) -> tuple[bytes, ImageInfo]:
+    """Check ``source`` as :func:`decode_image` does, keeping none of its pixels: the bytes
+    and what the header says.
+
+    The header is checked first (format, pixels, aspect); then the image is decoded once,
+    to refuse corrupt data now rather than in a worker, and dropped. ``decode_slots`` (a
+    semaphore) bounds how many such decodes a process runs at once: each holds up to
+    ``max_pixels`` × 4 bytes while it lasts.
+    """
+    data = _read_bytes(source, max_bytes, name)
+    image = _open_checked(data, max_pixels=max_pixels, max_aspect=max_aspect, name=name)
+    with decode_slots if decode_slots is not None else nullcontext():
+        # Loaded before its EXIF is read: a PNG's EXIF may follow its pixels.
+        _load(image, name)
+        width, height = image.size
+        if image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
+            width, height = height, width
+        image.close()
+    return data, ImageInfo(width=width, height=height, format=str(image.format))
+
+
+def decode_image(
+    source: ImageSource,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_aspect: float = MAX_ASPECT_RATIO,
+    name: str = "image",
+) -> Image.Image:
+    """Decode ``source`` (a path, bytes or a binary file) into an upright RGB image.
+
+    Raises :class:`ImageTooLarge` for a file over ``max_bytes``, an image over
+    ``max_pixels`` or longer than ``max_aspect`` times its width (checked from the header,
+    before any pixel is decoded), :class:`UnsupportedImageFormat` for anything but
+    JPEG/PNG/WebP, and :class:`ImageError` for a file that cannot be decoded. ``name`` is
+    the field named in the error.
+    """
+    data = _read_bytes(source, max_bytes, name)
+    image = _open_checked(data, max_pixels=max_pixels, max_aspect=max_aspect, name=name)
+    _load(image, name)
+    try:
+        return upright_rgb(image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"the {image.format} data is corrupt: {exc}", field=name) from exc
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A loaded image turned upright by its EXIF orientation, as 8-bit RGB."""
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def encode_png(image: Image.Image, *, compress_level: int = 6) -> bytes:

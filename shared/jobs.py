@@ -12,11 +12,11 @@ import secrets
 import typing
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from PIL import Image
 from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -24,9 +24,10 @@ from sqlalchemy.orm import Session
 
 from shared.config import Settings
 from shared.errors import OptionError
-from shared.images import decode_image
+from shared.images import ImageInfo, probe_image
 from shared.models import Job, JobStatus, JobStyle, StoredImage, utcnow
 from shared.presets import presets
+from shared.routing import job_memory_bytes
 from shared.storage import Storage
 from shared.webhooks import check_callback_url
 from worker.engine.stylize import (
@@ -34,6 +35,9 @@ from worker.engine.stylize import (
     check_image_sizes,
     check_options,
     defaults,
+    pyramid,
+    scaled_pixels,
+    style_side,
     stylize,
 )
 
@@ -57,10 +61,11 @@ class Upload:
 
 @dataclass
 class JobRequest:
-    """A validated submission: decoded images and normalized options."""
+    """A validated submission: the images (bytes, and what their headers say) and the
+    normalized options."""
 
-    content: tuple[bytes, Image.Image]
-    styles: list[tuple[bytes, Image.Image, str | None]]  # bytes, image, preset name
+    content: tuple[bytes, ImageInfo]
+    styles: list[tuple[bytes, ImageInfo, str | None]]  # bytes, image, preset name
     options: dict[str, Any]
     style_weights: list[float] = field(default_factory=list)
     #: The seed was given by the client (not drawn): the result is reproducible.
@@ -69,6 +74,26 @@ class JobRequest:
     reuse: bool = True
     #: Where to POST the signed notice when the job finishes (an allowed host).
     callback_url: str | None = None
+
+    def memory_bytes(self) -> int:
+        """An upper estimate of the memory the job needs where it runs (shared/routing.py),
+        its styles at the finest scale included."""
+        size = self.options["size"]
+        # The finest scale's long side: the output's (pyramid() ends there).
+        finest = pyramid(size, self.options["scales"], self.options["iterations"])[-1][0]
+        style_pixels = []
+        for _, info, _ in self.styles:
+            side = style_side(info.size, finest, self.options)
+            style_pixels.append(scaled_pixels(info.size, side))
+        return job_memory_bytes(
+            output_pixels=scaled_pixels(self.content[1].size, finest),
+            optimizer=self.options["optimizer"],
+            style_pixels=style_pixels,
+            input_pixels=sum(info.width * info.height for _, info, _ in self.all_images()),
+        )
+
+    def all_images(self) -> list[tuple[bytes, ImageInfo, str | None]]:
+        return [(*self.content, None), *self.styles]
 
     def fingerprint(self) -> str:
         """SHA-256 of what determines the result: input bytes, weights and options.
@@ -127,11 +152,14 @@ def parse_request(
     uploads: Sequence[Upload],
     settings: Settings,
     runnable_backbones: set[str] | None = None,
+    decode_slots: AbstractContextManager[Any] | None = None,
 ) -> JobRequest:
     """Validate a submission: fields, options, images. Raises a :class:`StylequeueError`.
 
     ``runnable_backbones``: the backbones live workers can run (None: not known, e.g. no
     worker is up yet); a job asking for another one is refused rather than left to fail.
+    ``decode_slots`` bounds the process's concurrent verification decodes
+    (:func:`shared.images.probe_image`): no decoded image is kept.
     """
     unknown = sorted(set(form) - FORM_FIELDS)
     if unknown:
@@ -154,27 +182,30 @@ def parse_request(
         raise OptionError(
             f"{style_count} styles; at most {settings.max_styles} per job", field="style"
         )
-    limits = {"max_bytes": settings.max_image_bytes, "max_pixels": settings.max_image_pixels}
+    limits = {
+        "max_bytes": settings.max_image_bytes,
+        "max_pixels": settings.max_image_pixels,
+        "decode_slots": decode_slots,
+    }
     contents = [u for u in uploads if u.field == "content"]
     if len(contents) != 1:
         raise OptionError("exactly one content image is needed", field="content")
-    content_bytes = contents[0].data
-    content = (content_bytes, decode_image(content_bytes, name="content", **limits))
+    for upload in uploads:
+        if upload.field not in ("content", "style"):
+            raise OptionError(f"unexpected file field {upload.field!r}", field=upload.field)
+    content = probe_image(contents[0].data, name="content", **limits)
 
-    styles: list[tuple[bytes, Image.Image, str | None]] = []
+    styles: list[tuple[bytes, ImageInfo, str | None]] = []
     for upload in uploads:
         if upload.field == "style":
-            styles.append((upload.data, decode_image(upload.data, name="style", **limits), None))
-        elif upload.field != "content":
-            raise OptionError(f"unexpected file field {upload.field!r}", field=upload.field)
+            styles.append((*probe_image(upload.data, name="style", **limits), None))
     available = presets()
     for name in (n for value in form.get("style_preset", []) for n in value.split(",") if n):
         if name not in available:
             raise OptionError(
                 f"no preset {name!r}; choose one of {', '.join(available)}", field="style_preset"
             )
-        data = available[name].path.read_bytes()
-        styles.append((data, decode_image(data, name="style_preset", **limits), name))
+        styles.append((*probe_image(available[name].path, name="style_preset", **limits), name))
     if not styles:
         raise OptionError("give a style image or a style_preset", field="style")
 
@@ -198,7 +229,7 @@ def parse_request(
             f"must be at most {settings.max_iterations} on this service", field="iterations"
         )
     # The coarsest pyramid scale must still reach the deepest layer (depends on the aspect).
-    check_image_sizes(content[1], [image for _, image, _ in styles], checked)
+    check_image_sizes(content[1].size, [info.size for _, info, _ in styles], checked)
     checked["original_colors"] = bool(options["original_colors"])
     seed_given = checked["seed"] is not None
     if checked["seed"] is None:
@@ -223,7 +254,7 @@ def parse_request(
     )
 
 
-def store_image(session: Session, storage: Storage, data: bytes, image: Image.Image) -> str:
+def store_image(session: Session, storage: Storage, data: bytes, image: ImageInfo) -> str:
     """Store ``data`` once under its SHA-256; returns the hash.
 
     Safe when two requests bring the same new image at once: the file write is atomic and

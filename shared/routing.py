@@ -10,7 +10,7 @@ fallback, never preferred over a GPU that fits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from shared.errors import StylequeueError
@@ -31,6 +31,16 @@ GPU_TIERS: tuple[tuple[str, float], ...] = (
 ACTIVATION_BYTES_PER_PIXEL = 3_000
 LBFGS_BYTES_PER_PIXEL = 2_400
 ADAM_BYTES_PER_PIXEL = 24
+#: Each style's features are computed once per scale, without gradients: the peak is the
+#: widest pair of consecutive activations (relu1_x: 2 × 64 channels × 4 B = 512 B/px) plus
+#: the fp32 input tensor; measured 0.6 KB/px on the CPU here (tests/test_memory.py keeps
+#: the whole estimate above measured peaks). Every style tensor of a scale is held at once
+#: (12 B/px), the largest is the one whose forward pass sets the peak.
+STYLE_FORWARD_BYTES_PER_PIXEL = 1_000
+STYLE_TENSOR_BYTES_PER_PIXEL = 12
+#: Decoding an input image: Pillow's RGB copy (3 B/px), a 4 B/px copy while it is made
+#: upright or converted, and a float tensor of the same pixels while it is resized.
+INPUT_BYTES_PER_PIXEL = 20
 #: The backbone's weights, the framework's workspace and the inputs.
 FIXED_BYTES = GIB
 
@@ -40,18 +50,23 @@ class JobTooLarge(StylequeueError):
     http_status = 422
 
 
-def output_pixels(width: int, height: int, size: int) -> int:
-    """Pixels of the output: the content image scaled so that its long side is ``size``."""
-    scale = size / max(width, height)
-    return max(1, round(width * scale)) * max(1, round(height * scale))
-
-
-def job_memory_bytes(width: int, height: int, size: int, optimizer: str) -> int:
-    """An upper estimate of the memory a job needs on its device."""
+def job_memory_bytes(
+    *,
+    output_pixels: int,
+    optimizer: str,
+    style_pixels: Sequence[int] = (),
+    input_pixels: int = 0,
+) -> int:
+    """An upper estimate of the memory a job needs on its device: the optimization at
+    ``output_pixels``, the style images at the finest scale (``style_pixels``, one each),
+    and decoding its inputs (``input_pixels``: the content's and the styles' together)."""
     per_pixel = ACTIVATION_BYTES_PER_PIXEL + (
         LBFGS_BYTES_PER_PIXEL if optimizer == "lbfgs" else ADAM_BYTES_PER_PIXEL
     )
-    return FIXED_BYTES + per_pixel * output_pixels(width, height, size)
+    styles = STYLE_TENSOR_BYTES_PER_PIXEL * sum(style_pixels) + STYLE_FORWARD_BYTES_PER_PIXEL * max(
+        style_pixels, default=0
+    )
+    return FIXED_BYTES + per_pixel * output_pixels + styles + INPUT_BYTES_PER_PIXEL * input_pixels
 
 
 def gpu_tier(memory_bytes: int) -> str | None:

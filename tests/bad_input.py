@@ -30,7 +30,8 @@ def png_with_size(width: int, height: int) -> bytes:
 NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
 ANIMATED = encoded(NOISE, "WEBP", save_all=True, append_images=[NOISE.rotate(90)], duration=100)
 
-# (case, content bytes or a marker, fields, expected status, error code, error field)
+# (case, content bytes or a marker, fields, expected status, error code, error field);
+# fields["style"]: the style's bytes, None for no style, absent for the painting.
 BAD_INPUT: list[tuple[str, Any, dict[str, Any], int, str, str]] = [
     ("not an image", b"just some text", {}, 415, "unsupported_image_format", "content"),
     ("truncated", encoded(NOISE, "PNG")[:300], {}, 422, "invalid_image", "content"),
@@ -43,6 +44,11 @@ BAD_INPUT: list[tuple[str, Any, dict[str, Any], int, str, str]] = [
     ("GIF", encoded(NOISE, "GIF"), {}, 415, "unsupported_image_format", "content"),
     ("TIFF", encoded(NOISE, "TIFF"), {}, 415, "unsupported_image_format", "content"),
     ("animated WebP", ANIMATED, {}, 415, "unsupported_image_format", "content"),
+    ("strip content", png_with_size(20000, 1), {}, 413, "image_too_large", "content"),
+    ("strip style", "photo", {"style": png_with_size(20000, 1)}, 413, "image_too_large",
+     "style"),
+    ("style over the pixel limit", "photo", {"style": png_with_size(100_000, 100_000)}, 413,
+     "image_too_large", "style"),
     ("no content", None, {}, 422, "invalid_option", "content"),
     ("no style", "photo", {"style": None}, 422, "invalid_option", "style"),
     ("unknown field", "photo", {"colour": "blue"}, 422, "invalid_option", "colour"),

@@ -165,9 +165,10 @@ def test_the_bad_input_table_through_the_form(
                         {"name": "photo.png", "mimeType": "image/png", "buffer": content},
                     )
                 fields = {"size": "64", **fields}
-                if fields.pop("style", "given") is not None:
+                style = fields.pop("style", painting)
+                if style is not None:
                     page.set_input_files(
-                        "#style", {"name": "art.png", "mimeType": "image/png", "buffer": painting}
+                        "#style", {"name": "art.png", "mimeType": "image/png", "buffer": style}
                     )
                 for name, value in fields.items():
                     page.evaluate(SET_FIELD, [name, value if isinstance(value, list) else [value]])

@@ -13,7 +13,6 @@ from shared.routing import (
     choose_queue,
     gpu_tier,
     job_memory_bytes,
-    output_pixels,
     worker_queues,
 )
 from stylequeue.service import gpu_worker_env
@@ -26,11 +25,22 @@ def worker(kind: str, memory_gib: float, base: str = "sq") -> dict[str, object]:
 
 
 def test_memory_grows_with_output_pixels_and_lbfgs_history() -> None:
-    assert output_pixels(4000, 3000, 512) == 512 * 384
-    small = job_memory_bytes(4000, 3000, 512, "lbfgs")
-    large = job_memory_bytes(4000, 3000, 1024, "lbfgs")
+    small = job_memory_bytes(output_pixels=512 * 384, optimizer="lbfgs")
+    large = job_memory_bytes(output_pixels=1024 * 768, optimizer="lbfgs")
     assert large - small == pytest.approx(3 * (small - GIB), rel=0.01)  # 4× the pixels
-    assert job_memory_bytes(4000, 3000, 1024, "adam") < large
+    assert job_memory_bytes(output_pixels=1024 * 768, optimizer="adam") < large
+
+
+def test_memory_counts_every_style_and_the_decoded_inputs() -> None:
+    alone = job_memory_bytes(output_pixels=512 * 384, optimizer="lbfgs")
+    one = job_memory_bytes(output_pixels=512 * 384, optimizer="lbfgs", style_pixels=[10**6])
+    two = job_memory_bytes(output_pixels=512 * 384, optimizer="lbfgs", style_pixels=[10**6, 10**6])
+    decoded = job_memory_bytes(
+        output_pixels=512 * 384, optimizer="lbfgs", style_pixels=[10**6], input_pixels=10**7
+    )
+    # A style's forward pass costs more than holding its tensor; only one runs at a time.
+    assert one - alone > 2 * (two - one) > 0
+    assert decoded > one
 
 
 def test_gpu_workers_consume_the_tiers_they_can_hold() -> None:

@@ -298,7 +298,7 @@ def test_bad_input_is_refused_clearly_and_leaves_nothing(
     elif content == "huge":
         content = b"\x89PNG" + b"0" * (settings.max_image_bytes + 10)
     fields = dict(fields)
-    style = None if fields.pop("style", "given") is None else painting
+    style = fields.pop("style", painting)
     response = submit(client, content, style, **fields)
     assert response.status_code == status, response.get_json()
     error = response.get_json()["error"]

@@ -38,6 +38,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
             settings.max_image_bytes * (1 + settings.max_styles) + FORM_TEXT_BYTES
         )
     app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
+    # Text parts and urlencoded bodies (web/limits.py): a job's fields fit many times over.
+    app.config["MAX_FORM_MEMORY_SIZE"] = FORM_TEXT_BYTES
+    from web.limits import BoundedRequest
+
+    app.request_class = BoundedRequest
     from web.auth import secret_key
 
     if not app.config.get("SECRET_KEY"):  # Flask's default is None

@@ -32,7 +32,7 @@ from shared.errors import OptionError, StylequeueError
 from shared.jobs import JobRequest, Upload, create_job, parse_request, queue_position
 from shared.models import Job, JobRun, JobStatus, JobStyle, LossPoint, utcnow
 from shared.presets import presets
-from shared.routing import choose_queue, job_memory_bytes
+from shared.routing import choose_queue
 from web.auth import Unauthorized, current_principal, may_see, require_access, visible
 from web.extensions import services
 from web.openapi import openapi_document
@@ -346,9 +346,7 @@ def route(job_request: JobRequest, workers: list[dict[str, Any]]) -> tuple[str, 
     """The queue for this job and the memory it needs (shared/routing.py); refused with
     ``job_too_large`` when no live worker could hold it. With no worker known, the base
     queue, which every worker consumes."""
-    image = job_request.content[1]
-    options = job_request.options
-    need = job_memory_bytes(image.width, image.height, options["size"], options["optimizer"])
+    need = job_request.memory_bytes()
     return choose_queue(services.settings.queue, need, workers), need
 
 
@@ -422,7 +420,9 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
                 upload.close()  # large uploads are spooled to temporary files
     workers = live_workers()
     backbones = {name for worker in workers for name in worker.get("backbones", [])}
-    job_request = parse_request(form, uploads, services.settings, backbones or None)
+    job_request = parse_request(
+        form, uploads, services.settings, backbones or None, decode_slots=services.decode_slots
+    )
     fingerprint = job_request.fingerprint()
     session = services.session
     if key is not None:

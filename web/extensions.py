@@ -45,6 +45,8 @@ class Services:
             "celery": Celery("stylequeue", broker=settings.redis_url, set_as_current=False),
             # This process's places for open event streams (see Settings.event_streams).
             "event_streams": threading.BoundedSemaphore(max(settings.event_streams, 0)),
+            # Verification decodes of uploads running at once (Settings.decode_concurrency).
+            "decode_slots": threading.BoundedSemaphore(max(settings.decode_concurrency, 1)),
         }
         app.teardown_appcontext(self._close_session)
 
@@ -88,6 +90,11 @@ class Services:
     def event_streams(self) -> threading.BoundedSemaphore:
         """The process's places for open event streams (none when streams are off)."""
         return self._get("event_streams")  # type: ignore[no-any-return]
+
+    @property
+    def decode_slots(self) -> threading.BoundedSemaphore:
+        """The process's places for decoding an upload (each up to max_image_pixels × 4 B)."""
+        return self._get("decode_slots")  # type: ignore[no-any-return]
 
     def enqueue(self, job_id: str, queue: str) -> None:
         celery: Celery = self._get("celery")

@@ -11,13 +11,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.errors import StylequeueError
-from shared.images import encode_png
+from shared.images import encode_png, upright_rgb
 from shared.logs import job_context
 from shared.models import Job, JobStatus, StoredImage, utcnow
 from shared.storage import Storage
@@ -37,9 +37,10 @@ def _load_image(session: Session, storage: Storage, sha256: str) -> Image.Image:
     assert stored is not None, sha256
     image = Image.open(io.BytesIO(storage.get(stored.storage_key)))
     image.load()
-    # Upright, as the web read it when it checked the upload (shared.images.decode_image):
-    # a phone photo is stored as taken, with its orientation in EXIF.
-    return ImageOps.exif_transpose(image).convert("RGB")
+    # Upright, as the web read it when it checked the upload (shared.images.probe_image):
+    # a phone photo is stored as taken, with its orientation in EXIF. 16-bit and
+    # transparent images are scaled and composited as the CLI's decode does.
+    return upright_rgb(image)
 
 
 def _finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -34,7 +33,7 @@ from worker.engine.stylize import (
     Result,
     ResultCallback,
     pyramid,
-    smallest_side,
+    style_side,
 )
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -413,7 +412,7 @@ class _RunState:
         self.content_tensor = to_tensor(run.content, long_side=long_side, device=device)
         height, width = self.content_tensor.shape[-2:]
         style_tensors = [
-            to_tensor(style, long_side=_style_side(style, long_side, options), device=device)
+            to_tensor(style, long_side=style_side(style.size, long_side, options), device=device)
             for style in run.styles
         ]
         self.objective = build_objective(
@@ -498,14 +497,6 @@ class _RunState:
             precision=precision,
             elapsed=time.perf_counter() - self.run.started,
         )
-
-
-def _style_side(style: Image.Image, long_side: int, options: dict[str, Any]) -> int:
-    """The style's long side at a scale: ``style_scale`` times the scale's, but never so
-    small that the deepest style layer would have no pixel left."""
-    needed = smallest_side(options["backbone"], options["style_layers"])
-    aspect = max(style.size) / min(style.size)
-    return max(round(long_side * options["style_scale"]), math.ceil(needed * aspect))
 
 
 class _Step:

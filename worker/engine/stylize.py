@@ -268,7 +268,7 @@ def _prepare(arguments: dict[str, Any]) -> PreparedRun:
     options = check_options(
         **{**given, "styles": len(styles), "init": init if isinstance(init, str) else "image"}
     )
-    check_image_sizes(content, styles, options)
+    check_image_sizes(content.size, [style.size for style in styles], options)
     options["original_colors"] = bool(arguments["original_colors"])
     options["inputs"] = _digest_inputs(content, styles, init)
     if resume_from is not None:
@@ -450,10 +450,26 @@ def smallest_side(backbone: str, layers: Sequence[str]) -> int:
     return 2 ** sum(1 for name in names[:deepest] if name.startswith("pool"))
 
 
+def style_side(style_size: tuple[int, int], long_side: int, options: dict[str, Any]) -> int:
+    """A style's long side at a scale whose output long side is ``long_side``:
+    ``style_scale`` times it, but never so small that the deepest style layer would have no
+    pixel left."""
+    needed = smallest_side(options["backbone"], options["style_layers"])
+    aspect = max(style_size) / min(style_size)
+    return max(round(long_side * options["style_scale"]), math.ceil(needed * aspect))
+
+
+def scaled_pixels(size: tuple[int, int], long_side: int) -> int:
+    """Pixels of an image of ``size`` resized so that its long side is ``long_side``."""
+    scale = long_side / max(size)
+    return max(1, round(size[0] * scale)) * max(1, round(size[1] * scale))
+
+
 def check_image_sizes(
-    content: Image.Image, styles: Sequence[Image.Image], options: dict[str, Any]
+    content: tuple[int, int], styles: Sequence[tuple[int, int]], options: dict[str, Any]
 ) -> None:
     """Refuse a coarsest scale too small for the deepest layer, before anything runs.
+    ``content`` and ``styles`` are (width, height) sizes.
 
     Style images are not refused: the engine enlarges a style that would be too small.
     """
@@ -461,7 +477,7 @@ def check_image_sizes(
         options["backbone"], [*options["content_layers"], *options["style_layers"]]
     )
     coarsest = pyramid(options["size"], options["scales"], options["iterations"])[0][0]
-    short_side = coarsest * min(content.size) / max(content.size)
+    short_side = coarsest * min(content) / max(content)
     if short_side < needed:
         raise OptionError(
             f"at {options['scales']} scale(s) the image would be {short_side:.0f} px on its "

@@ -1,0 +1,81 @@
+"""A job never takes more memory than the estimate it is routed by (shared/routing.py).
+
+Each case is parsed as a submission is (``parse_request``, which gives the estimate), then
+run by the engine in a process of its own, whose peak resident memory is measured: extreme
+shapes (long strips, a style at four times the output's scale, large inputs at a small
+size), where a style's or a decode's share is largest.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from shared.images import encode_png
+from shared.jobs import Upload, parse_request
+from tests.conftest import REPO
+from tests.service import service_settings
+
+CHILD = """
+import json, resource, sys
+from shared.images import decode_image
+from worker.engine.stylize import stylize
+spec = json.loads(sys.argv[1])
+limits = {"max_bytes": 10**9, "max_pixels": 10**9}
+content = decode_image(spec["content"], **limits)
+styles = [decode_image(path, **limits) for path in spec["styles"]]
+stylize(content=content, styles=styles, **spec["options"])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+# (content size, style sizes, options): each extreme in one direction.
+CASES = {
+    "square style at 4x scale": ((512, 384), [(3000, 3000)], {"size": "512", "style_scale": "4"}),
+    "strip style at 4x scale": ((512, 512), [(4000, 400)], {"size": "512", "style_scale": "4"}),
+    "strip content and style": ((2000, 200), [(200, 2000)], {"size": "1024", "style_scale": "4"}),
+    "large inputs, small output": ((6000, 4000), [(6000, 4000)], {"size": "128"}),
+    "eight styles": ((512, 512), [(1000, 1000)] * 8, {"size": "256", "style_scale": "2"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peak_memory_stays_under_the_routing_estimate(tmp_path: Path, case: str) -> None:
+    content_size, style_sizes, fields = CASES[case]
+    settings = service_settings(tmp_path, "redis://unused", max_image_pixels=30_000_000)
+
+    def image(size: tuple[int, int], name: str, seed: int) -> Path:
+        path = tmp_path / f"{name}.png"
+        # Smooth (compresses small) with noise-free detail, so that large inputs fit the
+        # file limit.
+        gradient = Image.linear_gradient("L").rotate(30 * seed).resize(size)
+        path.write_bytes(encode_png(Image.merge("RGB", [gradient] * 3)))
+
+        return path
+
+    content = image(content_size, "content", 0)
+    styles = [image(size, f"style{i}", i) for i, size in enumerate(style_sizes)]
+    form = {"iterations": ["2"], "scales": ["1"], "backbone": ["vgg19-random"]}
+    form.update({name: [value] for name, value in fields.items()})
+    uploads = [Upload("content", "c.png", content.read_bytes())]
+    uploads += [Upload("style", p.name, p.read_bytes()) for p in styles]
+    request = parse_request(form, uploads, settings)
+    estimate = request.memory_bytes()
+
+    options = {**request.options, "style_weights": request.style_weights}
+    spec = {"content": str(content), "styles": [str(p) for p in styles], "options": options}
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(spec)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    peak = int(child.stdout.split()[-1])
+    print(f"{case}: peak {peak / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB")
+    assert peak < estimate, f"{case}: peak {peak / 2**20:.0f} MiB > estimate {estimate / 2**20:.0f}"
