@@ -133,16 +133,36 @@ class Settings:
     #: Send the session cookie only over HTTPS (its ``Secure`` flag): set it where the
     #: service is served by TLS, directly or behind a proxy.
     secure_cookies: bool = False
+    #: Host names the web answers for (the ``Host`` header, comma-separated; a leading dot
+    #: takes subdomains too; ``*`` or empty: any host): another is refused with 400, so that a page
+    #: elsewhere cannot reach this service by rebinding its own name to this address.
+    #: ``stylequeue web --host`` adds the address it binds. An IPv6 literal cannot be
+    #: listed (werkzeug compares hosts up to their first colon): give such a host a name.
+    trusted_hosts: str = "localhost,127.0.0.1"
+    #: Reverse proxies in front of the web that append ``X-Forwarded-For`` (and ``-Proto``,
+    #: ``-Host``): their count, trusted by werkzeug's ProxyFix to find the client's address
+    #: for rate limits. 0: the connection's address is the client's.
+    proxy_hops: int = 0
     #: Signs the web form's session cookie (and its CSRF token). Every web process must
     #: share it; empty: a random key kept in ``data_dir/secret_key``.
     secret_key: str = ""
-    #: Hosts (``host`` or ``host:port``, comma-separated) a job's ``callback_url`` may
-    #: point at; empty: callbacks are refused. Each delivery is signed with HMAC-SHA256
-    #: under ``webhook_secret`` and retried with exponential backoff.
+    #: Hosts (``host``: its ports 80 and 443, or ``host:port``; comma-separated) a job's
+    #: ``callback_url`` may point at; empty: callbacks are refused. Each delivery is signed
+    #: with HMAC-SHA256 under a secret derived from ``webhook_secret`` per job owner and
+    #: retried with exponential backoff.
     webhook_hosts: str = ""
     webhook_secret: str = ""
+    #: Networks (CIDR, comma-separated) a callback may reach though they are not public:
+    #: by default only public addresses are called, never loopback, link-local, private,
+    #: shared or reserved ones (a receiver inside your network needs its range here).
+    webhook_networks: str = ""
     webhook_retry_seconds: float = 5.0
     webhook_max_attempts: int = 8
+
+    def trusted_host_list(self) -> list[str] | None:
+        """``trusted_hosts`` for Flask's ``TRUSTED_HOSTS``: None for any host (``*``)."""
+        hosts = [host.strip() for host in self.trusted_hosts.split(",") if host.strip()]
+        return None if "*" in hosts or not hosts else hosts
 
     def batch_size_limit(self, device: str) -> int:
         """The largest job (long side, px) that a worker on ``device`` runs in a batch."""

@@ -1,24 +1,30 @@
 """Webhooks: a job's optional ``callback_url`` receives one signed ``job.finished`` POST.
 
 Each delivery carries ``X-Stylequeue-Timestamp`` (Unix seconds) and
-``X-Stylequeue-Signature: sha256=<hex>``, the HMAC-SHA256 under the server's webhook secret
-of ``<timestamp>.<body>``: a receiver recomputes it (:func:`verify`) and refuses old
-timestamps, so a captured delivery cannot be replayed later. Only hosts on the
-configured allow-list are called, redirects are not followed (they could leave it), and a
-delivery that fails is retried with exponential backoff (worker/webhooks.py).
+``X-Stylequeue-Signature: sha256=<hex>``, the HMAC-SHA256 of ``<timestamp>.<body>`` under
+the job owner's signing secret (:func:`owner_secret`; ``GET /api/webhook-secret``): a
+receiver recomputes it (:func:`verify`) and refuses old timestamps, so a captured delivery
+cannot be replayed later, and one owner's receiver cannot forge another's deliveries.
+
+Only hosts and ports on the configured allow-list are called (a bare host: ports 80 and
+443), only at addresses that are public or inside ``webhook_networks`` (checked after
+resolving, and the connection made to the checked address), redirects are not followed
+(they could leave the list), and a delivery that fails is retried with exponential
+backoff (worker/webhooks.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import http.client
+import ipaddress
 import json
+import socket
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
+
+import urllib3
 
 from shared.config import Settings
 from shared.errors import OptionError
@@ -28,6 +34,7 @@ TIMESTAMP_HEADER = "X-Stylequeue-Timestamp"
 EVENT_HEADER = "X-Stylequeue-Event"
 DELIVERY_TIMEOUT_SECONDS = 10.0
 MAX_URL_LENGTH = 2000
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def allowed_hosts(settings: Settings) -> set[str]:
@@ -53,9 +60,18 @@ def check_callback_url(url: str, settings: Settings) -> str:
     if parts.username is not None or parts.password is not None:
         raise OptionError("must not carry a user name or password", field="callback_url")
     host = parts.hostname.lower()
-    if host not in hosts and (port is None or f"{host}:{port}" not in hosts):
+    if host not in hosts and not any(entry.startswith(f"{host}:") for entry in hosts):
         raise OptionError(
             f"host {host!r} is not on this server's callback allow-list", field="callback_url"
+        )
+    # A bare host allows the web's ports (80, 443); another port must be listed with it.
+    effective = port if port is not None else DEFAULT_PORTS[parts.scheme]
+    if f"{host}:{effective}" not in hosts and not (
+        host in hosts and effective in DEFAULT_PORTS.values()
+    ):
+        raise OptionError(
+            f"port {effective} of {host!r} is not on this server's callback allow-list",
+            field="callback_url",
         )
     return url
 
@@ -76,36 +92,99 @@ def verify(secret: str, headers: Any, body: bytes, *, tolerance_seconds: float =
     return fresh and hmac.compare_digest(given, signature(secret, timestamp, body))
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a 3xx is a failed delivery, not a trip off the allow-list
+class DeliveryFailed(OSError):
+    """A delivery that did not get a 2xx. ``public`` is what the submitter is shown (the
+    job's ``callback.error``): the HTTP status, or that the receiver could not be reached,
+    never the connection's own words (they would tell what answers on a host's ports);
+    the details go to the worker's log (``str(error)``)."""
+
+    def __init__(self, public: str, detail: str = "") -> None:
+        super().__init__(f"{public}: {detail}" if detail else public)
+        self.public = public
 
 
-_opener = urllib.request.build_opener(_NoRedirects)
+def owner_secret(secret: str, owner: str | None) -> str:
+    """The signing secret of ``owner``'s deliveries: derived from the server's secret, so
+    that no receiver can sign a delivery meant for another owner's. Jobs without an owner
+    (submitted anonymously in open mode) share one."""
+    label = f"owner:{owner}" if owner else "anonymous"
+    return hmac.new(secret.encode(), label.encode(), hashlib.sha256).hexdigest()
 
 
-def post(url: str, payload: dict[str, Any], secret: str) -> None:
-    """POST ``payload`` signed; raises ``OSError`` (incl. HTTP errors) unless a 2xx came."""
+def allowed_networks(settings: Settings) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [
+        ipaddress.ip_network(net.strip(), strict=False)
+        for net in settings.webhook_networks.split(",")
+        if net.strip()
+    ]
+
+
+def _address_allowed(
+    address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global or any(ip in network for network in networks)
+
+
+def resolve_checked(host: str, port: int, settings: Settings) -> str:
+    """An address of ``host`` that is public (``ipaddress``: not loopback, link-local,
+    private, shared or reserved) or inside ``webhook_networks``; DeliveryFailed if none."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise DeliveryFailed("the receiver's name did not resolve", str(error)) from None
+    networks = allowed_networks(settings)
+    resolved = [str(info[4][0]) for info in infos]
+    for address in resolved:
+        if _address_allowed(address, networks):
+            return address
+    raise DeliveryFailed(
+        "the receiver's address is not public",
+        f"{host} resolves to {', '.join(resolved)}, outside webhook_networks",
+    )
+
+
+def post(url: str, payload: dict[str, Any], secret: str, settings: Settings) -> None:
+    """POST ``payload`` signed with ``secret`` to ``url`` (already checked against the
+    allow-list): connected to an address checked by :func:`resolve_checked`, and to that
+    address only, so that a name which resolves anew cannot lead elsewhere. Redirects are
+    not followed (they could leave the allow-list). Raises :class:`DeliveryFailed` unless
+    a 2xx came."""
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     timestamp = str(int(time.time()))
-    request = urllib.request.Request(
-        url,
-        data=body,
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "User-Agent": "stylequeue-webhook/1",
-            EVENT_HEADER: payload.get("event", ""),
-            TIMESTAMP_HEADER: timestamp,
-            SIGNATURE_HEADER: signature(secret, timestamp, body),
-        },
-    )
+    parts = urlsplit(url)
+    host = str(parts.hostname)
+    port = parts.port or DEFAULT_PORTS[parts.scheme]
+    address = resolve_checked(host, port, settings)
+    timeout = urllib3.Timeout(total=DELIVERY_TIMEOUT_SECONDS)
+    pool: urllib3.HTTPConnectionPool
+    if parts.scheme == "https":
+        # TLS to the pinned address, the certificate checked against the name.
+        pool = urllib3.HTTPSConnectionPool(
+            address, port, server_hostname=host, assert_hostname=host, timeout=timeout
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout)
+    headers = {
+        "Host": parts.netloc.rpartition("@")[2],
+        "Content-Type": "application/json",
+        "User-Agent": "stylequeue-webhook/1",
+        EVENT_HEADER: payload.get("event", ""),
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: signature(secret, timestamp, body),
+    }
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        with _opener.open(request, timeout=DELIVERY_TIMEOUT_SECONDS) as response:
+        with pool:
+            response = pool.urlopen(
+                "POST", target, body=body, headers=headers, redirect=False, retries=False,
+                preload_content=False, assert_same_host=False,
+            )  # fmt: skip
             status = response.status
-    except urllib.error.HTTPError as error:
-        raise OSError(f"HTTP {error.code}") from None
-    except http.client.HTTPException as error:
-        raise OSError(f"bad HTTP response: {error!r}") from None
+            response.release_conn()
+    except urllib3.exceptions.HTTPError as error:
+        raise DeliveryFailed("the receiver could not be reached", repr(error)) from None
     if not 200 <= status < 300:
-        raise OSError(f"HTTP {status}")
+        raise DeliveryFailed(f"HTTP {status}")

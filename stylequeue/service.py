@@ -22,9 +22,16 @@ def run_web(host: str, port: int) -> None:
     """The Flask app on werkzeug's threaded server (production uses gunicorn)."""
     from werkzeug.serving import run_simple
 
+    from shared.config import Settings
     from web import create_app
 
-    run_simple(host, port, create_app(), threaded=True, use_reloader=False)
+    settings = Settings.from_env()
+    hosts = settings.trusted_host_list()
+    if hosts is not None and host != "0.0.0.0" and ":" not in host:
+        # The name it was started for is one it answers to.
+        hosts.append(host)
+    app = create_app({"TRUSTED_HOSTS": hosts})
+    run_simple(host, port, app, threaded=True, use_reloader=False)
 
 
 def run_worker(settings: Settings, name: str | None = None) -> None:

@@ -11,6 +11,7 @@ import http.server
 import io
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from flask.testing import FlaskClient
 
 from shared import webhooks
 from shared.config import Settings
+from shared.errors import OptionError
 from tests.conftest import REPO
 from tests.service import (
     FAST_RECOVERY,
@@ -226,6 +228,7 @@ def test_webhooks_are_signed_retried_with_backoff_and_allow_listed(
     settings = service_settings(
         tmp_path, redis_url, **FAST_RECOVERY,
         webhook_hosts=f"127.0.0.1:{receiver.server_address[1]}", webhook_secret=secret,
+        webhook_networks="127.0.0.0/8",
         webhook_retry_seconds=0.5, webhook_max_attempts=3,
     )  # fmt: skip
     receiver.answers = {"/flaky": [500, 200], "/broken": [302]}
@@ -278,11 +281,62 @@ def test_webhooks_are_signed_retried_with_backoff_and_allow_listed(
         for a, b in zip(receiver.times["/broken"][:-1], receiver.times["/broken"][1:], strict=True)
     )
     assert first_gap >= 0.45 and second_gap >= 0.95
+    # Anonymous jobs' deliveries are signed with the secret derived for no owner, which no
+    # token's receiver holds.
+    signing = webhooks.owner_secret(secret, None)
     for headers, body in by_path["/flaky"] + by_path["/broken"]:
-        assert webhooks.verify(secret, headers, body)
-        assert not webhooks.verify("another secret", headers, body)
+        assert webhooks.verify(signing, headers, body)
+        assert not webhooks.verify(secret, headers, body)
+        assert not webhooks.verify(webhooks.owner_secret(secret, "token:1"), headers, body)
         assert not webhooks.verify(secret, headers, body + b" ")
         event = json.loads(body)
         assert event["event"] == "job.finished" and event["job"]["status"] == "succeeded"
     assert json.loads(by_path["/flaky"][0][1])["job"]["id"] == flaky["id"]
     assert json.loads(by_path["/broken"][0][1])["job"]["id"] == broken["id"]
+
+
+def test_callbacks_reach_only_listed_ports_and_public_addresses(tmp_path: Path) -> None:
+    settings = service_settings(
+        tmp_path, "redis://unused", webhook_secret="s", webhook_hosts="localhost,hooks.test:8443"
+    )
+    check = webhooks.check_callback_url
+    assert check("https://localhost/done", settings) and check("http://localhost:80/", settings)
+    assert check("https://hooks.test:8443/x", settings)
+    for refused in ("http://localhost:22/", "https://localhost:6379/", "https://hooks.test/",
+                    "http://elsewhere.test/"):  # fmt: skip
+        with pytest.raises(OptionError):
+            check(refused, settings)
+    # Allowed by name, but it resolves to loopback: not called, and the submitter is told
+    # why in general words only.
+    with pytest.raises(webhooks.DeliveryFailed) as refused_address:
+        webhooks.post("http://localhost/x", {"event": "job.finished"}, "k", settings)
+    assert refused_address.value.public == "the receiver's address is not public"
+    for address in ("10.0.0.1", "169.254.169.254", "192.168.1.1", "100.64.0.1", "::1",
+                    "fe80::1", "::ffff:127.0.0.1", "0.0.0.0", "240.0.0.1"):  # fmt: skip
+        assert not webhooks._address_allowed(address, [])
+    assert webhooks._address_allowed("93.184.215.14", [])
+    assert webhooks._address_allowed("127.0.0.1", webhooks.allowed_networks(
+        dataclasses.replace(settings, webhook_networks="127.0.0.0/8")))  # fmt: skip
+
+
+def test_a_refused_connection_shows_the_submitter_no_details(tmp_path: Path) -> None:
+    """What an unreachable port answered (an SSH banner, a refusal) stays in the log."""
+    with socket.socket() as listener:  # a port that speaks no HTTP: it answers a banner
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def banner() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+
+        threading.Thread(target=banner, daemon=True).start()
+        settings = service_settings(
+            tmp_path, "redis://unused", webhook_secret="s",
+            webhook_hosts=f"127.0.0.1:{port}", webhook_networks="127.0.0.0/8",
+        )  # fmt: skip
+        with pytest.raises(webhooks.DeliveryFailed) as failed:
+            webhooks.post(f"http://127.0.0.1:{port}/", {"event": "job.finished"}, "k", settings)
+    assert failed.value.public == "the receiver could not be reached"
+    assert "SSH" not in failed.value.public

@@ -31,6 +31,7 @@ from shared.jobs import Upload, create_job, parse_request
 from shared.migrate import downgrade, upgrade
 from shared.models import Job, JobRun, JobStyle, LossPoint, StoredImage, utcnow
 from shared.storage import storage_from_settings
+from shared.tokens import create_token
 from stylequeue.service import start_embedded_redis
 from tests.bad_input import BAD_INPUT, NOISE, encoded
 from tests.conftest import REPO
@@ -336,9 +337,23 @@ def test_file_names_are_never_used_for_storage(
     assert not Path("/tmp/evil name.png").exists()
 
 
+def bearer(settings: Settings, name: str) -> dict[str, str]:
+    """A new token's ``Authorization`` header (for the test client's ``environ_base``)."""
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            _, secret = create_token(session, f"{name}-{uuid.uuid4().hex[:8]}")
+    finally:
+        engine.dispose()
+    return {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+
+
 def test_presets_status_pages_and_listing(
-    client: FlaskClient, worker: WorkerProcess, photo: bytes
+    client: FlaskClient, worker: WorkerProcess, photo: bytes, settings: Settings
 ) -> None:
+    # Listing needs a token or a session, in open mode too, and shows one's own jobs.
+    assert client.get("/api/jobs").status_code == 401
+    client.environ_base.update(bearer(settings, "lister"))
     presets = client.get("/api/presets").get_json()["presets"]
     assert {p["name"] for p in presets} >= {"starry-night", "shipwreck"}
     for _ in range(2):  # older jobs, so that the listing has a second page on its own
@@ -364,6 +379,9 @@ def test_presets_status_pages_and_listing(
     succeeded = client.get("/api/jobs?status=succeeded&limit=100").get_json()["jobs"]
     assert all(j["status"] == "succeeded" for j in succeeded) and succeeded
     assert client.get("/api/jobs?status=bogus").status_code == 422
+    other = client.application.test_client()
+    other.environ_base.update(bearer(settings, "other"))
+    assert other.get("/api/jobs").get_json()["jobs"] == []
     assert client.get(f"/api/jobs/{uuid.uuid4()}").status_code == 404
     assert client.get("/api/jobs/not-a-uuid").status_code == 404
 

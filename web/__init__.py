@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.config import Settings
 
@@ -30,6 +31,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         settings = app.config.get("SETTINGS", settings)
     app.config["SETTINGS"] = settings
     app.config["SESSION_COOKIE_SECURE"] = settings.secure_cookies
+    # Flask refuses (400) a request whose Host is not one of these (Settings.trusted_hosts).
+    if app.config.get("TRUSTED_HOSTS") is None:
+        app.config["TRUSTED_HOSTS"] = settings.trusted_host_list()
+    if settings.proxy_hops > 0:
+        hops = settings.proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     # Every request's body is bounded before it is read: room for the content image, the
     # most style images a job may have and the form's text fields. Flask's own config
     # already holds MAX_CONTENT_LENGTH = None, so a setdefault would leave it unbounded.

@@ -33,7 +33,16 @@ from shared.jobs import JobRequest, Upload, create_job, parse_request, queue_pos
 from shared.models import Job, JobRun, JobStatus, JobStyle, LossPoint, utcnow
 from shared.presets import presets
 from shared.routing import choose_queue
-from web.auth import Unauthorized, current_principal, may_see, require_access, visible
+from shared.webhooks import owner_secret
+from web.auth import (
+    Forbidden,
+    Unauthorized,
+    current_principal,
+    listed,
+    may_change,
+    may_see,
+    require_access,
+)
 from web.extensions import services
 from web.openapi import openapi_document
 
@@ -647,6 +656,8 @@ def get_preview(job_id: str) -> Response:
 def cancel_job(job_id: str) -> tuple[Response, int]:
     """Idempotent: a queued job is canceled at once, a running one within an iteration."""
     job = load_job(job_id)
+    if not may_change(job):
+        raise Forbidden("only the job's owner may cancel it")
     session = services.session
     if job.job_status.finished:
         return jsonify(job_json(job)), 200
@@ -674,7 +685,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 @bp.get("/api/jobs")
 def list_jobs() -> Response:
     limit = _int_arg("limit", 20, 1, 100)
-    query = visible(select(Job)).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    query = listed(select(Job)).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     status = request.args.get("status")
     if status:
         if status not in {s.value for s in JobStatus}:
@@ -719,10 +730,29 @@ def list_presets() -> Response:
     )
 
 
+@bp.get("/api/webhook-secret")
+def webhook_secret() -> Response:
+    """The secret the caller's callbacks are signed with (shared/webhooks.py)."""
+    principal = current_principal()
+    if principal.owner is None:
+        raise Unauthorized("a signing secret belongs to a token or the web form's session")
+    secret = services.settings.webhook_secret
+    if not secret:
+        raise OptionError("this server does not send callbacks", field="callback_url")
+    return jsonify({"secret": owner_secret(secret, principal.owner), "algorithm": "HMAC-SHA256"})
+
+
+#: Heartbeat fields only admins see: the job a worker runs (another client's id).
+PRIVATE_WORKER_FIELDS = frozenset({"job", "jobs"})
+
+
 @bp.get("/api/workers")
 def list_workers() -> Response:
     workers = broker.live_workers(services.redis)
     backbones = sorted({name for w in workers for name in w.get("backbones", [])})
+    if not current_principal().admin:
+        # The job a worker runs is someone's: its id is for admins only.
+        workers = [{k: v for k, v in w.items() if k not in PRIVATE_WORKER_FIELDS} for w in workers]
     return jsonify({"workers": workers, "backbones": backbones})
 
 

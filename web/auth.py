@@ -8,9 +8,11 @@
   your own sign-in) to keep the service to token holders. Requests that
   authenticate by that cookie must echo the CSRF token in ``X-CSRF-Token`` on every POST:
   another site can make a browser send the cookie, but cannot read the token.
-- Nobody: allowed when ``require_token`` is off (the default for one machine), where every
-  job is visible to whoever knows its id (ids are random UUIDs). With tokens required,
-  only the public endpoints answer, and each job is visible to its owner and to admins.
+- Nobody: allowed when ``require_token`` is off (the default for one machine), where a
+  job is visible to whoever knows its id (ids are random UUIDs), but listed only to its
+  owner (a token, or the browser session that submitted it) and canceled only by its
+  owner. With tokens required, only the public endpoints answer, and each job is visible
+  to its owner and to admins.
 """
 
 from __future__ import annotations
@@ -138,9 +140,25 @@ def may_see(job: Job | Row[Any]) -> bool:
     return not services.settings.require_token or principal.admin or job.owner == principal.owner
 
 
-def visible(query: Select[tuple[Job]]) -> Select[tuple[Job]]:
-    """``query`` narrowed to the jobs the caller may see."""
+def may_change(job: Job) -> bool:
+    """Whether the caller may cancel ``job``: its owner or an admin. In open mode a job
+    submitted anonymously (no owner) may be canceled by whoever knows its id."""
     principal = current_principal()
-    if not services.settings.require_token or principal.admin:
+    if principal.admin or job.owner == principal.owner:
+        return True
+    return not services.settings.require_token and job.owner is None
+
+
+def listed(query: Select[tuple[Job]]) -> Select[tuple[Job]]:
+    """``query`` narrowed to the jobs the caller may list: its own (a token's, or a browser
+    session's), all of them for an admin. Nobody lists anonymously, in open mode too:
+    knowing an id is what lets one see a job there, so the list must not hand ids out."""
+    principal = current_principal()
+    if principal.owner is None:
+        raise Unauthorized(
+            "listing jobs needs an API token ('Authorization: Bearer ...') or the web "
+            "form's session"
+        )
+    if principal.admin:
         return query
     return query.where(Job.owner == principal.owner)

@@ -100,10 +100,12 @@ def deliver_due(
             try:
                 # The allow-list is checked again: it may have shrunk since submission.
                 url = webhooks.check_callback_url(job.callback_url or "", settings)
-                webhooks.post(url, payload(job), secret)
+                signing = webhooks.owner_secret(secret, job.owner)
+                webhooks.post(url, payload(job), signing, settings)
             except Exception as error:
-                message = str(error)[:500]
-                log.warning("callback of job %s, attempt %d: %s", job.id, attempt, message)
+                # The submitter sees a generic reason; the details are for the log.
+                message = getattr(error, "public", None) or "the delivery failed"
+                log.warning("callback of job %s, attempt %d: %s", job.id, attempt, error)
                 retry_at = utcnow() + timedelta(seconds=backoff_seconds(settings, attempt))
                 values = {"callback_error": message, "callback_next_at": retry_at}
                 if attempt >= settings.webhook_max_attempts:
