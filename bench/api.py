@@ -135,7 +135,7 @@ def hold_streams(port: int, path: str, count: int) -> tuple[list[socket.socket],
     for _ in range(count):
         client = socket.create_connection(("127.0.0.1", port), timeout=5)
         held.append(client)
-        client.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         try:
             head = client.recv(64)
         except TimeoutError:

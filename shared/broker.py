@@ -4,19 +4,23 @@
   reporter every 0.1 s (one EXISTS, far cheaper than a database query).
 - Rate-limit windows: ``stylequeue:rate:<bucket>:<client>:<minute>``, counted by the web.
 - Worker heartbeats: ``stylequeue:worker:<name>``, a JSON record with a short TTL that
-  each worker refreshes; ``/readyz`` and the web form read them (live workers, and which
-  backbones they can run).
+  each worker refreshes, its name in the ``stylequeue:workers`` registry; ``/readyz`` and
+  the web form read them (live workers, and which backbones they can run). Nothing here
+  scans the keyspace.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import redis
 
 CANCEL_PREFIX = "stylequeue:cancel:"
 WORKER_PREFIX = "stylequeue:worker:"
+#: A sorted set: each worker's name, scored by when its heartbeat lapses.
+WORKERS_KEY = "stylequeue:workers"
 HEARTBEAT_TTL_SECONDS = 15
 #: Task name the web sends jobs under; the worker registers its task with it.
 RUN_JOB_TASK = "stylequeue.run_job"
@@ -55,7 +59,19 @@ def cancel_requested(client: redis.Redis, job_id: str) -> bool:
 def publish_heartbeat(
     client: redis.Redis, name: str, record: dict[str, Any], ttl: float = HEARTBEAT_TTL_SECONDS
 ) -> None:
-    client.set(WORKER_PREFIX + name, json.dumps(record), px=int(ttl * 1000))
+    expires = time.time() + ttl
+    pipe = client.pipeline(transaction=False)
+    pipe.set(WORKER_PREFIX + name, json.dumps(record), px=int(ttl * 1000))
+    # The registry of names: read by live_workers instead of scanning the keyspace.
+    pipe.zadd(WORKERS_KEY, {name: expires})
+    pipe.execute()
+
+
+def remove_heartbeat(client: redis.Redis, name: str) -> None:
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(WORKER_PREFIX + name)
+    pipe.zrem(WORKERS_KEY, name)
+    pipe.execute()
 
 
 def worker_alive(client: redis.Redis, name: str) -> bool:
@@ -63,9 +79,28 @@ def worker_alive(client: redis.Redis, name: str) -> bool:
 
 
 def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
-    records = []
-    for key in client.scan_iter(WORKER_PREFIX + "*"):
-        raw = client.get(key)
-        if raw:
-            records.append(json.loads(raw))
-    return records
+    """The heartbeats of the registered workers: names whose heartbeat lapsed are dropped
+    from the registry on the way (it holds live workers only, never the keyspace)."""
+    client.zremrangebyscore(WORKERS_KEY, "-inf", time.time())
+    names = [name.decode() for name in client.zrange(WORKERS_KEY, 0, -1)]
+    if not names:
+        return []
+    raws = client.mget([WORKER_PREFIX + name for name in names])
+    return [json.loads(raw) for raw in raws if raw]
+
+
+#: kombu's Redis transport keeps a queue's messages in one list per priority step: the
+#: queue's own name, then ``<queue>\x06\x16<step>`` (kombu.transport.redis PRIORITY_STEPS).
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists holding ``queue``'s ready messages."""
+    return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in PRIORITY_STEPS]
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    pipe = client.pipeline(transaction=False)
+    for key in queue_keys(queue):
+        pipe.llen(key)
+    return sum(int(count) for count in pipe.execute())

@@ -7,6 +7,7 @@ SQLite file and files under ``./var``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,6 +17,27 @@ from shared.errors import OptionError
 PREFIX = "STYLEQUEUE_"
 #: ``batch_max_size`` when it is 0, by the torch device's type (others: the CPU's).
 BATCH_MAX_SIZE_BY_DEVICE = {"cpu": 256, "cuda": 128}
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(raw: str) -> list[IPNetwork]:
+    """Comma-separated CIDR networks (a bare address: just itself)."""
+    return [
+        ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip()
+    ]
+
+
+def address_in(address: str | None, networks: list[IPNetwork]) -> bool:
+    """Whether ``address`` (IPv4, IPv6, or IPv4-mapped IPv6) lies in one of ``networks``."""
+    try:
+        ip = ipaddress.ip_address((address or "").split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def parse_bool(raw: str) -> bool:
@@ -42,6 +64,9 @@ class Settings:
     #: stream beyond it is refused at once (503 ``streams_busy``) and the page, like
     #: ``stylequeue submit --wait``, follows the job by polling instead. 0: no streams.
     event_streams: int = 8
+    #: Of those, the most one client (token, session or address) holds at once: one client
+    #: cannot take them all. Beyond it, 429 and the page polls.
+    event_streams_per_client: int = 2
     #: The Celery broker, and where workers publish their heartbeats and cancel flags.
     redis_url: str = "redis://127.0.0.1:6379/0"
     #: Where local files live: the default file store (``data_dir/files``), the session
@@ -143,6 +168,9 @@ class Settings:
     #: ``-Host``): their count, trusted by werkzeug's ProxyFix to find the client's address
     #: for rate limits. 0: the connection's address is the client's.
     proxy_hops: int = 0
+    #: Networks (CIDR, comma-separated) whose clients may read ``/metrics`` without a
+    #: token; anyone else needs an admin token (Prometheus: ``authorization``).
+    metrics_networks: str = "127.0.0.0/8,::1/128"
     #: Signs the web form's session cookie (and its CSRF token). Every web process must
     #: share it; empty: a random key kept in ``data_dir/secret_key``.
     secret_key: str = ""

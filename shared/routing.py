@@ -87,6 +87,11 @@ def worker_queues(base: str, kind: str, memory_bytes: int) -> list[str]:
     return [f"{base}.cpu", base]
 
 
+def all_queues(base: str) -> list[str]:
+    """Every queue a job of this service can be sent to."""
+    return [base, f"{base}.cpu", *(f"{base}.gpu.{name}" for name, _ in GPU_TIERS)]
+
+
 def choose_queue(base: str, memory_bytes: int, workers: Iterable[Mapping[str, Any]]) -> str:
     """The queue for a job among the live ``workers``' queues; :class:`JobTooLarge` if no
     worker consumes one that fits. With no worker of this service (``base``) known, the

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
-from shared.config import Settings
+from shared.config import IPNetwork, Settings, address_in, parse_networks
 from shared.errors import OptionError
 
 SIGNATURE_HEADER = "X-Stylequeue-Signature"
@@ -111,21 +111,11 @@ def owner_secret(secret: str, owner: str | None) -> str:
     return hmac.new(secret.encode(), label.encode(), hashlib.sha256).hexdigest()
 
 
-def allowed_networks(settings: Settings) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [
-        ipaddress.ip_network(net.strip(), strict=False)
-        for net in settings.webhook_networks.split(",")
-        if net.strip()
-    ]
-
-
-def _address_allowed(
-    address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
-) -> bool:
+def _address_allowed(address: str, networks: list[IPNetwork]) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return ip.is_global or any(ip in network for network in networks)
+    return ip.is_global or address_in(address, networks)
 
 
 def resolve_checked(host: str, port: int, settings: Settings) -> str:
@@ -135,7 +125,7 @@ def resolve_checked(host: str, port: int, settings: Settings) -> str:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as error:
         raise DeliveryFailed("the receiver's name did not resolve", str(error)) from None
-    networks = allowed_networks(settings)
+    networks = parse_networks(settings.webhook_networks)
     resolved = [str(info[4][0]) for info in infos]
     for address in resolved:
         if _address_allowed(address, networks):

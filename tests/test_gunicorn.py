@@ -35,7 +35,7 @@ def get_healthz(port: int) -> socket.socket:
 def ask_healthz(client: socket.socket) -> bool:
     """One ``GET /healthz`` on a kept-alive connection; True if the answer says the server
     closes it (``Connection: close``)."""
-    client.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+    client.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     answer = b""
     while b"\r\n\r\n" not in answer or not answer.endswith(b"}\n"):
         chunk = client.recv(4096)
@@ -212,7 +212,7 @@ def open_stream(port: int, path: str) -> tuple[socket.socket, bytes]:
     """A connection that asked for ``path``, with what it has read: a refusal whole, or a
     stream's head and its first event."""
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    client.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    client.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     answer = b""
     while not re.search(rb"\r\n\r\n(.*\}\}|.*retry: \d+\n\n)", answer, re.S):
         chunk = client.recv(4096)

@@ -558,22 +558,35 @@ def get_events(job_id: str) -> Response:
     left answer the polls, with which the client follows the job meanwhile.
     """
     job_key = load_job(job_id).id
+    client, own_places = client_id(), services.client_streams
+    if not own_places.acquire(client):
+        raise RateLimited(
+            f"you hold {own_places.limit} event streams on this server already; close one, "
+            "or poll the job instead",
+            STREAMS_BUSY_RETRY_SECONDS,
+        )
     places = services.event_streams
     if not places.acquire(blocking=False):
+        own_places.release(client)
         own = url_for("api.get_job", job_id=str(job_key))
         raise StreamsBusy(
             f"this server's event streams are all taken; poll {own} and {own}/losses "
             "instead, or ask again later",
             STREAMS_BUSY_RETRY_SECONDS,
         )
+
+    def release() -> None:
+        places.release()
+        own_places.release(client)
+
     try:
         response = _event_stream(job_key)
     except BaseException:
-        places.release()
+        release()
         raise
     # The WSGI server closes the response when the stream ends, the client leaves (seen at
     # a write: a keep-alive at least every KEEP_ALIVE_SECONDS) or the request fails.
-    response.call_on_close(places.release)
+    response.call_on_close(release)
     return response
 
 

@@ -18,12 +18,15 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 from flask import Flask, g, request, session
 from sqlalchemy import Row, Select
 
@@ -41,6 +44,11 @@ SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 class Unauthorized(StylequeueError):
     code = "unauthorized"
     http_status = 401
+
+
+class TooManyFailures(StylequeueError):
+    code = "rate_limited"
+    http_status = 429
 
 
 class Forbidden(StylequeueError):
@@ -97,15 +105,58 @@ def current_principal() -> Principal:
     return g.principal  # type: ignore[no-any-return]
 
 
-def _authenticate() -> Principal:
+def client_address() -> str:
+    """The client's rate-limit address: IPv4 as is, IPv6 by its /64 (one host, or one
+    customer of a provider, holds a whole /64 and could rotate through it)."""
     address = request.remote_addr or "unknown"
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+#: Wrong tokens one address may send a minute before every token it sends is refused
+#: for the rest of that minute (429): guessing is throttled, not only counted.
+FAILED_AUTH_PER_MINUTE = 10
+
+
+def _check_failed_auth(address: str, failed: bool) -> None:
+    """Refuse an address over FAILED_AUTH_PER_MINUTE; count a failure (in Redis, shared by
+    the web processes; open when Redis is away)."""
+    key = f"stylequeue:authfail:{address}:{int(time.time() // 60)}"
+    try:
+        if failed:
+            pipe = services.redis.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            pipe.execute()
+            return
+        count = int(services.redis.get(key) or 0)
+    except redis.RedisError:
+        return
+    if count >= FAILED_AUTH_PER_MINUTE:
+        raise TooManyFailures(
+            f"more than {FAILED_AUTH_PER_MINUTE} wrong tokens a minute from your address; "
+            "retry later"
+        )
+
+
+def _authenticate() -> Principal:
+    address = client_address()
     scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
     # Another scheme (a reverse proxy's Basic sign-in, say) is not ours to judge.
     if scheme.lower() == "bearer":
         if not secret.strip():
             raise Unauthorized("send the token as 'Authorization: Bearer <token>'")
+        _check_failed_auth(address, failed=False)
         token = find_token(services.session, secret.strip())
         if token is None:
+            _check_failed_auth(address, failed=True)
             raise Unauthorized("unknown or revoked token")
         principal = Principal(owner=token.owner, admin=token.admin, bucket=token.owner)
         # End the lookup's transaction, so that its connection goes back to the pool: the

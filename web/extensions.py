@@ -18,6 +18,30 @@ from shared.storage import Storage, storage_from_settings
 from web.ratelimit import RedisWindows, WindowCounts
 
 
+class ClientPlaces:
+    """How many places each client holds, at most ``limit`` each (thread-safe)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, client: str) -> bool:
+        with self._lock:
+            if self._held.get(client, 0) >= self.limit:
+                return False
+            self._held[client] = self._held.get(client, 0) + 1
+            return True
+
+    def release(self, client: str) -> None:
+        with self._lock:
+            left = self._held.get(client, 0) - 1
+            if left > 0:
+                self._held[client] = left
+            else:
+                self._held.pop(client, None)
+
+
 class Services:
     """Database sessions, storage, Redis and a Celery client that sends tasks by name."""
 
@@ -45,6 +69,8 @@ class Services:
             "celery": Celery("stylequeue", broker=settings.redis_url, set_as_current=False),
             # This process's places for open event streams (see Settings.event_streams).
             "event_streams": threading.BoundedSemaphore(max(settings.event_streams, 0)),
+            # The event streams each client holds in this process.
+            "client_streams": ClientPlaces(max(settings.event_streams_per_client, 1)),
             # Verification decodes of uploads running at once (Settings.decode_concurrency).
             "decode_slots": threading.BoundedSemaphore(max(settings.decode_concurrency, 1)),
         }
@@ -90,6 +116,10 @@ class Services:
     def event_streams(self) -> threading.BoundedSemaphore:
         """The process's places for open event streams (none when streams are off)."""
         return self._get("event_streams")  # type: ignore[no-any-return]
+
+    @property
+    def client_streams(self) -> ClientPlaces:
+        return self._get("client_streams")  # type: ignore[no-any-return]
 
     @property
     def decode_slots(self) -> threading.BoundedSemaphore:

@@ -9,14 +9,18 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from shared import broker
+from shared.config import address_in, parse_networks
+from shared.errors import StylequeueError
 from shared.models import Job, JobStatus, utcnow
+from shared.routing import all_queues
+from web.auth import current_principal
 from web.extensions import services
 
 bp = Blueprint("metrics", __name__)
@@ -25,16 +29,10 @@ bp = Blueprint("metrics", __name__)
 DURATION_WINDOW = timedelta(hours=1)
 
 
-def queue_depths(redis_client: Any, base: str) -> dict[str, int]:
-    """Ready messages per queue of this service (Celery's priority sub-lists summed)."""
-    depths: dict[str, int] = {}
-    for raw_key in redis_client.scan_iter(match=base + "*"):
-        key = raw_key.decode()
-        if redis_client.type(raw_key) != b"list":
-            continue
-        queue = key.split("\x06\x16")[0]  # kombu's priority separator
-        depths[queue] = depths.get(queue, 0) + int(redis_client.llen(raw_key))
-    return depths
+def queue_depths(redis_client: Any, queues: list[str]) -> dict[str, int]:
+    """Ready messages per queue, its priority sub-lists summed: the queues named, never
+    a scan of the keyspace."""
+    return {queue: broker.queue_depth(redis_client, queue) for queue in queues}
 
 
 class ServiceCollector(Collector):
@@ -95,8 +93,9 @@ class ServiceCollector(Collector):
         try:
             workers = broker.live_workers(services.redis)
             # Empty queues do not exist in Redis: those the workers consume count as 0.
-            depths = dict.fromkeys((q for w in workers for q in w.get("queues", [])), 0)
-            depths |= queue_depths(services.redis, settings.queue)
+            # The queues a job can be routed to, and any a live worker consumes.
+            known = {*all_queues(settings.queue), *(q for w in workers for q in w["queues"])}
+            depths = queue_depths(services.redis, sorted(known))
         except Exception:  # the broker is away: no queue or worker figures this time
             workers, depths = [], {}
         for queue, count in sorted(depths.items()):
@@ -112,8 +111,27 @@ class ServiceCollector(Collector):
         yield from (depth, workers_up, speed, memory)
 
 
+class MetricsForbidden(StylequeueError):
+    code = "forbidden"
+    http_status = 403
+
+
+def _may_scrape() -> bool:
+    """An admin token, or a client inside ``metrics_networks`` (Settings)."""
+    if current_principal().admin:
+        return True
+    return address_in(request.remote_addr, parse_networks(services.settings.metrics_networks))
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
+    if not _may_scrape():
+        raise MetricsForbidden(
+            "/metrics answers clients in STYLEQUEUE_METRICS_NETWORKS or an admin token"
+        )
+    from web.api import check_rate
+
+    check_rate("api", services.settings.rate_limit_per_minute)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector())
     return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")

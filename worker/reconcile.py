@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import broker
 from shared.config import Settings
 from shared.models import Job, JobStatus, JobStyle, StoredImage, utcnow
-from shared.routing import JobTooLarge, choose_queue
+from shared.routing import JobTooLarge, all_queues, choose_queue
 from shared.storage import Storage
 from worker.lease import end_run
 from worker.webhooks import deliver_due
@@ -38,11 +38,11 @@ LOCK_KEY = "stylequeue:reconciler"
 
 
 def messages_in_queue(redis_client: Any, queue: str) -> str:
-    """The raw ready messages of ``queue`` (and its priority sub-queues), concatenated."""
+    """The raw ready messages of every queue of ``queue`` (its tiers, their priority
+    sub-queues), concatenated."""
     chunks = []
-    for key in redis_client.scan_iter(match=queue + "*"):
-        if redis_client.type(key) == b"list":
-            chunks += [item.decode("utf-8", "replace") for item in redis_client.lrange(key, 0, -1)]
+    for key in (key for name in all_queues(queue) for key in broker.queue_keys(name)):
+        chunks += [item.decode("utf-8", "replace") for item in redis_client.lrange(key, 0, -1)]
     return "\n".join(chunks)
 
 

@@ -335,7 +335,8 @@ class _Attempt:
                 code, message = outcome.code, str(outcome)
             else:
                 log.error("job %s failed", claim.job_id, exc_info=outcome)
-                code, message = "internal_error", f"{type(outcome).__name__}: {outcome}"
+                # The details (paths, hosts) are for the log, not for the submitter.
+                code, message = "internal_error", "the worker failed; the operators' log has why"
             _while_database_away(reporter.flush)
             _finish(ctx, claim, JobStatus.FAILED, error_code=code, error_message=message)
             return

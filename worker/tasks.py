@@ -114,6 +114,6 @@ def _reconciler(ctx: Context) -> None:
 def _on_worker_shutdown(**_: Any) -> None:
     _stop_heartbeat.set()
     try:
-        context().redis.delete(broker.WORKER_PREFIX + context().name)
+        broker.remove_heartbeat(context().redis, context().name)
     except Exception:  # the broker may be gone already
         log.debug("could not remove the heartbeat", exc_info=True)
