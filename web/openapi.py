@@ -28,6 +28,13 @@ JOB_FIELDS = (
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+#: The link a new job's answer gives to each operation on it.
+JOB_LINKS = {
+    "GetJob": "getJob", "GetLosses": "getLosses", "GetResult": "getResult",
+    "GetPreview": "getPreview", "CancelJob": "cancelJob",
+}  # fmt: skip
+
+
 def openapi_document() -> dict[str, Any]:
     option_defaults = defaults()
     options = {
@@ -91,7 +98,17 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json(JOB, "replayed: the job this Idempotency-Key created"),
                         "201": _json(JOB, "a finished job's result reused (fixed seed)"),
-                        "202": _json(JOB, "queued; Location names the job"),
+                        "202": {
+                            **_json(JOB, "queued; Location names the job"),
+                            # For clients and stateful testing: the calls a new job enables.
+                            "links": {
+                                name: {
+                                    "operationId": operation,
+                                    "parameters": {"job_id": "$response.body#/id"},
+                                }
+                                for name, operation in JOB_LINKS.items()
+                            },
+                        },
                         **_errors(400, 409, 413, 415, 422, 429, 503),
                     },
                 },
@@ -105,12 +122,18 @@ def openapi_document() -> dict[str, Any]:
                             ("cursor", "string"),
                         )
                     ],
-                    "responses": {"200": _json({"type": "object"}, "a page of jobs")},
+                    "description": "the caller's own jobs (an admin's: all); needs a token "
+                    "or the form's session",
+                    "responses": {
+                        "200": _json({"type": "object"}, "a page of jobs"),
+                        **_errors(401, 422),
+                    },
                 },
             },
             "/api/jobs/{job_id}": {
                 "get": {
                     "summary": "A job's status, progress, latest loss and links",
+                    "operationId": "getJob",
                     "parameters": [JOB_ID],
                     "responses": {"200": _json(JOB, "the job"), **_errors(404)},
                 }
@@ -118,6 +141,7 @@ def openapi_document() -> dict[str, Any]:
             "/api/jobs/{job_id}/losses": {
                 "get": {
                     "summary": "Loss points in iteration order",
+                    "operationId": "getLosses",
                     "parameters": [
                         JOB_ID,
                         {"name": "after", "in": "query", "schema": {"type": "integer"}},
@@ -144,6 +168,7 @@ def openapi_document() -> dict[str, Any]:
             "/api/jobs/{job_id}/result": {
                 "get": {
                     "summary": "The result PNG",
+                    "operationId": "getResult",
                     "parameters": [JOB_ID],
                     "responses": {
                         "200": {"description": "PNG", "content": {"image/png": {}}},
@@ -154,6 +179,7 @@ def openapi_document() -> dict[str, Any]:
             "/api/jobs/{job_id}/preview": {
                 "get": {
                     "summary": "The latest preview PNG",
+                    "operationId": "getPreview",
                     "parameters": [JOB_ID],
                     "responses": {
                         "200": {"description": "PNG", "content": {"image/png": {}}},
@@ -164,11 +190,21 @@ def openapi_document() -> dict[str, Any]:
             "/api/jobs/{job_id}/cancel": {
                 "post": {
                     "summary": "Cancel (idempotent)",
+                    "operationId": "cancelJob",
                     "parameters": [JOB_ID],
                     "responses": {
                         "200": _json(JOB, "already finished"),
                         "202": _json(JOB, "canceled or cancel requested"),
-                        **_errors(404),
+                        **_errors(403, 404),
+                    },
+                }
+            },
+            "/api/webhook-secret": {
+                "get": {
+                    "summary": "The secret the caller's callbacks are signed with",
+                    "responses": {
+                        "200": _json({"type": "object"}, "secret and algorithm"),
+                        **_errors(401, 422),
                     },
                 }
             },
