@@ -541,3 +541,45 @@ def test_cuda_graphs_can_be_turned_off_from_the_environment() -> None:
     # A worker hands this to the engine when it starts (worker/tasks.py); CUDA only.
     assert Settings().cuda_graphs is True
     assert Settings.from_env({"STYLEQUEUE_CUDA_GRAPHS": "false"}).cuda_graphs is False
+
+
+def test_auto_precision_takes_bf16_on_a_gpu_only_where_it_is_native(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """T4/V100 class cards only emulate bf16 (torch's default answer counts emulation):
+    those get fp16. The card's answer is stood in for; the choice is ours."""
+    from worker.engine.optimize import resolve_precision
+
+    for native, expected in ((False, "fp16"), (True, "bf16")):
+
+        def supported(including_emulation: bool = True, native: bool = native) -> bool:
+            return native or including_emulation
+
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+        assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+
+
+def test_every_pyramid_scale_starts_falling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """L-BFGS's first steps at a scale (its history empty) must not throw the pixels about:
+    with the engine's trust region the loss of each scale's first 10 iterations never
+    rises above its first; without it, the same run rose many times over."""
+    from worker.engine import optimize
+
+    repo = Path(__file__).resolve().parent.parent
+    content = Image.open(repo / "examples" / "chelsea.jpg").convert("RGB")
+    style = Image.open(repo / "shared" / "presets" / "starry-night.jpg").convert("RGB")
+
+    def rises() -> list[float]:
+        seen: list[Iterate] = []
+        stylize(
+            content=content, styles=[style], size=96, iterations=60, scales=2,
+            backbone="vgg19-random", seed=0, precision="fp32", progress=seen.append,
+        )  # fmt: skip
+        firsts = [[it.loss for it in seen if it.scale == s][:10] for s in range(2)]
+        return [max(losses) / losses[0] for losses in firsts]
+
+    assert optimize.LBFGS_MAX_STEP is not None
+    assert max(rises()) <= 1.01
+    monkeypatch.setattr(optimize, "LBFGS_MAX_STEP", None)
+    assert max(rises()) > 2  # the unbounded steps this guards against

@@ -252,3 +252,23 @@ def test_bounded_lbfgs_stays_in_its_box_and_finds_the_constrained_minimum() -> N
         optimizer.step(closure)
         assert x.min().item() >= 0.0 and x.max().item() <= 1.0
     torch.testing.assert_close(x.detach(), target.clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_lbfgs_with_max_step_moves_no_component_further_and_still_converges() -> None:
+    # A badly scaled quadratic: unbounded, the second step overshoots by far.
+    scales = torch.tensor([1e-3, 1.0, 1e3, 10.0])
+    target = torch.tensor([0.9, 0.1, 0.6, 0.3])
+    x = torch.full((4,), 0.5, requires_grad=True)
+    optimizer = LBFGS(x, bounds=(0.0, 1.0), max_step=0.05)
+
+    def closure() -> torch.Tensor:
+        x.grad = None
+        loss = (scales * (x - target).pow(2)).sum()
+        loss.backward()
+        return loss.detach()
+
+    for _ in range(200):
+        before = x.detach().clone()
+        optimizer.step(closure)
+        assert (x.detach() - before).abs().max().item() <= 0.05 + 1e-6
+    torch.testing.assert_close(x.detach(), target, atol=1e-3, rtol=0)

@@ -38,9 +38,11 @@ class LBFGS:
         history_size: int = 100,
         tolerance_change: float = 1e-9,
         bounds: tuple[float, float] | None = None,
+        max_step: float | None = None,
         graphs: bool = False,
     ) -> None:
         self.param = param
+        self.max_step = max_step
         self.bounds = bounds
         self.prev_param: torch.Tensor | None = None
         self.lr = lr
@@ -90,8 +92,14 @@ class LBFGS:
         # Step only along a descent direction; torch.optim.LBFGS breaks out instead.
         descent = grad.dot(direction) <= -self.tolerance_change
         step_length = torch.where(descent, step_length, 0.0)
+        update = direction * step_length
+        if self.max_step is not None:
+            # A trust region in the max norm: no component moves further than max_step in
+            # one step (on the device, no read back).
+            largest = update.abs().amax().clamp(min=1e-12)
+            update = update * torch.clamp(self.max_step / largest, max=1.0)
         self.prev_param = self.param.detach().reshape(-1).float().clone()
-        self.param.add_((direction * step_length).view_as(self.param))
+        self.param.add_(update.view_as(self.param))
         if self.bounds is not None:
             self.param.clamp_(*self.bounds)
         self.prev_grad = grad

@@ -20,11 +20,13 @@ from torch.autograd.function import once_differentiable
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     """G = X·Xᵀ / N for features of shape (B, C, H, W), X flattened to C × HW; N = C·H·W.
 
-    Gatys et al. use the raw X·Xᵀ and divide the squared error by 4·C²·(HW)² instead. Dividing
-    the Gram itself by C·H·W (as jcjohnson/neural-style does) is the same objective up to a
-    constant per layer, but the value no longer grows with the image size or the layer's
-    width: one ``style_weight`` then serves every output size, every scale of the
-    coarse-to-fine pyramid and every layer, whose Grams come out of the same magnitude.
+    Gatys et al. (2016, eq. 4) take the raw X·Xᵀ and divide the summed squared error by
+    4·C²·(HW)². Dividing the Gram by C·H·W (as jcjohnson/neural-style does) and taking the
+    mean squared error over its C² entries (:class:`StyleLoss`) divides it by C⁴·(HW)²
+    instead: the dependence on the image size is the same in both (neither grows with HW),
+    but each layer's term is 4/C² times the paper's, which shifts the weighting between
+    layers by the ratio of their C²/4 (relu1_1 with 64 channels against relu5_1 with 512:
+    64 times the paper's relative weight on the shallow layer).
     """
     _, channels, height, width = features.shape
     # Under autocast a matmul would be cast back down; the Gram is computed in fp32.

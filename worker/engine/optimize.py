@@ -37,6 +37,12 @@ from worker.engine.stylize import (
 )
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: L-BFGS's trust region: the most a pixel (in [0, 1]) may move in one step. Unbounded, the
+#: first steps of each pyramid scale (and of a resumed run: its history starts empty) threw
+#: pixels to the box's walls and the loss rose up to 100× before it fell; 0.25 keeps every
+#: scale's start falling and reaches the same final loss (bench/scale_start.py,
+#: docs/benchmarks.md "Scale starts").
+LBFGS_MAX_STEP: float | None = 0.25
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,7 +81,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Native bf16 only (Ampere and later): torch's default also counts emulated bf16,
+        # which T4 and V100 class cards would run slower than fp16.
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if native else "fp16"
     if device.type == "cpu" and cpu_has_fast_bf16():
         return "bf16"
     return "fp32"
@@ -510,8 +519,9 @@ class _Step:
         self.kind = options["optimizer"]
         if self.kind == "lbfgs":
             self.lbfgs = LBFGS(
-                param, lr=1.0, history_size=100, bounds=(0.0, 1.0), graphs=cuda_graphs
-            )
+                param, lr=1.0, history_size=100, bounds=(0.0, 1.0), max_step=LBFGS_MAX_STEP,
+                graphs=cuda_graphs,
+            )  # fmt: skip
         else:
             self.adam = torch.optim.Adam([param], lr=options["lr"])
             if state:
