@@ -246,3 +246,16 @@ def reset_database(url: str) -> None:
                 )
             )
     engine.dispose()
+
+
+def make_token(settings: Settings, name: str = "test", *, admin: bool = False) -> str:
+    """A new API token in ``settings``' database; returns its secret."""
+    from shared.db import make_engine, make_sessionmaker
+    from shared.tokens import create_token
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            return create_token(session, f"{name}-{uuid.uuid4().hex[:8]}", admin=admin)[1]
+    finally:
+        engine.dispose()

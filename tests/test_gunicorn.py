@@ -229,7 +229,9 @@ def test_open_event_streams_leave_threads_for_polls(tmp_path: Path, sample_image
     server: subprocess.Popen[bytes] | None = None
     streams: list[socket.socket] = []
     try:
-        settings = service_settings(tmp_path, redis_server.url, event_streams=2)
+        settings = service_settings(
+            tmp_path, redis_server.url, event_streams=2, event_streams_per_client=8
+        )
         with service_app(settings) as app:  # no worker runs: the job stays queued
             photo = sample_images / "content" / "tubingen.jpg"
             job = submit_preset(app.test_client(), photo, 5)

@@ -26,13 +26,11 @@ import requests
 from PIL import Image
 
 from shared.config import Settings
-from shared.db import make_engine, make_sessionmaker
 from shared.images import encode_png
-from shared.tokens import create_token
 from stylequeue.service import free_port
 from tests.bad_input import png_with_size
 from tests.conftest import REPO
-from tests.service import RedisServer, child_env, service_settings, wait_for
+from tests.service import RedisServer, child_env, make_token, service_settings, wait_for
 from tests.test_service import count_rows
 
 #: Small limits so that the oversize cases stay quick to send.
@@ -139,15 +137,6 @@ def declared_ten_gigabytes(server: Server, path: str = "/api/jobs") -> tuple[int
     return int(answer.split(b" ", 2)[1]), answer.decode("latin-1")
 
 
-def token(settings: Settings) -> str:
-    engine = make_engine(settings.database_url)
-    try:
-        with make_sessionmaker(engine).begin() as session:
-            return create_token(session, f"owner-{uuid.uuid4().hex[:6]}")[1]
-    finally:
-        engine.dispose()
-
-
 def status_and_message(response: Any) -> tuple[int, str]:
     try:
         message = response.json()["error"]["message"]
@@ -222,7 +211,7 @@ def test_guessing_tokens_is_throttled(server: Server) -> None:
     ]
     assert answers[:10] == [401] * 10 and answers[10:] == [429, 429]
     # A real token from the same address is refused too for the rest of the minute.
-    real = token(server.settings)
+    real = make_token(server.settings)
     refused = requests.get(
         server.url + "/api/jobs", headers={"Authorization": f"Bearer {real}"}, timeout=10
     )
@@ -230,8 +219,8 @@ def test_guessing_tokens_is_throttled(server: Server) -> None:
 
 
 def test_jobs_are_owned_streams_capped_and_memory_bounded(server: Server) -> None:
-    owner = {"Authorization": f"Bearer {token(server.settings)}"}
-    other = {"Authorization": f"Bearer {token(server.settings)}"}
+    owner = {"Authorization": f"Bearer {make_token(server.settings)}"}
+    other = {"Authorization": f"Bearer {make_token(server.settings)}"}
     # The throttle test may have blocked 127.0.0.1's tokens: wait out its minute.
     wait_for(
         lambda: (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from tests.service import live_service, wait_for
+from tests.service import live_service, make_token, service_settings, wait_for
 
 POLLERS, POLLS_EACH = 24, 40
 SUBMITTERS, SUBMITS_EACH = 4, 3
@@ -40,8 +40,12 @@ def test_concurrent_pollers_and_submitters_get_no_errors(
             with lock:
                 outcomes[outcome] += 1
 
+        # Listing needs a token (or a session); the pollers list their own jobs.
+        secret = make_token(service_settings(tmp_path, "redis://unused"), "poller")
+
         def poll() -> None:
             with requests.Session() as session:
+                session.headers["Authorization"] = f"Bearer {secret}"
                 for index in range(POLLS_EACH):
                     path = seed_job["links"]["self"] if index % 2 else "/api/jobs?limit=5"
                     try:

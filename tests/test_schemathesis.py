@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.db import make_engine, make_sessionmaker
-from shared.tokens import create_token
-from tests.service import live_service, service_settings
+from tests.service import live_service, make_token, service_settings
 
 
 @pytest.mark.parametrize("who", ["anonymous", "token"])
@@ -22,12 +20,7 @@ def test_no_generated_request_gets_a_server_error(tmp_path: Path, who: str) -> N
     with live_service(tmp_path) as url:
         headers = []
         if who == "token":
-            # The service's database (service_settings derives it from the folder).
-            settings = service_settings(tmp_path, "redis://unused")
-            engine = make_engine(settings.database_url)
-            with make_sessionmaker(engine).begin() as session:
-                secret = create_token(session, "schemathesis")[1]
-            engine.dispose()
+            secret = make_token(service_settings(tmp_path, "redis://unused"), "schemathesis")
             headers = ["-H", f"Authorization: Bearer {secret}"]
         done = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/api/openapi.json",

@@ -31,13 +31,13 @@ from shared.jobs import Upload, create_job, parse_request
 from shared.migrate import downgrade, upgrade
 from shared.models import Job, JobRun, JobStyle, LossPoint, StoredImage, utcnow
 from shared.storage import storage_from_settings
-from shared.tokens import create_token
 from stylequeue.service import start_embedded_redis
 from tests.bad_input import BAD_INPUT, NOISE, encoded
 from tests.conftest import REPO
 from tests.service import (
     RedisServer,
     WorkerProcess,
+    make_token,
     reset_database,
     service_settings,
     wait_for,
@@ -339,13 +339,7 @@ def test_file_names_are_never_used_for_storage(
 
 def bearer(settings: Settings, name: str) -> dict[str, str]:
     """A new token's ``Authorization`` header (for the test client's ``environ_base``)."""
-    engine = make_engine(settings.database_url)
-    try:
-        with make_sessionmaker(engine).begin() as session:
-            _, secret = create_token(session, f"{name}-{uuid.uuid4().hex[:8]}")
-    finally:
-        engine.dispose()
-    return {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+    return {"HTTP_AUTHORIZATION": f"Bearer {make_token(settings, name)}"}
 
 
 def test_presets_status_pages_and_listing(

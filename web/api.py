@@ -426,7 +426,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
                 if upload.filename:
                     uploads.append(Upload(field, upload.filename, upload.read()))
             finally:
-                upload.close()  # large uploads are spooled to temporary files
+                upload.close()
     workers = live_workers()
     backbones = {name for worker in workers for name in worker.get("backbones", [])}
     job_request = parse_request(

@@ -141,8 +141,8 @@ def _check_failed_auth(address: str, failed: bool) -> None:
         return
     if count >= FAILED_AUTH_PER_MINUTE:
         raise TooManyFailures(
-            f"more than {FAILED_AUTH_PER_MINUTE} wrong tokens a minute from your address; "
-            "retry later"
+            f"{FAILED_AUTH_PER_MINUTE} wrong tokens this minute from your address; "
+            "retry in a minute"
         )
 
 
