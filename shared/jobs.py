@@ -65,7 +65,7 @@ class JobRequest:
     normalized options."""
 
     content: tuple[bytes, ImageInfo]
-    styles: list[tuple[bytes, ImageInfo, str | None]]  # bytes, image, preset name
+    styles: list[tuple[bytes, ImageInfo, str | None]]  # bytes, header, preset name
     options: dict[str, Any]
     style_weights: list[float] = field(default_factory=list)
     #: The seed was given by the client (not drawn): the result is reproducible.
