@@ -35,6 +35,7 @@ from worker.engine.stylize import (
     check_image_sizes,
     check_options,
     defaults,
+    lbfgs_history_for,
     pyramid,
     scaled_pixels,
     style_side,
@@ -45,7 +46,7 @@ from worker.engine.stylize import (
 JOB_OPTIONS = (
     "style_scale", "size", "scales", "iterations", "content_weight", "style_weight",
     "tv_weight", "content_layers", "style_layers", "style_layer_weights", "init", "optimizer",
-    "lr", "backbone", "pooling", "original_colors", "seed", "precision",
+    "lr", "lbfgs_history", "backbone", "pooling", "original_colors", "seed", "precision",
 )  # fmt: skip
 FORM_FIELDS = {
     "content", "style", "style_preset", "style_weights", "reuse", "callback_url", *JOB_OPTIONS,
@@ -85,9 +86,11 @@ class JobRequest:
         for _, info, _ in self.styles:
             side = style_side(info.size, finest, self.options)
             style_pixels.append(scaled_pixels(info.size, side))
+        output_pixels = scaled_pixels(self.content[1].size, finest)
         return job_memory_bytes(
-            output_pixels=scaled_pixels(self.content[1].size, finest),
+            output_pixels=output_pixels,
             optimizer=self.options["optimizer"],
+            lbfgs_history=lbfgs_history_for(output_pixels, self.options["lbfgs_history"]),
             style_pixels=style_pixels,
             input_pixels=sum(info.width * info.height for _, info, _ in self.all_images()),
         )

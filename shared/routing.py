@@ -56,12 +56,16 @@ def job_memory_bytes(
     optimizer: str,
     style_pixels: Sequence[int] = (),
     input_pixels: int = 0,
+    lbfgs_history: int = 100,
 ) -> int:
     """An upper estimate of the memory a job needs on its device: the optimization at
     ``output_pixels``, the style images at the finest scale (``style_pixels``, one each),
-    and decoding its inputs (``input_pixels``: the content's and the styles' together)."""
+    and decoding its inputs (``input_pixels``: the content's and the styles' together).
+    ``lbfgs_history``: the pairs L-BFGS keeps (LBFGS_BYTES_PER_PIXEL is for 100)."""
     per_pixel = ACTIVATION_BYTES_PER_PIXEL + (
-        LBFGS_BYTES_PER_PIXEL if optimizer == "lbfgs" else ADAM_BYTES_PER_PIXEL
+        LBFGS_BYTES_PER_PIXEL * lbfgs_history // 100
+        if optimizer == "lbfgs"
+        else ADAM_BYTES_PER_PIXEL
     )
     styles = STYLE_TENSOR_BYTES_PER_PIXEL * sum(style_pixels) + STYLE_FORWARD_BYTES_PER_PIXEL * max(
         style_pixels, default=0

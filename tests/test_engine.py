@@ -472,6 +472,8 @@ def test_defaults_come_from_the_signature() -> None:
         ({"precision": "fp8"}, "precision"),
         ({"style_weight": -1.0}, "style_weight"),
         ({"lr": float("inf")}, "lr"),
+        ({"lbfgs_history": 0}, "lbfgs_history"),
+        ({"lbfgs_history": 10_000}, "lbfgs_history"),
     ],
 )
 def test_bad_options_name_their_field(change: dict[str, object], field: str) -> None:
@@ -583,3 +585,22 @@ def test_every_pyramid_scale_starts_falling(monkeypatch: pytest.MonkeyPatch) -> 
     assert max(rises()) <= 1.01
     monkeypatch.setattr(optimize, "LBFGS_MAX_STEP", None)
     assert max(rises()) > 2  # the unbounded steps this guards against
+
+
+def test_lbfgs_keeps_the_history_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.engine import lbfgs
+
+    sizes: list[int] = []
+    original = lbfgs.LBFGS.__init__
+
+    def recording(self: lbfgs.LBFGS, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        sizes.append(self.history_size)
+
+    monkeypatch.setattr(lbfgs.LBFGS, "__init__", recording)
+    image = Image.effect_noise((40, 32), 40).convert("RGB")
+    stylize(content=image, styles=[image], size=32, iterations=3, backbone="vgg19-random",
+            lbfgs_history=7, seed=0)  # fmt: skip
+    stylize(content=image, styles=[image], size=32, iterations=3, backbone="vgg19-random",
+            seed=0)  # fmt: skip
+    assert sizes == [7, 100]

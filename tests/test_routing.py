@@ -85,3 +85,15 @@ def test_gpus_on_a_machine_without_one_is_a_clear_error() -> None:
     )  # fmt: skip
     assert done.returncode == 1
     assert "no CUDA GPU is visible here" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_lbfgs_history_shrinks_with_the_image_and_the_estimate_counts_it() -> None:
+    from worker.engine.stylize import lbfgs_history_for
+
+    assert lbfgs_history_for(512 * 512, None) == 100
+    assert lbfgs_history_for(2048 * 2048, None) == 21  # 21 pairs × 24 B/px ≤ 2 GiB
+    assert lbfgs_history_for(10**9, None) == 5
+    assert lbfgs_history_for(2048 * 2048, 50) == 50  # asked for: kept
+    full = job_memory_bytes(output_pixels=2048 * 2048, optimizer="lbfgs")
+    short = job_memory_bytes(output_pixels=2048 * 2048, optimizer="lbfgs", lbfgs_history=21)
+    assert full - short == 2048 * 2048 * 2_400 * 79 // 100

@@ -32,6 +32,7 @@ from worker.engine.stylize import (
     PreparedRun,
     Result,
     ResultCallback,
+    lbfgs_history_for,
     pyramid,
     style_side,
 )
@@ -519,8 +520,10 @@ class _Step:
         self.kind = options["optimizer"]
         if self.kind == "lbfgs":
             self.lbfgs = LBFGS(
-                param, lr=1.0, history_size=100, bounds=(0.0, 1.0), max_step=LBFGS_MAX_STEP,
-                graphs=cuda_graphs,
+                param, lr=1.0, bounds=(0.0, 1.0), max_step=LBFGS_MAX_STEP, graphs=cuda_graphs,
+                history_size=lbfgs_history_for(
+                    param.shape[-1] * param.shape[-2], options["lbfgs_history"]
+                ),
             )  # fmt: skip
         else:
             self.adam = torch.optim.Adam([param], lr=options["lr"])

@@ -38,6 +38,12 @@ MIN_SIZE = 16
 MAX_SIZE = 4096
 MAX_ITERATIONS = 100_000
 MAX_SCALES = 6
+#: L-BFGS's curvature pairs: the default count, the most a run may ask for, and the memory
+#: the default keeps them under (each pair: s and ρ·y, fp32, 3 channels: 24 B a pixel).
+LBFGS_HISTORY = 100
+MAX_LBFGS_HISTORY = 200
+LBFGS_HISTORY_BUDGET_BYTES = 2 * 1024**3
+LBFGS_PAIR_BYTES_PER_PIXEL = 24
 #: The automatic pyramid halves the size while the coarsest scale stays at least this long.
 AUTO_PYRAMID_MIN_SIDE = 128
 
@@ -100,6 +106,7 @@ def stylize(
     init: InitName | Image.Image = "content",
     optimizer: OptimizerName = "lbfgs",
     lr: float = 0.02,
+    lbfgs_history: int | None = None,
     backbone: str = DEFAULT_BACKBONE,
     pooling: PoolingName = "max",
     original_colors: bool = False,
@@ -147,6 +154,9 @@ def stylize(
         optimizer: ``lbfgs`` (unit steps, history 100; see :mod:`worker.engine.lbfgs`) or
             ``adam``.
         lr: Adam's learning rate, in [0, 1] pixel units; L-BFGS takes unit steps.
+        lbfgs_history: curvature pairs L-BFGS keeps (each two fp32 copies of the image:
+            24 bytes a pixel). ``None``: 100, fewer where that would pass 2 GiB (at least
+            5): 100 up to about 900×900 px, 21 at 2048×2048 (:func:`lbfgs_history_for`).
         backbone: a name from :data:`worker.engine.registry.BACKBONES`.
         pooling: ``max`` as in VGG, or ``avg``, which Gatys et al. found gives smoother
             results.
@@ -362,6 +372,7 @@ def check_options(
     init: str,
     optimizer: str,
     lr: float,
+    lbfgs_history: int | None,
     backbone: str,
     pooling: str,
     seed: int | None,
@@ -434,6 +445,9 @@ def check_options(
         "init": _choice(init, "init", (*INIT_CHOICES, "image")),
         "optimizer": _choice(optimizer, "optimizer", OPTIMIZER_CHOICES),
         "lr": _number(lr, "lr", float, 1e-6, 10.0),
+        "lbfgs_history": None
+        if lbfgs_history is None
+        else _number(lbfgs_history, "lbfgs_history", int, 1, MAX_LBFGS_HISTORY),
         "backbone": backbone,
         "pooling": _choice(pooling, "pooling", POOLING_CHOICES),
         "seed": seed,
@@ -457,6 +471,15 @@ def style_side(style_size: tuple[int, int], long_side: int, options: dict[str, A
     needed = smallest_side(options["backbone"], options["style_layers"])
     aspect = max(style_size) / min(style_size)
     return max(round(long_side * options["style_scale"]), math.ceil(needed * aspect))
+
+
+def lbfgs_history_for(pixels: int, history: int | None) -> int:
+    """The pairs L-BFGS keeps on an image of ``pixels``: ``history`` if given, else
+    LBFGS_HISTORY cut down to fit LBFGS_HISTORY_BUDGET_BYTES (never below 5)."""
+    if history is not None:
+        return history
+    fits = LBFGS_HISTORY_BUDGET_BYTES // (LBFGS_PAIR_BYTES_PER_PIXEL * max(pixels, 1))
+    return int(min(LBFGS_HISTORY, max(5, fits)))
 
 
 def scaled_pixels(size: tuple[int, int], long_side: int) -> int:
