@@ -188,7 +188,8 @@ def live_service(base: Path, **overrides: Any) -> Iterator[str]:
 
 @contextlib.contextmanager
 def service_app(settings: Settings) -> Iterator[Any]:
-    """The Flask app on ``settings``; its database connections are closed afterwards."""
+    """The Flask app on ``settings``; its database and Redis connections are closed
+    afterwards."""
     from web import create_app
 
     app = create_app({"TESTING": True, "SETTINGS": settings})
@@ -196,6 +197,7 @@ def service_app(settings: Settings) -> Iterator[Any]:
         yield app
     finally:
         app.extensions["stylequeue"]["engine"].dispose()
+        app.extensions["stylequeue"]["redis"].close()  # its pooled sockets, not left to GC
 
 
 def submit_preset(client: Any, photo: Path, iterations: int, preset: str = "starry-night") -> Any:

@@ -4,6 +4,7 @@ its cookie Secure when asked."""
 from __future__ import annotations
 
 import stat
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -51,3 +52,17 @@ def test_the_session_cookie_is_secure_when_asked(settings: Any) -> None:
             cookie = app.test_client().get("/").headers.get("Set-Cookie", "")
         assert "stylequeue_session=" in cookie
         assert ("Secure" in cookie) is secure
+
+
+def test_only_the_submission_takes_a_large_body(limited_app: Any) -> None:
+    from flask import request
+
+    from web.limits import SMALL_BODY_BYTES
+
+    cases = {("POST", "/api/jobs"): limited_app.config["MAX_CONTENT_LENGTH"],
+             ("POST", f"/api/jobs/{uuid.uuid4()}/cancel"): SMALL_BODY_BYTES,
+             ("GET", "/api/webhook-secret"): SMALL_BODY_BYTES}  # fmt: skip
+    for (method, path), limit in cases.items():
+        with limited_app.test_request_context(path, method=method):
+            assert request.url_rule is not None, path
+            assert request.max_content_length == limit, path
