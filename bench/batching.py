@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from engine import IMAGES_HELP, sample_pair  # bench/engine.py (run as a script)
 from report import machine, update_section  # bench/report.py (run as a script)
 from service import Service, png  # bench/service.py
 
@@ -56,7 +56,7 @@ def run_jobs(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "images")
+    parser.add_argument("--images", type=Path, help=IMAGES_HELP)
     parser.add_argument("--sizes", default="128,256,512")
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--batch-jobs", type=int, default=4)
@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sizes = [int(size) for size in args.sizes.split(",")]
-    content = Image.open(args.images / "content" / "tubingen.jpg").convert("RGB")
+    content = sample_pair(args.images)[0]
     content.thumbnail((1024, 1024))
     photo = png(content)
     scratch = Path(tempfile.mkdtemp(prefix="stylequeue-bench-"))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from engine import sample_pair  # bench/engine.py (run as a script)
+from engine import IMAGES_HELP, sample_pair  # bench/engine.py (run as a script)
 
 from worker.engine import defaults
 from worker.engine.imaging import to_tensor
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "images")
+    parser.add_argument("--images", type=Path, help=IMAGES_HELP)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--device", default="cpu")

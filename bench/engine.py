@@ -85,15 +85,22 @@ class ReferenceObjective:
         return CONTENT_WEIGHT * content + STYLE_WEIGHT * style
 
 
-def sample_pair(images: Path) -> tuple[Image.Image, Image.Image]:
-    """tubingen.jpg and starry_night.jpg from ``images`` (``../shared/images``); where that
-    folder is missing (a GPU machine, which gets the repository alone), two of the
-    repository's presets: a step's cost depends on the size, not on what the images show."""
-    photo = images / "content" / "tubingen.jpg"
-    if photo.is_file():
-        paths = [photo, images / "style" / "starry_night.jpg"]
+IMAGES_HELP = (
+    "a folder with content/tubingen.jpg and style/starry_night.jpg (default: the "
+    "repository's examples/chelsea.jpg and its Starry Night preset)"
+)
+
+
+def sample_pair(images: Path | None) -> tuple[Image.Image, Image.Image]:
+    """A photo and a painting: from ``images`` (``--images``) if given, else the
+    repository's own. A step's cost depends on the size, not on what the images show."""
+    if images is None:
+        paths = [
+            ROOT / "examples" / "chelsea.jpg",
+            ROOT / "shared" / "presets" / "starry-night.jpg",
+        ]
     else:
-        paths = sorted((ROOT / "shared" / "presets").glob("*.jpg"))[:2]
+        paths = [images / "content" / "tubingen.jpg", images / "style" / "starry_night.jpg"]
     content, style = (Image.open(path).convert("RGB") for path in paths)
     return content, style
 
@@ -303,7 +310,7 @@ def allocator_seconds(setting: str, size: int, steps: int, backbone: str, images
 
     done = subprocess.run(
         [sys.executable, __file__, "--allocator-probe", setting, str(size), "--probe-steps",
-         str(steps), "--backbone", backbone, "--images", str(images)],
+         str(steps), "--backbone", backbone, *(["--images", str(images)] if images else [])],
         capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
     return float(done.stdout.strip().splitlines()[-1])
@@ -316,7 +323,7 @@ def peak_memory_mib(side: str, size: int, steps: int, backbone: str, images: Pat
 
     done = subprocess.run(
         [sys.executable, __file__, "--memory-probe", side, str(size), "--probe-steps",
-         str(steps), "--backbone", backbone, "--images", str(images)],
+         str(steps), "--backbone", backbone, *(["--images", str(images)] if images else [])],
         capture_output=True, text=True, check=True, cwd=ROOT,
         # Large blocks straight from mmap, so that freed tensors leave the resident set and
         # the sampled peak is what the run held, not what malloc kept from earlier.
@@ -408,7 +415,7 @@ def goal_lines(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "images")
+    parser.add_argument("--images", type=Path, help=IMAGES_HELP)
     parser.add_argument("--backbone", default="vgg19-random")
     parser.add_argument("--evaluations", type=int, default=300)
     parser.add_argument("--step-samples", type=int, default=8)

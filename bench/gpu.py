@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from engine import (  # bench/engine.py (run as a script)
+    IMAGES_HELP,
     ReferenceObjective,
     as_output,
     engine_time_to,
@@ -410,7 +411,7 @@ def ints(text: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "images")
+    parser.add_argument("--images", type=Path, help=IMAGES_HELP)
     parser.add_argument("--sizes", default="128,256,512,1024")
     parser.add_argument("--modes", default="fp32,tf32,bf16,bf16+benchmark,bf16-eager")
     parser.add_argument("--whole-sizes", default="128,512", help="sizes of whole runs")

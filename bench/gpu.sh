@@ -10,18 +10,18 @@
 #   bash bench/gpu.sh [results.json]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# The sample photos if they are beside the checkout, else the repository's presets.
-images="${STYLEQUEUE_SAMPLE_IMAGES:-../shared/images}"
+# The repository's own photo and painting, or a folder given in STYLEQUEUE_SAMPLE_IMAGES.
+images=(${STYLEQUEUE_SAMPLE_IMAGES:+--images "$STYLEQUEUE_SAMPLE_IMAGES"})
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 echo "## CUDA tests"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_losses.py -k cuda 2>&1 | tail -25
-timeout 300 python3 bench/gpu.py --device cuda --images "$images" ${1:+--json "$1"}
+timeout 300 python3 bench/gpu.py --device cuda "${images[@]}" ${1:+--json "$1"}
 echo
 echo "## torch.compile"
 for run in "128 reduce-overhead" "512 default"; do
     set -- $run
     mode=$([ "$2" = default ] || echo "--mode $2")
-    timeout 60 python3 bench/compile.py --device cuda --images "$images" --size "$1" \
+    timeout 60 python3 bench/compile.py --device cuda "${images[@]}" --size "$1" \
         --samples 20 $mode 2>&1 | grep -v "^W[0-9]" | tail -3
 done

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from engine import IMAGES_HELP, sample_pair  # bench/engine.py (run as a script)
 from PIL import Image
 from report import (  # bench/report.py (run as a script)
     bench_settings,
@@ -106,7 +107,7 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def overhead(service: Service, images: Path, repeats: int) -> dict[str, float]:
+def overhead(service: Service, images: Path | None, repeats: int) -> dict[str, float]:
     """The same job run bare, through the queue, and bare again, ``repeats`` times.
 
     Besides the two totals: the time outside the engine (from the row's ``created_at`` and
@@ -117,7 +118,7 @@ def overhead(service: Service, images: Path, repeats: int) -> dict[str, float]:
     from shared.presets import presets
     from worker.engine import Iterate, stylize
 
-    content = Image.open(images / "content" / "tubingen.jpg").convert("RGB")
+    content = sample_pair(images)[0]
     content.thumbnail((256, 256))
     style = Image.open(presets()["starry-night"].path).convert("RGB")
     options = {"size": 128, "iterations": 100, "scales": 1, "seed": 1, "backbone": "vgg19-random"}
@@ -241,7 +242,7 @@ def histogram(delays: list[float], pings: list[float], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "images")
+    parser.add_argument("--images", type=Path, help=IMAGES_HELP)
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--latency-jobs", type=int, default=200)

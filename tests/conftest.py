@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,24 +12,25 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def find_sample_images() -> Path:
-    """``../shared/images`` beside the checkout (or STYLEQUEUE_SAMPLE_IMAGES)."""
-    candidates = [
-        os.environ.get("STYLEQUEUE_SAMPLE_IMAGES"),
-        REPO.parent / "shared" / "images",
-        "/work/shared/images",
-    ]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "content" / "tubingen.jpg").is_file():
-            return Path(candidate)
-    raise RuntimeError(
-        "sample images not found; set STYLEQUEUE_SAMPLE_IMAGES to the shared/images folder"
-    )
+#: The sample folder's layout, from images shipped in the repository (examples/SOURCES.md,
+#: shared/presets/ATTRIBUTION.md): two photos and the preset paintings.
+SAMPLES = {
+    "content/photo.jpg": "examples/chelsea.jpg",
+    "content/second.jpg": "examples/coffee.jpg",
+    "style/starry_night.jpg": "shared/presets/starry-night.jpg",
+    "style/shipwreck.jpg": "shared/presets/shipwreck.jpg",
+    "style/picasso.jpg": "shared/presets/picasso-self-portrait.jpg",
+}
 
 
 @pytest.fixture(scope="session")
-def sample_images() -> Path:
-    return find_sample_images()
+def sample_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of ``content/`` photos and ``style/`` paintings, all from the repository."""
+    folder = tmp_path_factory.mktemp("samples")
+    for name, source in SAMPLES.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).symlink_to(REPO / source)
+    return folder
 
 
 def small(path: Path, long_side: int = 96) -> Image.Image:
@@ -41,7 +41,7 @@ def small(path: Path, long_side: int = 96) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def content_image(sample_images: Path) -> Image.Image:
-    return small(sample_images / "content" / "tubingen.jpg")
+    return small(sample_images / "content" / "photo.jpg")
 
 
 @pytest.fixture(scope="session")

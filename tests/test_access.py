@@ -75,7 +75,7 @@ def submit(client: FlaskClient, photo: Path, headers: dict[str, str]) -> Any:
 def test_tokens_see_only_their_own_jobs_and_admins_see_all(
     settings: Settings, sample_images: Path
 ) -> None:
-    photo = sample_images / "content" / "tubingen.jpg"
+    photo = sample_images / "content" / "photo.jpg"
     alice, bob = make_token(settings, "alice"), make_token(settings, "bob")
     admin = make_token(settings, "ops", "--admin")
     duplicate = token_command(settings, "create", "alice")
@@ -144,7 +144,7 @@ def csrf_token(client: FlaskClient) -> str:
 def test_the_form_session_is_a_token_and_needs_its_csrf_token(
     settings: Settings, sample_images: Path
 ) -> None:
-    photo = sample_images / "content" / "tubingen.jpg"
+    photo = sample_images / "content" / "photo.jpg"
     alice = make_token(settings, "alice")
     with service_app(settings) as app:
         browser = app.test_client()
@@ -234,7 +234,7 @@ def test_webhooks_are_signed_retried_with_backoff_and_allow_listed(
     receiver.answers = {"/flaky": [500, 200], "/broken": [302]}
     worker = WorkerProcess(settings, "hooks", tmp_path / "worker.log")
     worker.start()
-    photo = sample_images / "content" / "tubingen.jpg"
+    photo = sample_images / "content" / "photo.jpg"
     try:
         with service_app(settings) as app:
             client = app.test_client()

@@ -35,7 +35,7 @@ def test_queued_jobs_of_one_shape_run_in_batches_each_its_own_job(
     service: tuple[Settings, FlaskClient], sample_images: Path, tmp_path: Path
 ) -> None:
     settings, client = service
-    photo = png_bytes(sample_images / "content" / "tubingen.jpg")
+    photo = png_bytes(sample_images / "content" / "photo.jpg")
     paintings = [png_bytes(path) for path in sorted((sample_images / "style").iterdir())[:2]]
 
     def job(painting: bytes, **fields: Any) -> str:

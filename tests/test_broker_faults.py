@@ -48,7 +48,7 @@ def app(settings: Settings) -> Iterator[Flask]:
 
 
 def submit(client: FlaskClient, sample_images: Path, iterations: int) -> dict:
-    photo = sample_images / "content" / "tubingen.jpg"
+    photo = sample_images / "content" / "photo.jpg"
     return submit_preset(client, photo, iterations, preset="shipwreck")  # type: ignore[no-any-return]
 
 

@@ -48,7 +48,7 @@ def test_submit_watch_the_plot_grow_and_see_the_result(
     from playwright.sync_api import sync_playwright
 
     photo, painting = tmp_path / "photo.png", tmp_path / "painting.png"
-    for source, target in ((sample_images / "content" / "tubingen.jpg", photo),
+    for source, target in ((sample_images / "content" / "photo.jpg", photo),
                            (sample_images / "style" / "starry_night.jpg", painting)):  # fmt: skip
         image = Image.open(source).convert("RGB")
         image.thumbnail((160, 160))
@@ -140,7 +140,7 @@ def test_the_bad_input_table_through_the_form(
     from playwright.sync_api import sync_playwright
 
     url, base = service
-    photo_image = Image.open(sample_images / "content" / "tubingen.jpg").convert("RGB")
+    photo_image = Image.open(sample_images / "content" / "photo.jpg").convert("RGB")
     photo_image.thumbnail((128, 128))
     photo, painting = encoded(photo_image, "PNG"), encoded(NOISE, "PNG")
     with sync_playwright() as playwright:

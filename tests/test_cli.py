@@ -29,7 +29,7 @@ def stylequeue(
 
 @pytest.fixture
 def photo(sample_images: Path) -> Path:
-    return sample_images / "content" / "tubingen.jpg"
+    return sample_images / "content" / "photo.jpg"
 
 
 @pytest.fixture

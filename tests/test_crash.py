@@ -46,7 +46,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 
 
 def submit(client: FlaskClient, sample_images: Path, iterations: int) -> dict:
-    return submit_preset(client, sample_images / "content" / "tubingen.jpg", iterations)  # type: ignore[no-any-return]
+    return submit_preset(client, sample_images / "content" / "photo.jpg", iterations)  # type: ignore[no-any-return]
 
 
 def job(client: FlaskClient, job_id: str) -> dict:

@@ -63,7 +63,7 @@ def test_database_outage_mid_job(
     worker = WorkerProcess(settings, "db-faults", tmp_path / "worker.log")
     worker.start()
     try:
-        photo = (sample_images / "content" / "tubingen.jpg").read_bytes()
+        photo = (sample_images / "content" / "photo.jpg").read_bytes()
         data = {"content": (io.BytesIO(photo), "photo.jpg"), "style_preset": "starry-night",
                 "backbone": "vgg19-random", "size": "64", "iterations": "300"}  # fmt: skip
         job = client.post("/api/jobs", data=data, content_type="multipart/form-data").get_json()

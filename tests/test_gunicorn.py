@@ -233,7 +233,7 @@ def test_open_event_streams_leave_threads_for_polls(tmp_path: Path, sample_image
             tmp_path, redis_server.url, event_streams=2, event_streams_per_client=8
         )
         with service_app(settings) as app:  # no worker runs: the job stays queued
-            photo = sample_images / "content" / "tubingen.jpg"
+            photo = sample_images / "content" / "photo.jpg"
             job = submit_preset(app.test_client(), photo, 5)
         port = free_port()
         base = f"http://127.0.0.1:{port}"

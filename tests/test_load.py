@@ -18,9 +18,9 @@ SUBMITTERS, SUBMITS_EACH = 4, 3
 def test_concurrent_pollers_and_submitters_get_no_errors(
     tmp_path: Path, sample_images: Path
 ) -> None:
-    photo = (sample_images / "content" / "tubingen.jpg").read_bytes()
+    photo = (sample_images / "content" / "photo.jpg").read_bytes()
     with live_service(tmp_path) as url:
-        with (sample_images / "content" / "tubingen.jpg").open("rb") as first_photo:
+        with (sample_images / "content" / "photo.jpg").open("rb") as first_photo:
             seed_job = requests.post(
                 url + "/api/jobs",
                 files={"content": ("photo.jpg", first_photo)},

@@ -69,10 +69,10 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
         assert "started an embedded Redis" in output
         assert "vgg19 weights (vgg19-dcbb9e9d.pth) are missing" in output
 
-        with (sample_images / "content" / "tubingen.jpg").open("rb") as photo:
+        with (sample_images / "content" / "photo.jpg").open("rb") as photo:
             response = requests.post(
                 url + "/api/jobs",
-                files={"content": ("tubingen.jpg", photo)},
+                files={"content": ("photo.jpg", photo)},
                 data={
                     "style_preset": "starry-night",
                     "backbone": "vgg19-random",
@@ -113,7 +113,7 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
 
         # `stylequeue submit --wait` against the same server: event-fed progress, result saved.
         out = tmp_path / "submitted.png"
-        photo = sample_images / "content" / "hoovertowernight.jpg"
+        photo = sample_images / "content" / "second.jpg"
         submitted = submit_and_wait(url, photo, out, iterations=8)
         assert submitted.stdout.splitlines()[0].startswith("job ")
         refused = subprocess.run(

@@ -127,7 +127,7 @@ def test_two_hosts_share_the_work_and_one_dies_mid_job(
         return WorkerProcess(local, name, tmp_path / f"{name}.log")
 
     hosts = {"host-a": host("host-a"), "host-b": host("host-b")}
-    photo = sample_images / "content" / "tubingen.jpg"
+    photo = sample_images / "content" / "photo.jpg"
     try:
         for worker in hosts.values():
             worker.start()

@@ -98,7 +98,7 @@ def png_bytes(path: Path, long_side: int = 128) -> bytes:
 
 @pytest.fixture(scope="module")
 def photo(sample_images: Path) -> bytes:
-    return png_bytes(sample_images / "content" / "tubingen.jpg")
+    return png_bytes(sample_images / "content" / "photo.jpg")
 
 
 @pytest.fixture(scope="module")

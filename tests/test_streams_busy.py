@@ -35,7 +35,7 @@ def submit(server: str, photo: Path, *, size: int, iterations: int) -> dict[str,
 
 
 def test_the_stream_is_refused_with_where_to_poll(server: str, sample_images: Path) -> None:
-    job = submit(server, sample_images / "content" / "tubingen.jpg", size=32, iterations=2)
+    job = submit(server, sample_images / "content" / "photo.jpg", size=32, iterations=2)
     refused = requests.get(server + job["links"]["events"], timeout=10)
     assert refused.status_code == 503
     assert refused.headers["Retry-After"] == "10"
@@ -49,7 +49,7 @@ def test_the_stream_is_refused_with_where_to_poll(server: str, sample_images: Pa
 def test_submit_wait_follows_the_job_by_polling(
     server: str, sample_images: Path, tmp_path: Path
 ) -> None:
-    photo = sample_images / "content" / "hoovertowernight.jpg"
+    photo = sample_images / "content" / "second.jpg"
     submitted = submit_and_wait(server, photo, tmp_path / "result.png", iterations=30)
     # The progress bar reached the end from the polled loss points.
     assert "30/30" in submitted.stderr, submitted.stderr
@@ -59,7 +59,7 @@ def test_submit_wait_follows_the_job_by_polling(
 def test_the_job_page_follows_the_job_by_polling(server: str, sample_images: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    job = submit(server, sample_images / "content" / "tubingen.jpg", size=64, iterations=150)
+    job = submit(server, sample_images / "content" / "photo.jpg", size=64, iterations=150)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
