@@ -29,15 +29,22 @@ def parse_networks(raw: str) -> list[IPNetwork]:
     ]
 
 
-def address_in(address: str | None, networks: list[IPNetwork]) -> bool:
-    """Whether ``address`` (IPv4, IPv6, or IPv4-mapped IPv6) lies in one of ``networks``."""
+def parse_address(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``address`` as an IP (an IPv4-mapped IPv6 one as IPv4, a zone dropped); None if it
+    is not one."""
     try:
         ip = ipaddress.ip_address((address or "").split("%")[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
+        return ip.ipv4_mapped
+    return ip
+
+
+def address_in(address: str | None, networks: list[IPNetwork]) -> bool:
+    """Whether ``address`` lies in one of ``networks``."""
+    ip = parse_address(address)
+    return ip is not None and any(ip in network for network in networks)
 
 
 def parse_bool(raw: str) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import socket
 import time
@@ -26,7 +25,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
-from shared.config import IPNetwork, Settings, address_in, parse_networks
+from shared.config import IPNetwork, Settings, address_in, parse_address, parse_networks
 from shared.errors import OptionError
 
 SIGNATURE_HEADER = "X-Stylequeue-Signature"
@@ -112,10 +111,8 @@ def owner_secret(secret: str, owner: str | None) -> str:
 
 
 def _address_allowed(address: str, networks: list[IPNetwork]) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global or address_in(address, networks)
+    ip = parse_address(address)
+    return ip is not None and (ip.is_global or address_in(address, networks))
 
 
 def resolve_checked(host: str, port: int, settings: Settings) -> str:

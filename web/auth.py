@@ -30,6 +30,7 @@ import redis
 from flask import Flask, g, request, session
 from sqlalchemy import Row, Select
 
+from shared.config import parse_address
 from shared.errors import StylequeueError
 from shared.models import Job
 from shared.tokens import find_token
@@ -109,13 +110,10 @@ def client_address() -> str:
     """The client's rate-limit address: IPv4 as is, IPv6 by its /64 (one host, or one
     customer of a provider, holds a whole /64 and could rotate through it)."""
     address = request.remote_addr or "unknown"
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
+    ip = parse_address(address)
+    if ip is None:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
 
