@@ -123,12 +123,26 @@ def client_address() -> str:
 FAILED_AUTH_PER_MINUTE = 10
 
 
+#: Addresses this process has seen send a wrong token, and the minute it did: only those
+#: are looked up before a token is checked, so that a valid token's request (every
+#: status poll with a token) costs no Redis round trip. Other processes learn of a
+#: guesser at its first wrong token that reaches them.
+_failed_recently: dict[str, int] = {}
+
+
 def _check_failed_auth(address: str, failed: bool) -> None:
     """Refuse an address over FAILED_AUTH_PER_MINUTE; count a failure (in Redis, shared by
     the web processes; open when Redis is away)."""
-    key = f"stylequeue:authfail:{address}:{int(time.time() // 60)}"
+    minute = int(time.time() // 60)
+    if not failed and _failed_recently.get(address) != minute:
+        return
+    key = f"stylequeue:authfail:{address}:{minute}"
     try:
         if failed:
+            if len(_failed_recently) > 10_000:  # bounded: old minutes are dropped
+                for stale in [a for a, m in list(_failed_recently.items()) if m != minute]:
+                    del _failed_recently[stale]
+            _failed_recently[address] = minute
             pipe = services.redis.pipeline(transaction=False)
             pipe.incr(key)
             pipe.expire(key, 120)
