@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: The sample folder's layout, from images shipped in the repository (examples/SOURCES.md,
 #: shared/presets/ATTRIBUTION.md): two photos and the preset paintings.
 SAMPLES = {
-    "content/photo.jpg": "examples/chelsea.jpg",
-    "content/second.jpg": "examples/coffee.jpg",
+    "content/photo.jpg": "examples/coffee.jpg",
+    "content/second.jpg": "examples/chelsea.jpg",
     "style/starry_night.jpg": "shared/presets/starry-night.jpg",
     "style/shipwreck.jpg": "shared/presets/shipwreck.jpg",
     "style/picasso.jpg": "shared/presets/picasso-self-portrait.jpg",
@@ -30,6 +30,13 @@ def sample_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, source in SAMPLES.items():
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).symlink_to(REPO / source)
+    # The main photo cropped to 4:3 (532×399 of 600×400), the shape the tests' sizes assume
+    # (64 px long gives 64×48).
+    photo = folder / "content" / "photo.jpg"
+    with Image.open(photo) as image:
+        cropped = image.crop((34, 0, 566, 399))
+    photo.unlink()
+    cropped.save(photo, quality=95)
     return folder
 
 
