@@ -181,23 +181,29 @@ def test_runs_batched_together_follow_their_own_paths(
     ]
     together = stylize_together(runs)
 
-    # Batched convolutions may sum in another order. In fp32 the first evaluation agrees to
-    # rounding, and each L-BFGS step amplifies the difference a little (up to 2e-4 by the
-    # 7th iteration on an AMD EPYC; a run mixed up with another would be off by far more).
-    # bf16 agrees to its own rounding.
-    first, later = (1e-6, 1e-3) if precision == "fp32" else (2e-2, 2e-2)
-    for (result, seen), batched, (batched_seen, _) in zip(alone, together, batch_seen, strict=True):
+    # Batched convolutions may sum in another order, so the gradients differ in their last
+    # bits. Until L-BFGS holds a curvature pair (iterations 1 and 2) the losses agree to
+    # rounding; after it, y = g₂ - g₁ over a short first step cancels most digits and the
+    # paths drift apart by up to a few percent by the 8th iteration (1.3 % on an AMD EPYC).
+    # A run mixed up with another would be on another run's path altogether, so each
+    # batched result must also be far nearer its own solo run than any other solo run.
+    first, later = (1e-6, 5e-2) if precision == "fp32" else (2e-2, 5e-2)
+    images = [np.asarray(result.image, dtype=float) for result, _ in alone]
+    for index, ((result, seen), batched, (batched_seen, _)) in enumerate(
+        zip(alone, together, batch_seen, strict=True)
+    ):
         assert [it.iteration for it in batched_seen] == [it.iteration for it in seen]
         assert [it.preview is None for it in batched_seen] == [it.preview is None for it in seen]
         for it, batched_it in zip(seen, batched_seen, strict=True):
-            tolerance = first if it.iteration == 1 else later
+            tolerance = first if it.iteration <= 2 else later
             assert batched_it.loss == pytest.approx(it.loss, rel=tolerance)
         assert (batched.iterations, batched.stopped) == (result.iterations, result.stopped)
         assert batched.seed == result.seed and batched.image.size == result.image.size
-        difference = np.abs(
-            np.asarray(batched.image, dtype=float) - np.asarray(result.image, dtype=float)
-        )
-        assert difference.mean() < (0.5 if precision == "fp32" else 3.0)  # in 8-bit levels
+        batched_image = np.asarray(batched.image, dtype=float)
+        own = np.abs(batched_image - images[index]).mean()  # in 8-bit levels
+        others = [np.abs(batched_image - image).mean() for image in images]
+        del others[index]
+        assert own < 5.0 and own < min(others) / 4, (own, others)
     assert together[2].stopped and together[2].iterations == 4
     assert not together[0].stopped and together[0].iterations == 8
 
