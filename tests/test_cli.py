@@ -73,12 +73,13 @@ def test_flags_mirror_the_engine_signature() -> None:
     assert done.returncode == 0
     for flag in (
         "--size", "--iterations", "--backbone", "--scales", "--precision", "--style-weight",
-        "--content-weight", "--tv-weight", "--optimizer", "--init", "--seed",
+        "--style-strength", "--content-weight", "--tv-weight", "--optimizer", "--init", "--seed",
         "--original-colors", "--style-weights", "--style-layers", "--content-layers",
         "--style-layer-weights", "--style-scale", "--pooling", "--lr", "--device",
     ):  # fmt: skip
         assert flag in done.stdout
     assert "(default: 300)" in done.stdout  # read from stylize's signature
+    assert "(default: 0.5)" in done.stdout  # --style-strength's
 
 
 def _assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -139,7 +140,7 @@ def test_weights_lists_backbones_and_where_files_are_expected(tmp_path: Path) ->
     done = stylequeue("weights", env=env)
     assert done.returncode == 0
     rows = {line.split()[0]: line for line in done.stdout.splitlines()}
-    assert set(rows) == {"vgg19", "vgg16", "vgg19-random"}
+    assert set(rows) == {"vgg19", "vgg16", "vgg19-caffe", "vgg19-random"}
     assert "missing" in rows["vgg19"] and str(tmp_path / "vgg19-dcbb9e9d.pth") in rows["vgg19"]
     assert "available" in rows["vgg19-random"]
 

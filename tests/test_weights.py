@@ -15,14 +15,16 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from torch.nn import functional as F
 
 from shared.errors import WeightsError
 from worker.engine import stylize
-from worker.engine.backbones import load_backbone
+from worker.engine.backbones import build_layers, load_backbone, seed_filters
 from worker.engine.registry import BACKBONES
 from worker.engine.weights import WeightsLocations, sha256_of
 
 VGG19 = BACKBONES["vgg19"]
+VGG19_CAFFE = BACKBONES["vgg19-caffe"]
 CPU = torch.device("cpu")
 
 
@@ -133,6 +135,70 @@ def test_a_state_dict_of_the_wrong_network_is_refused(tmp_path: Path) -> None:
     locations = WeightsLocations(paths={"vgg19": path}, sha256={"vgg19": sha256_of(path)})
     with pytest.raises(WeightsError, match="lack"):
         load_backbone("vgg19", device=CPU, locations=locations)
+
+
+@pytest.fixture(scope="module")
+def caffe_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Seeded VGG19 filters (and biases) saved as neural-style's converted file is keyed."""
+    layers = build_layers(VGG19_CAFFE, "max")
+    seed_filters(layers, 5)
+    generator = torch.Generator().manual_seed(6)
+    state = {}
+    for index, module in enumerate(layers):
+        if isinstance(module, torch.nn.Conv2d):
+            with torch.no_grad():
+                module.bias.normal_(0.0, 1.0, generator=generator)
+            state[f"features.{index}.weight"] = module.weight.detach().clone()
+            state[f"features.{index}.bias"] = module.bias.detach().clone()
+    path = tmp_path_factory.mktemp("caffe") / "converted.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_caffe_vgg19_sees_bgr_0_255_minus_the_mean_pixel(
+    caffe_file: tuple[Path, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert VGG19_CAFFE.preprocessing == "caffe" and VGG19.preprocessing == "torchvision"
+    assert VGG19_CAFFE.weights_file == "vgg19-d01eb7cb.pth"
+    assert VGG19_CAFFE.weights_url == (
+        "https://web.eecs.umich.edu/~justincj/models/vgg19-d01eb7cb.pth"
+    )
+    path, state = caffe_file
+    monkeypatch.setenv("STYLEQUEUE_WEIGHTS_VGG19_CAFFE", str(path))
+    monkeypatch.setenv("STYLEQUEUE_WEIGHTS_VGG19_CAFFE_SHA256", sha256_of(path))
+    backbone = load_backbone("vgg19-caffe", device=CPU, locations=WeightsLocations.from_env())
+
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 20, 24)  # RGB in [0, 1]
+    mean_pixel = torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)  # B, G, R
+    x = 255 * image[:, [2, 1, 0]] - mean_pixel
+    x = F.pad(x, [1, 1, 1, 1], mode="replicate")  # conv1_1 replicates the edges
+    relu1_1 = F.relu(F.conv2d(x, state["features.0.weight"], state["features.0.bias"]))
+    relu1_2 = F.relu(
+        F.conv2d(relu1_1, state["features.2.weight"], state["features.2.bias"], padding=1)
+    )
+    for extractor in (backbone, backbone.truncated("relu1_2")):
+        with torch.no_grad():
+            features = extractor(image, ["relu1_1", "relu1_2"])
+        torch.testing.assert_close(features["relu1_1"], relu1_1, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(features["relu1_2"], relu1_2, rtol=1e-5, atol=1e-3)
+
+
+def test_caffe_vgg19_is_checked_against_its_published_prefix(
+    caffe_file: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    # A copy: the extractor loaded from the original is cached, checked once.
+    path = tmp_path / VGG19_CAFFE.weights_file
+    shutil.copyfile(caffe_file[0], path)
+    with pytest.raises(
+        WeightsError, match=r"expects d01eb7cb.*STYLEQUEUE_WEIGHTS_VGG19_CAFFE_SHA256"
+    ):
+        load_backbone(
+            "vgg19-caffe", device=CPU, locations=WeightsLocations(paths={"vgg19-caffe": path})
+        )
+    missing = WeightsLocations(weights_dir=path.parent / "empty")
+    with pytest.raises(WeightsError, match="stylequeue weights fetch vgg19-caffe"):
+        load_backbone("vgg19-caffe", device=CPU, locations=missing)
 
 
 def test_downloads_only_when_allowed() -> None:

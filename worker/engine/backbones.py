@@ -19,24 +19,39 @@ from worker.engine.weights import WeightsLocations, load_feature_state_dict
 
 Pooling = Literal["max", "avg"]
 
-# torchvision's ImageNet statistics: the backbones expect inputs normalized with them.
+# torchvision's ImageNet statistics: its backbones expect inputs normalized with them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Caffe's VGG nets take BGR in 0-255 minus the mean pixel (B, G, R), and no std.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def input_normalization(
+    spec: BackboneSpec,
+) -> tuple[bool, tuple[float, ...], tuple[float, ...]]:
+    """How ``spec`` turns RGB in [0, 1] into its input: (flip to BGR, mean, std), applied
+    as ``(flip(x) - mean) / std``. For Caffe, ``(x - m / 255) / (1 / 255) = 255 x - m``."""
+    if spec.preprocessing == "caffe":
+        return True, tuple(m / 255 for m in CAFFE_MEAN_BGR), (1 / 255,) * 3
+    return False, IMAGENET_MEAN, IMAGENET_STD
 
 
 class FeatureExtractor(nn.Module):
     """A VGG ``features`` stack whose forward returns the activations of named layers.
 
-    Takes RGB images in [0, 1] and normalizes them itself. Frozen and in eval mode: only the
-    input image receives gradients.
+    Takes RGB images in [0, 1] and converts them itself to the input the weights were
+    trained on (``spec.preprocessing``): normalized with ImageNet's mean and std for
+    torchvision's, BGR in 0-255 minus the mean pixel for Caffe's. Frozen and in eval mode:
+    only the input image receives gradients.
     """
 
     def __init__(self, spec: BackboneSpec, layers: nn.Sequential) -> None:
         super().__init__()
         self.spec = spec
         self.layers = layers
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.bgr, mean, std = input_normalization(spec)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.requires_grad_(False)
         self.eval()
         children = list(layers.named_children())
@@ -70,6 +85,8 @@ class FeatureExtractor(nn.Module):
     def forward(self, image: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
         wanted = set(layers)
         features: dict[str, torch.Tensor] = {}
+        if self.bgr:
+            image = image.flip(1)  # RGB to BGR; keeps channels_last
         x = (image - self.mean) / self.std
         packed = self._runs_packed(x)
         fused_relu = None  # the ReLU the previous convolution already applied
@@ -77,7 +94,7 @@ class FeatureExtractor(nn.Module):
             if name == fused_relu:
                 pass
             elif packed and name in self.packable and name not in wanted:
-                x = self._packed(name, module)(x.to(torch.bfloat16))
+                x = self._packed(name, module)(x)  # casts to bf16 (after any padding)
                 fused_relu = self.packable[name]
             else:
                 x = module(x)
@@ -107,7 +124,13 @@ class FeatureExtractor(nn.Module):
 
 
 def build_layers(spec: BackboneSpec, pooling: Pooling) -> nn.Sequential:
-    """The untrained layers of ``spec``, named like ``conv1_1``, ``relu1_1``, ``pool1``."""
+    """The untrained layers of ``spec``, named like ``conv1_1``, ``relu1_1``, ``pool1``.
+
+    The first convolution pads by replicating the image's edge pixels (as crowsonkb's
+    style-transfer-pytorch does), not with zeros: a zero border is a frame the features see
+    at every edge, and the style loss paints it into the image. The deeper convolutions keep
+    the zero padding they were trained with.
+    """
     modules: list[nn.Module] = []
     channels = 3
     for item in spec.config:
@@ -116,8 +139,10 @@ def build_layers(spec: BackboneSpec, pooling: Pooling) -> nn.Sequential:
             modules.append(pool(kernel_size=2, stride=2))
         else:
             assert isinstance(item, int)
+            padding_mode = "replicate" if not modules else "zeros"
+            conv = nn.Conv2d(channels, item, kernel_size=3, padding=1, padding_mode=padding_mode)
             # Not in place: a captured relu output must survive the next layer.
-            modules += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU()]
+            modules += [conv, nn.ReLU()]
             channels = item
     return nn.Sequential(OrderedDict(zip(spec.layer_names, modules, strict=True)))
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
+
+#: How a backbone wants its input. "torchvision": RGB in [0, 1] normalized with ImageNet's
+#: mean and std. "caffe": BGR in 0–255 minus the mean pixel, as the Caffe-trained VGG nets.
+Preprocessing = Literal["torchvision", "caffe"]
 
 # torchvision's VGG configurations: output channels per 3×3 conv, "M" for a 2×2 pooling.
 VGG16_CONFIG: tuple[int | str, ...] = (
@@ -32,6 +37,8 @@ class BackboneSpec:
     sha256_prefix: str | None = None
     #: Seed of the filters for a backbone that needs no download.
     seed: int | None = None
+    #: The input the weights were trained on; the feature extractor converts RGB in [0, 1].
+    preprocessing: Preprocessing = "torchvision"
 
     @property
     def needs_weights(self) -> bool:
@@ -62,6 +69,18 @@ BACKBONES: dict[str, BackboneSpec] = {
             weights_file="vgg19-dcbb9e9d.pth",
             weights_url="https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
             sha256_prefix="dcbb9e9d",
+        ),
+        BackboneSpec(
+            name="vgg19-caffe",
+            config=VGG19_CONFIG,
+            description=(
+                "VGG19, the Caffe-converted ImageNet weights of neural-style (Johnson's, as "
+                "in neural-style-pt): more vivid colours"
+            ),
+            weights_file="vgg19-d01eb7cb.pth",
+            weights_url="https://web.eecs.umich.edu/~justincj/models/vgg19-d01eb7cb.pth",
+            sha256_prefix="d01eb7cb",
+            preprocessing="caffe",
         ),
         BackboneSpec(
             name="vgg16",

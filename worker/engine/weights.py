@@ -104,7 +104,9 @@ def verify_checksum(spec: BackboneSpec, path: Path, locations: WeightsLocations)
     if not ok:
         raise WeightsError(
             f"checksum mismatch for {path}: SHA-256 {digest[:16]}… but {spec.name} expects "
-            f"{shown}; the file is corrupt or not torchvision's {spec.weights_file}. Delete it "
+            f"{shown}; the file is corrupt or not the published {spec.weights_file} (a copy "
+            f"re-saved by another tool, such as neural-style-pt's download_models.py, has other "
+            f"bytes: set {_env_key(spec.name)}_SHA256 to its SHA-256 to accept it). Delete it "
             f"and run `stylequeue weights fetch {spec.name}`",
             field="backbone",
         )
