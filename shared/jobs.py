@@ -44,9 +44,10 @@ from worker.engine.stylize import (
 
 #: Engine options a job may set, by the name of ``stylize``'s parameter.
 JOB_OPTIONS = (
-    "style_scale", "size", "scales", "iterations", "content_weight", "style_weight",
-    "tv_weight", "content_layers", "style_layers", "style_layer_weights", "init", "optimizer",
-    "lr", "lbfgs_history", "backbone", "pooling", "original_colors", "seed", "precision",
+    "style_scale", "size", "scales", "iterations", "content_weight", "style_strength",
+    "style_weight", "tv_weight", "content_layers", "style_layers", "style_layer_weights",
+    "init", "optimizer", "lr", "lbfgs_history", "backbone", "pooling", "original_colors",
+    "seed", "precision",
 )  # fmt: skip
 FORM_FIELDS = {
     "content", "style", "style_preset", "style_weights", "reuse", "callback_url", *JOB_OPTIONS,
@@ -131,6 +132,8 @@ def _parse_value(name: str, raw: str) -> Any:
             return None if text in ("", "auto") and hint is not int else int(text)
         if hint is float:
             return float(text)
+        if hint == float | None:
+            return None if text in ("", "auto") else float(text)
         if name in ("content_layers", "style_layers"):
             return [part.strip() for part in text.split(",") if part.strip()]
         if float in args or name == "style_layer_weights":

@@ -95,7 +95,7 @@ def _add_engine_flags(
             kwargs["choices"] = list(args)
         elif hint in (int, int | None):
             kwargs["type"] = int
-        elif hint is float:
+        elif hint in (float, float | None):
             kwargs["type"] = float
         elif str in args or hint == Sequence[str]:
             kwargs["type"] = _str_list

@@ -67,8 +67,15 @@ def test_submit_watch_the_plot_grow_and_see_the_result(
             page.set_input_files("#style", str(painting))
             page.fill("input[name=size]", "64")
             page.fill("input[name=iterations]", "120")
+            # The strength slider: its value shown beside it, and sent with the job.
+            assert page.locator("#strength-value").inner_text() == "0.5"
+            page.fill("#style_strength", "0.75")
+            assert page.locator("#strength-value").inner_text() == "0.75"
             page.click("#submit")
             page.wait_for_url("**/jobs/*", timeout=30_000)
+            job_id = page.url.rstrip("/").rsplit("/", 1)[-1]
+            params = page.request.get(f"{server}/api/jobs/{job_id}").json()["params"]
+            assert params["style_strength"] == 0.75 and params["style_weight"] == 10**1.25
 
             def plotted() -> int:
                 return int(page.locator("#plot").get_attribute("data-points") or 0)

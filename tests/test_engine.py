@@ -14,7 +14,7 @@ from PIL import Image
 from shared.config import Settings
 from shared.errors import OptionError
 from worker.engine import Checkpoint, Iterate, Result, check_options, defaults, stylize
-from worker.engine.backbones import load_backbone
+from worker.engine.backbones import FeatureExtractor, load_backbone
 from worker.engine.imaging import rgb_to_yiq, to_tensor
 from worker.engine.optimize import load_extractor
 from worker.engine.packed import can_pack, packed_convolutions_available
@@ -571,7 +571,8 @@ def test_auto_precision_takes_bf16_on_a_gpu_only_where_it_is_native(
 def test_every_pyramid_scale_starts_falling(monkeypatch: pytest.MonkeyPatch) -> None:
     """L-BFGS's first steps at a scale (its history empty) must not throw the pixels about:
     with the engine's trust region the loss of each scale's first 10 iterations never
-    rises above its first; without it, the same run rose many times over."""
+    rises above its first; without it, the same run from noise rose by half (1.56× on an
+    AMD EPYC) at its second scale."""
     from worker.engine import optimize
 
     repo = Path(__file__).resolve().parent.parent
@@ -581,7 +582,7 @@ def test_every_pyramid_scale_starts_falling(monkeypatch: pytest.MonkeyPatch) -> 
     def rises() -> list[float]:
         seen: list[Iterate] = []
         stylize(
-            content=content, styles=[style], size=96, iterations=60, scales=2,
+            content=content, styles=[style], size=96, iterations=60, scales=2, init="noise",
             backbone="vgg19-random", seed=0, precision="fp32", progress=seen.append,
         )  # fmt: skip
         firsts = [[it.loss for it in seen if it.scale == s][:10] for s in range(2)]
@@ -590,7 +591,7 @@ def test_every_pyramid_scale_starts_falling(monkeypatch: pytest.MonkeyPatch) -> 
     assert optimize.LBFGS_MAX_STEP is not None
     assert max(rises()) <= 1.01
     monkeypatch.setattr(optimize, "LBFGS_MAX_STEP", None)
-    assert max(rises()) > 2  # the unbounded steps this guards against
+    assert max(rises()) > 1.2  # the unbounded steps this guards against
 
 
 def test_lbfgs_keeps_the_history_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -610,3 +611,106 @@ def test_lbfgs_keeps_the_history_it_is_given(monkeypatch: pytest.MonkeyPatch) ->
     stylize(content=image, styles=[image], size=32, iterations=3, backbone="vgg19-random",
             seed=0)  # fmt: skip
     assert sizes == [7, 100]
+
+
+def _random_extractor(
+    input_scale: float = 1.0, filter_scales: dict[str, float] | None = None
+) -> FeatureExtractor:
+    """The offline backbone built afresh (not the process's cached one), its input scaled by
+    ``input_scale`` (as Caffe's 0-255 weights want) and some layers' filters rescaled."""
+    from worker.engine.backbones import build_layers, seed_filters
+    from worker.engine.registry import BACKBONES
+
+    spec = BACKBONES["vgg19-random"]
+    layers = build_layers(spec, "max")
+    assert spec.seed is not None
+    seed_filters(layers, spec.seed)  # zero biases: every layer is positively homogeneous
+    with torch.no_grad():
+        for name, factor in (filter_scales or {}).items():
+            getattr(layers, name).weight.mul_(factor)
+    extractor = FeatureExtractor(spec, layers)
+    extractor.std = extractor.std / input_scale
+    return extractor
+
+
+def test_the_objective_is_the_same_whatever_the_backbones_feature_scale(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    # Inputs × 255 and conv3_1's filters × 7 scale every feature by up to 1785: the weighted
+    # terms, the total and its gradient (all the optimizer sees) must not move, so neither
+    # does the balance of the result.
+    from worker.engine.optimize import build_objective
+
+    options = check_options(**{**_option_defaults(), "styles": 1, "init": "content"})
+    device = torch.device("cpu")
+    content = to_tensor(content_image, long_side=64, device=device)
+    style = to_tensor(style_image, long_side=64, device=device)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand(content.shape, generator=generator)
+    image = (content + 0.1 * noise).clamp(0, 1)
+    results = []
+    for extractor in (_random_extractor(), _random_extractor(255.0, {"conv3_1": 7.0})):
+        objective = build_objective(extractor, options, content, [style], None, False)
+        x = image.clone().requires_grad_()
+        parts = objective.parts(x)
+        parts.sum().backward()
+        assert x.grad is not None
+        results.append((parts.detach(), x.grad))
+        raw = extractor(content, ["relu5_1"])["relu5_1"].abs().mean()
+        results[-1] += (raw,)
+    (parts, grad, raw), (scaled_parts, scaled_grad, scaled_raw) = results
+    assert scaled_raw > 1000 * raw  # the features did move
+    assert parts[0] > 0 and parts[1] > 0
+    torch.testing.assert_close(scaled_parts, parts, rtol=1e-4, atol=0)
+    # fp32 rounding through 16 layers (and ReLUs whose input rounds to either side of 0)
+    # moves the gradient by a few 1e-4 of its norm; the raw objective's would be off by a
+    # factor of 255² or more.
+    assert ((scaled_grad - grad).norm() / grad.norm()).item() < 1e-3
+
+
+def _option_defaults() -> dict[str, object]:
+    names = set(check_options.__code__.co_varnames[: check_options.__code__.co_kwonlyargcount])
+    return {
+        name: value
+        for name, value in defaults().items()
+        if name in names and name not in ("styles", "init")
+    }
+
+
+def test_style_strength_sets_the_style_weight_on_a_log_scale() -> None:
+    from worker.engine.stylize import strength_to_weight
+
+    base = {**_option_defaults(), "styles": 1, "init": "content"}
+    assert strength_to_weight(0.0) == pytest.approx(0.1)
+    assert strength_to_weight(1.0) == pytest.approx(100.0)
+    assert strength_to_weight(0.5) == pytest.approx(10**0.5)
+    checked = check_options(**{**base, "style_strength": 0.25})
+    assert checked["style_weight"] == pytest.approx(strength_to_weight(0.25))
+    assert checked["style_strength"] == 0.25
+    # An explicit weight wins, and the strength it overrides is not kept.
+    explicit = check_options(**{**base, "style_strength": 0.25, "style_weight": 42.0})
+    assert explicit["style_weight"] == 42.0 and explicit["style_strength"] is None
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(OptionError) as info:
+            check_options(**{**base, "style_strength": bad})
+        assert info.value.field == "style_strength"
+
+
+def test_more_strength_moves_the_picture_from_the_photo_to_the_painting(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    from bench.quality import scores
+
+    measured = []
+    for strength in (0.0, 0.5, 1.0):
+        result = stylize(
+            content=content_image, styles=[style_image], iterations=30, seed=0,
+            style_strength=strength, **{**FAST, "size": 96},
+        )  # fmt: skip
+        measured.append(scores(result.image, content_image, style_image))
+    scene = [m["scene"] for m in measured]
+    style = [m["style"] for m in measured]
+    assert scene[0] > scene[1] > scene[2], measured
+    # At 96 px the style statistics are near the painting's by 0.5 already (0.94 at both
+    # 0.5 and 1 on an AMD EPYC): they must rise, then not fall back.
+    assert style[0] < style[1] <= style[2] + 0.02, measured

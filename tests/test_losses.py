@@ -1,10 +1,15 @@
-"""The math: Gram matrices, loss terms, the sync-free L-BFGS."""
+"""The math: Gram matrices, loss terms, the sync-free L-BFGS, fp16 loss scaling."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
+from PIL import Image
 
+from worker.engine import optimize
 from worker.engine.lbfgs import LBFGS, _Gathered, two_loop
 from worker.engine.losses import (
     ContentLoss,
@@ -13,6 +18,16 @@ from worker.engine.losses import (
     blend_grams,
     gram_matrix,
 )
+from worker.engine.optimize import (
+    AUTOCAST_DTYPES,
+    FP16_LOSS_SCALE,
+    _evaluate,
+    _RunState,
+    load_extractor,
+    loss_scale,
+    scaled_backward,
+)
+from worker.engine.stylize import prepare
 
 
 def test_gram_matrix_shape_and_values_by_hand() -> None:
@@ -136,7 +151,8 @@ def test_content_loss_is_mse_with_its_gradient_in_the_features_layout(
     (gradient,) = torch.autograd.grad(loss, features)
 
     textbook = values.clone().requires_grad_()
-    expected_loss = torch.nn.functional.mse_loss(textbook, target)
+    # Relative to the target's mean square (losses.relative_scale).
+    expected_loss = torch.nn.functional.mse_loss(textbook, target) / target.square().mean()
     (expected,) = torch.autograd.grad(expected_loss, textbook)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected_loss)
@@ -145,6 +161,22 @@ def test_content_loss_is_mse_with_its_gradient_in_the_features_layout(
     # fp32: the same numbers; bf16: the fp32 gradient rounded once (2⁻⁸ relative).
     tolerance = 1e-6 if dtype == torch.float32 else 2**-8
     torch.testing.assert_close(gradient.float(), expected, rtol=tolerance, atol=0)
+
+
+def test_each_term_is_relative_to_its_target_whatever_the_feature_scale() -> None:
+    # Features k times larger (a backbone fed 0-255, a layer's filters rescaled) leave each
+    # term unchanged; the raw squared errors of Gatys et al. would move by k² and k⁴.
+    torch.manual_seed(0)
+    features, target = torch.rand(1, 16, 8, 8), torch.rand(1, 16, 8, 8)
+    for k in (255.0, 1e-3):
+        content, scaled_content = ContentLoss(target), ContentLoss(k * target)
+        torch.testing.assert_close(scaled_content(k * features), content(features))
+        style, scaled_style = StyleLoss(gram_matrix(target)), StyleLoss(gram_matrix(k * target))
+        torch.testing.assert_close(scaled_style(k * features), style(features))
+    # 1 for a Gram of zeros: a relative error.
+    zeros = torch.zeros(1, 16, 8, 8)
+    assert StyleLoss(gram_matrix(target))(zeros).item() == pytest.approx(1.0)
+    assert ContentLoss(target)(zeros).item() == pytest.approx(1.0)
 
 
 def test_total_variation_by_hand() -> None:
@@ -217,12 +249,12 @@ def test_the_pairs_read_through_the_device_order_give_the_same_direction() -> No
     # 13 steps store 12 pairs: the rings of 5 filled, then wrapped 7 times.
     optimizer, _ = bounded_quadratic_steps(13, "cpu", graphs=False)
     assert optimizer.count == 5 and optimizer.oldest == 2
-    assert optimizer.s_ring is not None and optimizer.rho_y_ring is not None
+    assert optimizer.s_ring is not None and optimizer.y_ring is not None
     assert optimizer.rho_ring is not None and optimizer.h_diag is not None
     grad = torch.randn(300)
     order = (torch.arange(5) + optimizer.oldest) % 5
     rho = optimizer.rho_ring.index_select(0, order)
-    pairs = _Gathered(optimizer.s_ring, optimizer.rho_y_ring, rho, order)
+    pairs = _Gathered(optimizer.s_ring, optimizer.y_ring, rho, order)
     gathered = two_loop(pairs, grad, optimizer.h_diag)
     assert torch.equal(gathered, optimizer._direction(grad))
 
@@ -272,3 +304,91 @@ def test_lbfgs_with_max_step_moves_no_component_further_and_still_converges() ->
         optimizer.step(closure)
         assert (x.detach() - before).abs().max().item() <= 0.05 + 1e-6
     torch.testing.assert_close(x.detach(), target, atol=1e-3, rtol=0)
+
+
+def test_loss_scaling_is_for_fp16_only() -> None:
+    assert loss_scale(torch.float16) == FP16_LOSS_SCALE == 2.0**12
+    assert loss_scale(torch.bfloat16) == 1.0
+    assert loss_scale(None) == 1.0
+
+
+def fp16_gradient(
+    loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """The gradient at fp32 ``x`` of ``loss_of(x in fp16)``: by scaled_backward at
+    ``scale``, or with the loss times 2¹² and no cut (``None``)."""
+    param = x.clone().requires_grad_()
+    loss = loss_of(param.half())
+    if scale is None:
+        (loss * 2.0**12).backward()
+        assert param.grad is not None
+        return param.grad / 2.0**12
+    scaled_backward(loss, [param], scale)
+    assert param.grad is not None
+    return param.grad
+
+
+def test_scaled_backward_keeps_an_fp16_gradient_that_would_underflow() -> None:
+    # d loss / d(x in fp16) = 2⁻³⁰, below fp16's smallest subnormal (2⁻²⁴): it rounds to 0.
+    # Scaled by 2¹², it is 2⁻¹⁸ there, exact; unscaled in fp32 after, 2⁻³⁰ again.
+    def loss_of(half: torch.Tensor) -> torch.Tensor:
+        return half.float().sum() * 2.0**-30
+
+    x = torch.rand(8)
+    assert torch.count_nonzero(fp16_gradient(loss_of, x, 1.0)).item() == 0
+    gradient = fp16_gradient(loss_of, x, FP16_LOSS_SCALE)
+    assert gradient.dtype == torch.float32
+    assert torch.equal(gradient, torch.full((8,), 2.0**-30))
+
+
+def test_scaled_backward_cuts_the_scale_for_a_large_loss() -> None:
+    # A loss of 2²¹ whose fp16 gradients are 2⁸: times the full 2¹² they would be 2²⁰,
+    # beyond fp16's 65504 (inf); the scale is cut so the scaled loss stays at 2²⁰.
+    def loss_of(half: torch.Tensor) -> torch.Tensor:
+        return half.float().sum() * 2.0**8
+
+    x = torch.full((4096,), 2.0)
+    assert torch.isinf(fp16_gradient(loss_of, x, None)).all()
+    assert torch.equal(fp16_gradient(loss_of, x, FP16_LOSS_SCALE), torch.full((4096,), 2.0**8))
+
+
+def evaluate_once(
+    content: Image.Image, style: Image.Image, precision: str, **options: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One engine evaluation (forward, losses, backward) of a 64 px run from noise: its
+    weighted loss parts and its image's gradient, as the optimizers get them."""
+    run = prepare(
+        content=content, styles=[style], precision=precision, size=64, scales=1,
+        backbone="vgg19-random", device="cpu", init="noise", seed=0, **options,
+    )  # fmt: skip
+    autocast_dtype = AUTOCAST_DTYPES.get(precision)
+    cpu = torch.device("cpu")
+    extractor = load_extractor("vgg19-random", device=cpu, precision=precision)
+    state = _RunState(run, 0)
+    state.start_scale(
+        0, 64, extractor.truncated("relu5_1"), cpu, autocast_dtype, autocast_dtype is not None,
+        None,
+    )  # fmt: skip
+    (parts,) = _evaluate([state])
+    assert state.param is not None and state.param.grad is not None
+    return parts, state.param.grad.clone()
+
+
+def test_an_fp16_run_gets_the_fp32_gradient_of_a_term_that_underflows_unscaled(
+    content_image: Image.Image, style_image: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A content term weighted 2⁻¹²: its gradient in the fp16 backbone is 2¹² times smaller
+    than at weight 1, as it would be on an image of 4096 times the pixels. Unscaled, every
+    component of the image's gradient underflows to 0; scaled, it is the fp32 gradient to
+    fp16's rounding (6 % at any weight), and the loss reported is the unscaled one."""
+    options = {"content_weight": 2.0**-12, "style_weight": 0.0, "tv_weight": 0.0}
+    fp32_parts, fp32_gradient = evaluate_once(content_image, style_image, "fp32", **options)
+    fp16_parts, fp16_gradient = evaluate_once(content_image, style_image, "fp16", **options)
+    assert fp16_gradient.dtype == torch.float32
+    error = (fp16_gradient - fp32_gradient).norm() / fp32_gradient.norm()
+    assert error < 0.1, error
+    torch.testing.assert_close(fp16_parts, fp32_parts, rtol=1e-2, atol=0)
+
+    monkeypatch.setattr(optimize, "FP16_LOSS_SCALE", 1.0)
+    _, unscaled = evaluate_once(content_image, style_image, "fp16", **options)
+    assert torch.count_nonzero(unscaled).item() == 0

@@ -151,12 +151,15 @@ def count_rows(settings: Settings) -> tuple[int, int, int]:
 def test_a_job_runs_from_submit_to_result(
     client: FlaskClient, worker: WorkerProcess, photo: bytes, painting: bytes, settings: Settings
 ) -> None:
-    response = submit(client, photo, painting, iterations=40)
+    response = submit(client, photo, painting, iterations=40, style_strength="0.25")
     assert response.status_code == 202, response.get_json()
     job = response.get_json()
     assert job["status"] == "queued"
     assert response.headers["Location"] == f"/api/jobs/{job['id']}"
     assert job["params"]["iterations"] == 40 and job["progress"] == {"iteration": 0, "total": 40}
+    # The strength the form's slider sends, and the style weight it stands for.
+    assert job["params"]["style_strength"] == 0.25
+    assert job["params"]["style_weight"] == pytest.approx(10**-0.25)
 
     seen = {wait_status(client, job["id"], {"running", "succeeded"})["status"]}
     done = wait_status(client, job["id"], {"succeeded", "failed"})

@@ -28,3 +28,9 @@ form.addEventListener("submit", async (event) => {
   errorBox.hidden = false;
   button.disabled = false;
 });
+// The strength slider shows its value beside it.
+const strength = document.getElementById("style_strength");
+const strengthValue = document.getElementById("strength-value");
+if (strength && strengthValue) {
+  strength.addEventListener("input", () => { strengthValue.textContent = strength.value; });
+}

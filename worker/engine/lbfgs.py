@@ -5,12 +5,18 @@ curvature test, the descent test, the first step's length) and each read stalls 
 its queue drains. This version takes the same steps as ``torch.optim.LBFGS(max_iter=1,
 line_search_fn=None)`` called repeatedly, but keeps every decision on the device with
 ``torch.where``: a pair failing the curvature test is stored with ρ = 0, which makes it a
-no-op in the two-loop recursion, instead of being skipped by a Python ``if``. The one
-remaining difference: ``torch.optim.LBFGS`` keeps the last ``history_size`` *valid* pairs,
-this keeps the pairs of the last ``history_size`` steps.
+no-op in the two-loop recursion, instead of being skipped by a Python ``if``. Two
+differences remain. ``torch.optim.LBFGS`` keeps the last ``history_size`` *valid* pairs,
+this keeps the pairs of the last ``history_size`` steps. And where the direction fails the
+descent test (g·d > -tolerance_change) ``torch.optim.LBFGS`` stops; this resets the history
+instead, on the device: every ρ in the ring is multiplied by 0 (all stored pairs become
+no-ops until new ones overwrite them), H₀ goes back to I, and the step is a steepest-descent
+one, -g with the first step's length min(1, 1/|g|₁)·lr. (A step of length 0 there, as
+before, stored a zero pair and left the history as it was: the same bad direction came
+back on every later step and the run stood still.)
 
 The curvature pairs live in two ``(history_size, n)`` rings. On CUDA (``graphs``), once the
-history is full, the two-loop recursion (some 500 small kernels with 100 pairs) is one
+history is full, the two-loop recursion (some 600 small kernels with 100 pairs) is one
 replay of a CUDA graph: it reads the pairs oldest first through an index tensor on the
 device, so the same graph serves every later step whichever slot is the oldest. While the
 history fills, and elsewhere, the recursion runs eagerly on views of the rings; both take
@@ -49,12 +55,12 @@ class LBFGS:
         self.tolerance_change = tolerance_change
         self.history_size = history_size
         # The rings, made at the first pair: slot (oldest + i) % history_size holds the
-        # i-th oldest pair, as s, ρ·y and ρ (the recursion needs y only times ρ); ρ = 0
-        # marks a pair that failed the curvature test, which makes it a no-op.
+        # i-th oldest pair, as s, y and ρ; ρ = 0 marks a pair that failed the curvature test
+        # or was dropped by a reset, which makes it a no-op.
         self.s_ring: torch.Tensor | None = None
-        self.rho_y_ring: torch.Tensor | None = None
+        self.y_ring: torch.Tensor | None = None
         self.rho_ring: torch.Tensor | None = None
-        self.pair_views: list[Pair] = []  # each slot's (s, ρ·y, ρ), made once, written in place
+        self.pair_views: list[Pair] = []  # each slot's (s, y, ρ), made once, written in place
         self.count = 0  # pairs stored
         self.oldest = 0  # slot of the oldest pair once the rings are full
         self.prev_grad: torch.Tensor | None = None
@@ -72,10 +78,12 @@ class LBFGS:
         # Kept as the next step's previous gradient: a copy, since the closure may write the
         # next gradient into the same tensor (a CUDA graph's replay does).
         grad = self._projected(grad) if self.bounds is not None else grad.clone()
+        # As torch.optim.LBFGS: a first step of length at most lr along -g/|g|₁; the same
+        # after a reset.
+        steepest_length = torch.clamp(1.0 / grad.abs().sum(), max=1.0) * self.lr
         if self.prev_grad is None:
             direction = grad.neg()
-            # As torch.optim.LBFGS: a first step of length at most lr along -g/|g|₁.
-            step_length = torch.clamp(1.0 / grad.abs().sum(), max=1.0) * self.lr
+            step_length = steepest_length
             self.h_diag = torch.ones((), device=grad.device)
         else:
             y = grad - self.prev_grad
@@ -88,10 +96,15 @@ class LBFGS:
             self._store(s, y, rho)
             self.h_diag = torch.where(valid, ys / torch.where(valid, y.dot(y), 1.0), self.h_diag)
             direction = self._direction(grad)
-            step_length = torch.full((), self.lr, device=grad.device)
-        # Step only along a descent direction; torch.optim.LBFGS breaks out instead.
-        descent = grad.dot(direction) <= -self.tolerance_change
-        step_length = torch.where(descent, step_length, 0.0)
+            # Not a descent direction (torch.optim.LBFGS stops there): forget the history
+            # and take a steepest-descent step. With ρ = 0 every stored pair is a no-op
+            # until a new one takes its slot; the graphed recursion reads the same ring.
+            descent = grad.dot(direction) <= -self.tolerance_change
+            assert self.rho_ring is not None
+            self.rho_ring.mul_(descent)
+            self.h_diag = torch.where(descent, self.h_diag, 1.0)
+            direction = torch.where(descent, direction, grad.neg())
+            step_length = torch.where(descent, self.lr, steepest_length)
         update = direction * step_length
         if self.max_step is not None:
             # A trust region in the max norm: no component moves further than max_step in
@@ -120,11 +133,10 @@ class LBFGS:
     def _store(self, s: torch.Tensor, y: torch.Tensor, rho: torch.Tensor) -> None:
         if self.s_ring is None:
             size = (self.history_size, s.numel())
-            self.s_ring, self.rho_y_ring = s.new_empty(size), s.new_empty(size)
+            self.s_ring, self.y_ring = s.new_empty(size), s.new_empty(size)
             self.rho_ring = s.new_zeros(self.history_size)
             self.pair_views = [
-                (self.s_ring[i], self.rho_y_ring[i], self.rho_ring[i])
-                for i in range(self.history_size)
+                (self.s_ring[i], self.y_ring[i], self.rho_ring[i]) for i in range(self.history_size)
             ]
         if self.count < self.history_size:
             slot = self.count
@@ -132,46 +144,49 @@ class LBFGS:
         else:  # the oldest pair makes room
             slot = self.oldest
             self.oldest = (self.oldest + 1) % self.history_size
-        slot_s, slot_rho_y, slot_rho = self.pair_views[slot]
+        slot_s, slot_y, slot_rho = self.pair_views[slot]
         slot_s.copy_(s)
-        torch.mul(y, rho, out=slot_rho_y)
+        slot_y.copy_(y)
         slot_rho.copy_(rho)
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
         """-H·grad by the two-loop recursion over the stored pairs, oldest first."""
-        assert self.s_ring is not None and self.rho_y_ring is not None
+        assert self.s_ring is not None and self.y_ring is not None
         assert self.rho_ring is not None and self.h_diag is not None
         if self.graphed and self.count == self.history_size:
             if self.recursion is None:
-                rings = (self.s_ring, self.rho_y_ring, self.rho_ring)
+                rings = (self.s_ring, self.y_ring, self.rho_ring)
                 self.recursion = _GraphedRecursion(*rings)
             return self.recursion(grad, self.h_diag, self.oldest)
         pairs = [self.pair_views[(self.oldest + i) % self.history_size] for i in range(self.count)]
         return two_loop(pairs, grad, self.h_diag)
 
 
-Pair = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (s, ρ·y, ρ)
+Pair = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (s, y, ρ)
 
 
 def two_loop(pairs: Sequence[Pair], grad: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
-    """-H·grad for the pairs (s, ρ·y, ρ), oldest first, and H₀ = h_diag·I (Nocedal and
-    Wright, algorithm 7.4, with α = ρ·(s·q) and β = ρ·(y·r) regrouped).
+    """-H·grad for the pairs (s, y, ρ), oldest first, and H₀ = h_diag·I (Nocedal and
+    Wright, algorithm 7.4, with α - β regrouped).
 
-    Five ops a pair, not seven: with y stored times ρ, the first loop's update is
-    q -= (s·q)·(ρy) and the second's β - α one fused op, which on a GPU is 200 kernels
-    fewer a step with 100 pairs. With a full history this reads 200 vectors twice; at 512
-    px on a CPU it took a third as long as the loss evaluation. The vector updates are in
-    place (addcmul_): 66-70 ms instead of 85-97 ms at 512 px."""
+    Six ops a pair, not seven: the second loop's α - β = α - ρ·(y·r) is one fused op, which
+    on a GPU is 100 kernels fewer a step with 100 pairs. A pair with ρ = 0 has α = 0 and
+    α - β = 0, so it changes neither q nor r: that is how a pair failing the curvature test,
+    or the whole history at a reset, drops out without a host sync. (With y stored times ρ
+    it was five ops, but then a reset had to zero a whole ring of vectors.) With a full
+    history this reads 200 vectors twice; at 512 px on a CPU it took a third as long as the
+    loss evaluation. The vector updates are in place (addcmul_): 66-70 ms instead of 85-97
+    ms at 512 px."""
     q = grad.neg()
-    s_dot_q = []
-    for s, rho_y, _ in reversed(pairs):
-        dot = s.dot(q)
-        q.addcmul_(rho_y, dot, value=-1.0)  # q -= α·y
-        s_dot_q.append(dot)
+    alphas = []
+    for s, y, rho in reversed(pairs):
+        alpha = s.dot(q).mul_(rho)
+        q.addcmul_(y, alpha, value=-1.0)  # q -= α·y
+        alphas.append(alpha)
     r = q.mul_(h_diag)
-    for (s, rho_y, rho), dot in zip(pairs, reversed(s_dot_q), strict=True):
-        beta_minus_alpha = torch.addcmul(rho_y.dot(r), rho, dot, value=-1.0)
-        r.addcmul_(s, beta_minus_alpha, value=-1.0)  # r += s·(α - β)
+    for (s, y, rho), alpha in zip(pairs, reversed(alphas), strict=True):
+        alpha_minus_beta = torch.addcmul(alpha, rho, y.dot(r), value=-1.0)
+        r.addcmul_(s, alpha_minus_beta)  # r += s·(α - β)
     return r
 
 
@@ -183,16 +198,14 @@ class _GraphedRecursion:
     (``bench/gpu.py``, whole runs).
 
     The graph reads the pairs through ``order`` (slot of the i-th oldest, on the device),
-    one gathered copy of s and of ρ·y per use (so 9 kernels a pair, against 5 eagerly), and
+    one gathered copy of s and of y per use (so 10 kernels a pair, against 6 eagerly), and
     its inputs and output are fixed tensors, so one capture serves every later step. The
     first call runs eagerly on the capture's stream (cuBLAS sets itself up there), the
     second captures.
     """
 
-    def __init__(
-        self, s_ring: torch.Tensor, rho_y_ring: torch.Tensor, rho_ring: torch.Tensor
-    ) -> None:
-        self.rings = (s_ring, rho_y_ring, rho_ring)
+    def __init__(self, s_ring: torch.Tensor, y_ring: torch.Tensor, rho_ring: torch.Tensor) -> None:
+        self.rings = (s_ring, y_ring, rho_ring)
         size = rho_ring.numel()
         self.slots = torch.arange(size, device=rho_ring.device)
         self.order = torch.empty_like(self.slots)
@@ -204,9 +217,10 @@ class _GraphedRecursion:
         self.warmed = False
 
     def recursion(self) -> torch.Tensor:
-        s_ring, rho_y_ring, rho_ring = self.rings
-        rho = rho_ring.index_select(0, self.order)  # all of them at once: a small vector
-        return two_loop(_Gathered(s_ring, rho_y_ring, rho, self.order), self.grad, self.h_diag)
+        s_ring, y_ring, rho_ring = self.rings
+        # All of them at once, a small vector, read at each replay: a reset's zeros included.
+        rho = rho_ring.index_select(0, self.order)
+        return two_loop(_Gathered(s_ring, y_ring, rho, self.order), self.grad, self.h_diag)
 
     def __call__(self, grad: torch.Tensor, h_diag: torch.Tensor, oldest: int) -> torch.Tensor:
         torch.remainder(self.slots + oldest, self.slots.numel(), out=self.order)
@@ -233,15 +247,15 @@ class _GraphedRecursion:
 
 
 class _Gathered(Sequence[Pair]):
-    """The pairs oldest first, s and ρ·y gathered from the rings when the recursion reaches
+    """The pairs oldest first, s and y gathered from the rings when the recursion reaches
     them (gathering all at once would copy the whole history); ``rho`` is already in that
     order."""
 
     def __init__(
-        self, s_ring: torch.Tensor, rho_y_ring: torch.Tensor, rho: torch.Tensor,
+        self, s_ring: torch.Tensor, y_ring: torch.Tensor, rho: torch.Tensor,
         order: torch.Tensor,
     ) -> None:  # fmt: skip
-        self.rings = (s_ring, rho_y_ring)
+        self.rings = (s_ring, y_ring)
         self.rho = rho
         self.order = order
 
@@ -252,5 +266,5 @@ class _Gathered(Sequence[Pair]):
         if not 0 <= index < len(self):
             raise IndexError(index)
         slot = self.order[index : index + 1]
-        s, rho_y = (ring.index_select(0, slot)[0] for ring in self.rings)
-        return s, rho_y, self.rho[index]
+        s, y = (ring.index_select(0, slot)[0] for ring in self.rings)
+        return s, y, self.rho[index]

@@ -22,11 +22,12 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
 
     Gatys et al. (2016, eq. 4) take the raw X·Xᵀ and divide the summed squared error by
     4·C²·(HW)². Dividing the Gram by C·H·W (as jcjohnson/neural-style does) and taking the
-    mean squared error over its C² entries (:class:`StyleLoss`) divides it by C⁴·(HW)²
-    instead: the dependence on the image size is the same in both (neither grows with HW),
-    but each layer's term is 4/C² times the paper's, which shifts the weighting between
-    layers by the ratio of their C²/4 (relu1_1 with 64 channels against relu5_1 with 512:
-    64 times the paper's relative weight on the shallow layer).
+    mean squared error over its C² entries divides it by C⁴·(HW)² instead: the dependence
+    on the image size is the same in both (neither grows with HW), but each layer's term
+    is 4/C² times the paper's. :class:`StyleLoss` then divides by the target Gram's own
+    mean square, which cancels any constant factor here: the layers' terms are relative
+    errors, weighted only by ``style_layer_weights``. N keeps the Gram's entries in fp32's
+    comfortable range.
     """
     _, channels, height, width = features.shape
     # Under autocast a matmul would be cast back down; the Gram is computed in fp32.
@@ -110,15 +111,30 @@ def _is_channels_last(features: torch.Tensor) -> bool:
     )
 
 
+def relative_scale(target: torch.Tensor) -> torch.Tensor:
+    """1 / mean(T²): what turns a mean squared error against ``target`` into a relative one.
+
+    Gatys et al. (2016) weigh raw squared errors, whose size follows the backbone's feature
+    scale: a network fed 0–255 BGR (the Caffe weights) has features 255 times larger than
+    one fed [0, 1], its Grams 255² times, and one set of weights α, β cannot mean the same
+    on both, nor on two layers of one network. Divided by the target's own mean square,
+    each term is unchanged when a layer's features are multiplied by any factor: α and β
+    mean the same on every backbone, layer, size and pyramid scale (docs/engine.md).
+    """
+    return 1.0 / target.float().square().mean().clamp(min=1e-30)
+
+
 class ContentLoss(nn.Module):
-    """Mean squared error between feature maps and fixed target feature maps."""
+    """Mean squared error between feature maps and fixed target feature maps, relative to
+    the target's mean square (:func:`relative_scale`)."""
 
     def __init__(self, target: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("target", target.detach().float())
+        self.register_buffer("scale", relative_scale(self.target))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return _MeanSquaredError.apply(features, self.target)
+        return _MeanSquaredError.apply(features, self.target) * self.scale
 
 
 class _MeanSquaredError(torch.autograd.Function):
@@ -146,7 +162,9 @@ class _MeanSquaredError(torch.autograd.Function):
 
 
 class StyleLoss(nn.Module):
-    """Mean squared error between the Gram matrix of feature maps and a target Gram.
+    """Mean squared error between the Gram matrix of feature maps and a target Gram,
+    relative to the target's mean square (:func:`relative_scale`): 0 for a perfect match,
+    1 for a Gram of zeros, whatever the layer's feature scale.
 
     ``target_gram`` may be a blend: the weighted sum of several styles' Grams.
     """
@@ -154,13 +172,14 @@ class StyleLoss(nn.Module):
     def __init__(self, target_gram: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("target", target_gram.detach().float())
+        self.register_buffer("scale", relative_scale(self.target))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.of_gram(gram_matrix(features))
 
     def of_gram(self, gram: torch.Tensor) -> torch.Tensor:
         """The loss of a Gram matrix computed already (a batch computes them together)."""
-        return F.mse_loss(gram, self.target)
+        return F.mse_loss(gram, self.target) * self.scale
 
 
 class TotalVariationLoss(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -39,11 +40,48 @@ from worker.engine.stylize import (
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: L-BFGS's trust region: the most a pixel (in [0, 1]) may move in one step. Unbounded, the
-#: first steps of each pyramid scale (and of a resumed run: its history starts empty) threw
-#: pixels to the box's walls and the loss rose up to 100× before it fell; 0.25 keeps every
-#: scale's start falling and reaches the same final loss (bench/scale_start.py,
-#: docs/benchmarks.md "Scale starts").
+#: first steps of a scale (and of a resumed run: its history starts empty) can throw pixels
+#: to the box's walls and the loss rises before it falls (80× with Gatys et al.'s raw
+#: errors, up to 1.6× with the relative ones); 0.25 keeps every scale's start falling and
+#: reaches the same final loss (bench/scale_start.py, docs/benchmarks.md "Scale starts").
 LBFGS_MAX_STEP: float | None = 0.25
+#: What an fp16 run multiplies its loss by before backward (and its image's gradient by the
+#: inverse after), at most. Under fp16 autocast the backbone's gradients are fp16, whose
+#: smallest normal number is 6e-5: the content term's gradient, 2(X - T)/(N·mean T²) with N
+#: the features of its layer, is subnormal all through the backbone already at 128 px
+#: (vgg19-random, weight 1). In a content-only run at 64 px weighted 2⁻⁸ (as if N were that
+#: of 1024 px) the image's gradient was 34 % off fp32's, weighted 2⁻¹² all zeros; scaled,
+#: 6 % off (fp16's rounding) at every weight. A power of two, so the scaling and unscaling
+#: are exact. bf16 has fp32's range and runs unscaled.
+FP16_LOSS_SCALE = 2.0**12
+#: The most the scaled loss may be: for larger losses the factor is cut by powers of two
+#: (below 1 past 2²⁰ itself).
+#: The losses are relative (losses.relative_scale), O(1)-O(100) at the usual weights, but a
+#: style_weight of 3000 from noise at 64 px (a loss of 8500) overflowed fp16's 65504 in the
+#: gradients at the full 2¹² (2800 did not); 2²⁰ leaves a factor of 8 below that.
+FP16_SCALED_LOSS_MAX = 2.0**20
+
+
+def loss_scale(autocast_dtype: torch.dtype | None) -> float:
+    """The largest factor :func:`scaled_backward` takes for runs in ``autocast_dtype``."""
+    return FP16_LOSS_SCALE if autocast_dtype == torch.float16 else 1.0
+
+
+def scaled_backward(loss: torch.Tensor, params: Sequence[torch.Tensor], scale: float) -> None:
+    """``loss.backward()`` with ``loss`` times a power of two, ``scale`` or less so that the
+    scaled loss stays under FP16_SCALED_LOSS_MAX, and each param's gradient divided by it
+    after: what the optimizers read in ``grad`` is the gradient of ``loss`` itself. The
+    factor is chosen on the device (no host sync), so a CUDA graph captures it all."""
+    if scale == 1.0:
+        loss.backward()
+        return
+    with torch.no_grad():
+        room = math.log2(FP16_SCALED_LOSS_MAX) - torch.log2(loss.detach().float()).ceil()
+        factor = torch.exp2(room.clamp(max=math.log2(scale)))  # a loss of 0: the full scale
+    (loss * factor).backward()
+    for param in params:
+        assert param.grad is not None
+        param.grad.div_(factor)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -316,12 +354,13 @@ GRAPH_WARMUP = 2
 
 class _Evaluation:
     """:func:`_evaluate` for one set of runs at one scale. On CUDA, after ``GRAPH_WARMUP``
-    eager passes, the pass (forward, Grams, losses, backward) is captured once as a CUDA
-    graph and each later evaluation is one replay: on an H200, a step of one image at
-    128-512 px took about 10 ms although its kernels ran for 1-2.3 ms, the rest being the
-    CPU launching some 350 of them (``bench/gpu.py``). The images (each run's ``param``,
-    changed in place by its optimizer) are the graph's input; the loss parts and each
-    ``param.grad`` (created during the capture) are its outputs, rewritten by each replay.
+    eager passes, the pass (forward, Grams, losses, backward, and for fp16 the loss scaling
+    and the gradients' unscaling) is captured once as a CUDA graph and each later
+    evaluation is one replay: on an H200, a step of one image at 128-512 px took about 10 ms
+    although its kernels ran for 1-2.3 ms, the rest being the CPU launching some 350 of
+    them (``bench/gpu.py``). The images (each run's ``param``, changed in place by its
+    optimizer) are the graph's input; the loss parts and each ``param.grad`` (created
+    during the capture, unscaled) are its outputs, rewritten by each replay.
     """
 
     def __init__(self, going: list[_RunState], device: torch.device) -> None:
@@ -385,7 +424,10 @@ def _evaluate(going: list[_RunState]) -> list[torch.Tensor]:
             )
             for index, (objective, param) in enumerate(zip(objectives, params, strict=True))
         ]
-    torch.stack(parts).sum().backward()
+    # Scaled for fp16 (its gradients would underflow), unscaled before any optimizer reads
+    # them; the parts returned (the losses reported) are never scaled.
+    scale = loss_scale(objectives[0].autocast_dtype)
+    scaled_backward(torch.stack(parts).sum(), params, scale)
     return [run_parts.detach() for run_parts in parts]
 
 

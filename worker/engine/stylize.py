@@ -44,6 +44,12 @@ LBFGS_HISTORY = 100
 MAX_LBFGS_HISTORY = 200
 LBFGS_HISTORY_BUDGET_BYTES = 2 * 1024**3
 LBFGS_PAIR_BYTES_PER_PIXEL = 24
+#: The default strength of the style and the range of β it spans, as powers of ten: with
+#: relative losses (losses.relative_scale) β = 0.1 leaves a photo barely touched and 100
+#: keeps only its outline (bench/contact_sheet.py, docs/contact-sheet.png).
+DEFAULT_STYLE_STRENGTH = 0.5
+STYLE_WEIGHT_LOG10_RANGE = (-1.0, 2.0)
+DEFAULT_TV_WEIGHT = 3.0
 #: The automatic pyramid halves the size while the coarsest scale stays at least this long.
 AUTO_PYRAMID_MIN_SIDE = 128
 
@@ -98,8 +104,9 @@ def stylize(
     scales: int | None = None,
     iterations: int = 300,
     content_weight: float = 1.0,
-    style_weight: float = 1e6,
-    tv_weight: float = 1.0,
+    style_strength: float = DEFAULT_STYLE_STRENGTH,
+    style_weight: float | None = None,
+    tv_weight: float = DEFAULT_TV_WEIGHT,
     content_layers: Sequence[str] = ("relu4_2",),
     style_layers: Sequence[str] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
     style_layer_weights: Sequence[float] | None = None,
@@ -126,6 +133,9 @@ def stylize(
     styles' (weighted MSE; see :func:`worker.engine.losses.gram_matrix` for the
     normalization), plus a total-variation term:
     L = content_weight·L_content + style_weight·Σ_l w_l·L_style,l + tv_weight·L_tv.
+    Each content and style term is relative to its target's mean square
+    (:func:`worker.engine.losses.relative_scale`), so the weights mean the same on every
+    backbone, layer, size and scale; Gatys et al. weigh raw squared errors instead.
 
     Unlike Gatys et al., who optimize unconstrained pixels, the pixels stay in [0, 1] (a
     projected step for both optimizers): the image a user gets is clamped anyway, and
@@ -143,7 +153,11 @@ def stylize(
             ``None`` chooses: halve while the coarsest stays ≥ 128 px (1 scale up to 255 px).
         iterations: optimizer steps in all; one loss evaluation each, for both optimizers.
         content_weight: α, the weight of the content loss.
-        style_weight: β, the weight of the style loss.
+        style_strength: how strongly the painting shows, 0–1: 0 barely touches the photo,
+            1 lays the painting's texture over the scene's outline. Sets β on a log scale
+            (:func:`strength_to_weight`: 0.1 at 0, 3.2 at 0.5, 100 at 1).
+        style_weight: β, the weight of the style loss; given, it overrides
+            ``style_strength``.
         tv_weight: γ, the weight of the total-variation loss.
         content_layers: backbone layers whose features are matched to the content's.
         style_layers: backbone layers whose Gram matrices are matched to the styles'.
@@ -263,6 +277,13 @@ def batch_key(
     )  # fmt: skip
 
 
+def strength_to_weight(strength: float) -> float:
+    """β for a ``style_strength`` in [0, 1]: log-linear over STYLE_WEIGHT_LOG10_RANGE, since
+    what a person sees change is the ratio of the weights, not their difference."""
+    low, high = STYLE_WEIGHT_LOG10_RANGE
+    return 10.0 ** (low + (high - low) * strength)
+
+
 def scaled_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     """(width, height) with the long side ``long_side`` and the aspect ratio kept."""
     scale = long_side / max(width, height)
@@ -364,7 +385,8 @@ def check_options(
     scales: int | None,
     iterations: int,
     content_weight: float,
-    style_weight: float,
+    style_strength: float,
+    style_weight: float | None,
     tv_weight: float,
     content_layers: Sequence[str],
     style_layers: Sequence[str],
@@ -430,6 +452,12 @@ def check_options(
             _number(weight, "style_layer_weights", float, 0, 1e12)
     if seed is not None:
         seed = _number(seed, "seed", int, 0, 2**63 - 1)
+    # An explicit β wins; the strength it overrides is not kept (it would mean nothing).
+    strength = (
+        None
+        if style_weight is not None
+        else _number(style_strength, "style_strength", float, 0.0, 1.0)
+    )
     return {
         "style_weights": normalize_weights(style_weights, styles, "style_weights"),
         "style_scale": _number(style_scale, "style_scale", float, 0.05, 4.0),
@@ -437,7 +465,10 @@ def check_options(
         "scales": scales,
         "iterations": iterations,
         "content_weight": _number(content_weight, "content_weight", float, 0, 1e12),
-        "style_weight": _number(style_weight, "style_weight", float, 0, 1e12),
+        "style_strength": strength,
+        "style_weight": strength_to_weight(strength)
+        if style_weight is None
+        else _number(style_weight, "style_weight", float, 0, 1e12),
         "tv_weight": _number(tv_weight, "tv_weight", float, 0, 1e12),
         "content_layers": list(content_layers),
         "style_layers": list(style_layers),
