@@ -328,6 +328,21 @@ def test_original_colors_keeps_the_content_chroma(
     assert chroma_error(free.image) > 3 * chroma_error(kept.image)
 
 
+def test_luminance_matching_takes_the_photos_mean_and_spread_and_keeps_chroma() -> None:
+    from worker.engine.imaging import match_luminance
+
+    generator = torch.Generator().manual_seed(0)
+    dark = torch.rand(1, 3, 20, 30, generator=generator) * 0.3  # a dark painting
+    bright = 0.5 + torch.rand(1, 3, 16, 16, generator=generator) * 0.4
+    matched = match_luminance(dark, bright)
+    y, photo_y = rgb_to_yiq(matched)[:, 0], rgb_to_yiq(bright)[:, 0]
+    assert y.mean().item() == pytest.approx(photo_y.mean().item(), abs=1e-3)
+    assert y.std().item() == pytest.approx(photo_y.std().item(), rel=1e-2)
+    torch.testing.assert_close(
+        rgb_to_yiq(matched)[:, 1:], rgb_to_yiq(dark)[:, 1:], atol=1e-3, rtol=0
+    )
+
+
 def test_style_blend_weights_are_normalized(
     content_image: Image.Image, style_image: Image.Image, second_style_image: Image.Image
 ) -> None:

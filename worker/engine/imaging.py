@@ -56,3 +56,16 @@ def keep_original_colors(stylized: torch.Tensor, content: torch.Tensor) -> torch
     luminance = rgb_to_yiq(stylized)[:, :1]
     chroma = rgb_to_yiq(content)[:, 1:]
     return yiq_to_rgb(torch.cat([luminance, chroma], dim=1)).clamp(0, 1)
+
+
+def match_luminance(style: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """``style`` with its luminance (Y) shifted and scaled to the mean and standard deviation
+    of ``content``'s, its chroma kept: Gatys et al. (2017, "Controlling perceptual factors
+    in neural style transfer", §5.1) match the luminance histograms this way before a
+    luminance-only transfer, so that a dark painting does not darken a bright photo."""
+    yiq = rgb_to_yiq(style)
+    content_y = rgb_to_yiq(content)[:, :1]
+    style_y = yiq[:, :1]
+    scale = content_y.std() / style_y.std().clamp(min=1e-6)
+    matched = (style_y - style_y.mean()) * scale + content_y.mean()
+    return yiq_to_rgb(torch.cat([matched, yiq[:, 1:]], dim=1)).clamp(0, 1)

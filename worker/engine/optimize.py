@@ -18,7 +18,13 @@ from PIL import Image
 from shared.errors import OptionError
 from worker.engine.backbones import FeatureExtractor, Pooling, load_backbone
 from worker.engine.checkpoint import Checkpoint
-from worker.engine.imaging import keep_original_colors, resize_to, to_pil, to_tensor
+from worker.engine.imaging import (
+    keep_original_colors,
+    match_luminance,
+    resize_to,
+    to_pil,
+    to_tensor,
+)
 from worker.engine.lbfgs import LBFGS
 from worker.engine.losses import (
     ContentLoss,
@@ -467,6 +473,10 @@ class _RunState:
             to_tensor(style, long_side=style_side(style.size, long_side, options), device=device)
             for style in run.styles
         ]
+        if options["original_colors"]:
+            # Only the luminance is transferred (finish_image): its targets come from the
+            # styles with their luminance matched to the photo's.
+            style_tensors = [match_luminance(s, self.content_tensor) for s in style_tensors]
         self.objective = build_objective(
             extractor, options, self.content_tensor, style_tensors, autocast_dtype, channels_last
         )

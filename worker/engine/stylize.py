@@ -174,7 +174,8 @@ def stylize(
         backbone: a name from :data:`worker.engine.registry.BACKBONES`.
         pooling: ``max`` as in VGG, or ``avg``, which Gatys et al. found gives smoother
             results.
-        original_colors: keep the content's chroma, transferring only luminance (YIQ).
+        original_colors: keep the content's chroma, transferring only luminance (YIQ), from
+            styles whose luminance is matched to the content's mean and spread.
         seed: makes ``noise`` init reproducible; same seed, device and options → same
             image. ``None`` draws one, returned in the result.
         device: ``auto`` (cuda, then mps, then cpu) or a torch device string.
