@@ -30,7 +30,7 @@ from shared.presets import presets  # noqa: E402
 from worker.engine.stylize import defaults, stylize  # noqa: E402
 
 PHOTOS = {"chelsea": REPO / "examples" / "chelsea.jpg", "coffee": REPO / "examples" / "coffee.jpg"}
-SWEEP = ("chelsea", "starry-night", (0.0, 0.25, 0.5, 0.75, 1.0))
+SWEEP = ("chelsea", "starry-night", (0.0, 0.3, 0.6, 0.8, 1.0))
 #: Pass marks of the criteria (bench/quality.py): the scene's layout kept, and at least
 #: half of the way to the painting's texture statistics and a third to its colours.
 PASS = {"scene": 0.5, "style": 0.5, "colour": 0.33}

@@ -68,7 +68,7 @@ def test_submit_watch_the_plot_grow_and_see_the_result(
             page.fill("input[name=size]", "64")
             page.fill("input[name=iterations]", "120")
             # The strength slider: its value shown beside it, and sent with the job.
-            assert page.locator("#strength-value").inner_text() == "0.5"
+            assert page.locator("#strength-value").inner_text() == "0.6"
             page.fill("#style_strength", "0.75")
             assert page.locator("#strength-value").inner_text() == "0.75"
             page.click("#submit")

@@ -47,7 +47,7 @@ LBFGS_PAIR_BYTES_PER_PIXEL = 24
 #: The default strength of the style and the range of β it spans, as powers of ten: with
 #: relative losses (losses.relative_scale) β = 0.1 leaves a photo barely touched and 100
 #: keeps only its outline (bench/contact_sheet.py, docs/contact-sheet.png).
-DEFAULT_STYLE_STRENGTH = 0.5
+DEFAULT_STYLE_STRENGTH = 0.6
 STYLE_WEIGHT_LOG10_RANGE = (-1.0, 2.0)
 DEFAULT_TV_WEIGHT = 3.0
 #: The automatic pyramid halves the size while the coarsest scale stays at least this long.
