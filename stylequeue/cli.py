@@ -26,6 +26,10 @@ from worker.allocator import keep_freed_memory
 from worker.engine import BACKBONES, Checkpoint, Iterate, stylize
 from worker.engine.stylize import INIT_CHOICES
 
+#: ``--mode fast`` and ``--init fast``: the feed-forward network instead of, or before, the
+#: optimization.
+FAST = "fast"
+
 PROG = "stylequeue"
 # Parameters of ``stylize`` that are not flags: the inputs and the callbacks.
 NOT_FLAGS = {"content", "styles", "progress", "on_checkpoint", "resume_from", "preview_every"}
@@ -88,7 +92,8 @@ def _add_engine_flags(
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["help"] = help_text
         elif name == "init":
-            kwargs["metavar"] = "{" + ",".join(INIT_CHOICES) + "} or IMAGE"
+            kwargs["metavar"] = "{" + ",".join((*INIT_CHOICES, FAST)) + "} or IMAGE"
+            kwargs["help"] = f"{help_text}; {FAST}: the feed-forward picture (--mode fast's)"
         elif name == "backbone":
             kwargs["choices"] = list(BACKBONES)
         elif typing.get_origin(hint) is typing.Literal:
@@ -121,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("styles", metavar="STYLE", nargs="+", help="one or more style images")
     run.add_argument("-o", "--output", required=True, type=Path, help="where to write the PNG")
     _add_engine_flags(run)
+    run.add_argument(
+        "--mode",
+        choices=("optimize", FAST),
+        default="optimize",
+        help="optimize: Gatys et al.'s optimization; fast: only the feed-forward picture "
+        "(Ghiasi et al. 2017), in about a second (default: optimize)",
+    )
     run.add_argument(
         "--log-every", type=int, default=0, metavar="N", help="print the loss every N iterations"
     )
@@ -365,8 +377,14 @@ def command_run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # as a worker does (worker/allocator.py)
     content = decode_image(args.content, name="content", **limits)
     styles = [decode_image(path, name="style", **limits) for path in args.styles]
+    if args.mode == FAST:
+        return _run_fast(args, content, styles)
     init: Any = args.init
-    if init not in INIT_CHOICES:
+    if init == FAST:
+        # The optimization starts from the feed-forward picture (resized to each run's
+        # first scale by the engine).
+        init = _feedforward(args, content, styles)
+    elif init not in INIT_CHOICES:
         init = decode_image(init, name="init", **limits)
     resume_from = None
     if args.resume:
@@ -406,6 +424,23 @@ def command_run(args: argparse.Namespace) -> int:
         f"({ran / duration:.2f} it/s, {result.device}, {result.precision}, seed {result.seed})"
         f" -> {args.output}"
     )
+    return 0
+
+
+def _feedforward(args: argparse.Namespace, content: Any, styles: list[Any]) -> Any:
+    from worker.feedforward import MAX_SIZE, MIN_SIZE, stylize_fast
+
+    # The network runs at 384 px whatever is asked; its picture is resized within its bounds.
+    size = min(max(args.size, MIN_SIZE), MAX_SIZE)
+    return stylize_fast(content, styles, args.style_weights, size=size)
+
+
+def _run_fast(args: argparse.Namespace, content: Any, styles: list[Any]) -> int:
+    started = time.perf_counter()
+    image = _feedforward(args, content, styles)
+    _atomic_write(args.output, lambda file: image.save(file, format="PNG"))
+    duration = time.perf_counter() - started
+    print(f"done: feed-forward picture in {duration:.2f} s -> {args.output}")
     return 0
 
 

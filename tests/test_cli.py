@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -68,6 +69,31 @@ def test_run_end_to_end(photo: Path, painting: Path, tmp_path: Path) -> None:
     assert resumed.stderr == ""
 
 
+def test_fast_mode_and_a_fast_start(photo: Path, painting: Path, tmp_path: Path) -> None:
+    # --mode fast: the feed-forward picture alone, at the asked size.
+    fast = tmp_path / "fast.png"
+    done = stylequeue("run", photo, painting, "--mode", "fast", "--size", "96", "-o", fast)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("done: feed-forward picture in ") and str(fast) in done.stdout
+    with Image.open(fast) as image, Image.open(photo) as source:
+        assert image.format == "PNG" and image.size == (96, 72)
+        # Painted, not the photo: The Starry Night's blue pulls the mean colour over.
+        painted = np.asarray(image.convert("RGB"), dtype=float).mean((0, 1))
+        original = np.asarray(source.convert("RGB").resize((96, 72)), dtype=float).mean((0, 1))
+        assert painted[2] - painted[0] > original[2] - original[0] + 20
+
+    # --init fast: the optimization starts from that picture.
+    out = tmp_path / "warm.png"
+    done = stylequeue(
+        "run", photo, painting, "--init", "fast", "--backbone", "vgg19-random",
+        "--size", "64", "--iterations", "3", "--no-progress-bar", "-o", out,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("done: 3/3 iterations")
+    with Image.open(out) as image:
+        assert image.size == (64, 48)
+
+
 def test_flags_mirror_the_engine_signature() -> None:
     done = stylequeue("run", "--help")
     assert done.returncode == 0
@@ -79,7 +105,7 @@ def test_flags_mirror_the_engine_signature() -> None:
     ):  # fmt: skip
         assert flag in done.stdout
     assert "(default: 300)" in done.stdout  # read from stylize's signature
-    assert "(default: 0.5)" in done.stdout  # --style-strength's
+    assert "(default: 0.6)" in done.stdout  # --style-strength's
 
 
 def _assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
