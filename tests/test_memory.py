@@ -21,8 +21,13 @@ from shared.jobs import Upload, parse_request
 from tests.conftest import REPO
 from tests.service import service_settings
 
+# The child's peak is its VmHWM, the high-water mark of its own address space. Not
+# getrusage's ru_maxrss: Linux carries that over from the parent through fork and exec, so
+# the child reported the pytest process's own size (2038 MiB in two cases once the suite
+# had run many engine tests in-process) instead of its own.
 CHILD = """
-import json, resource, sys
+import json, re, sys
+from pathlib import Path
 from shared.images import decode_image
 from worker.engine.stylize import stylize
 spec = json.loads(sys.argv[1])
@@ -30,7 +35,8 @@ limits = {"max_bytes": 10**9, "max_pixels": 10**9}
 content = decode_image(spec["content"], **limits)
 styles = [decode_image(path, **limits) for path in spec["styles"]]
 stylize(content=content, styles=styles, **spec["options"])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+status = Path("/proc/self/status").read_text()
+print(int(re.search(r"^VmHWM:\\s+(\\d+) kB", status, re.M).group(1)) * 1024)
 """
 
 # (content size, style sizes, options): each extreme in one direction.
