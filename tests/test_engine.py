@@ -583,31 +583,23 @@ def test_auto_precision_takes_bf16_on_a_gpu_only_where_it_is_native(
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
 
 
-def test_every_pyramid_scale_starts_falling(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_pyramid_scale_starts_falling() -> None:
     """L-BFGS's first steps at a scale (its history empty) must not throw the pixels about:
-    with the engine's trust region the loss of each scale's first 10 iterations never
-    rises above its first; without it, the same run from noise rose by half (1.56× on an
-    AMD EPYC) at its second scale."""
-    from worker.engine import optimize
-
+    the loss of each scale's first 10 iterations never rises above its first, from the
+    photo and from noise. (Without the engine's trust region the second scale rose 2.34× at
+    256 px in bench/scale_start.py; at the sizes a test can afford the relative objective
+    no longer shows it, so the bound's own test is in tests/test_losses.py.)"""
     repo = Path(__file__).resolve().parent.parent
     content = Image.open(repo / "examples" / "chelsea.jpg").convert("RGB")
     style = Image.open(repo / "shared" / "presets" / "starry-night.jpg").convert("RGB")
-
-    def rises() -> list[float]:
+    for init in ("content", "noise"):
         seen: list[Iterate] = []
         stylize(
-            content=content, styles=[style], size=96, iterations=60, scales=2, init="noise",
+            content=content, styles=[style], size=96, iterations=60, scales=2, init=init,
             backbone="vgg19-random", seed=0, precision="fp32", progress=seen.append,
-            style_strength=0.5, tv_weight=3.0,  # pinned: the defaults may move
         )  # fmt: skip
         firsts = [[it.loss for it in seen if it.scale == s][:10] for s in range(2)]
-        return [max(losses) / losses[0] for losses in firsts]
-
-    assert optimize.LBFGS_MAX_STEP is not None
-    assert max(rises()) <= 1.01
-    monkeypatch.setattr(optimize, "LBFGS_MAX_STEP", None)
-    assert max(rises()) > 1.2  # the unbounded steps this guards against
+        assert max(max(losses) / losses[0] for losses in firsts) <= 1.01, (init, firsts)
 
 
 def test_lbfgs_keeps_the_history_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
