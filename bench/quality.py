@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from worker.engine.backbones import build_layers, seed_filters
+from worker.engine.backbones import IMAGENET_MEAN, IMAGENET_STD, build_layers, seed_filters
+from worker.engine.imaging import rgb_to_yiq, to_tensor
 from worker.engine.registry import BACKBONES
 
 #: The held-out network's seed (the offline backbone's is 19) and layers.
@@ -31,18 +32,11 @@ HELD_OUT_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 
 
 def _tensor(image: Image.Image, long_side: int | None = None) -> torch.Tensor:
-    image = image.convert("RGB")
-    if long_side is not None:
-        scale = long_side / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    return to_tensor(image, long_side=long_side or max(image.size), device=torch.device("cpu"))
 
 
 def _luminance(x: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    return (x * weights).sum(1, keepdim=True)
+    return rgb_to_yiq(x)[:, :1]
 
 
 def _gaussian(sigma: float) -> torch.Tensor:
@@ -95,8 +89,8 @@ def _held_out() -> torch.nn.Sequential:
 
 
 def _grams(image: torch.Tensor) -> dict[str, torch.Tensor]:
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x = (image - mean) / std
     grams = {}
     with torch.no_grad():
