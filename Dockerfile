@@ -1,7 +1,8 @@
-# One image for the web front end and the GPU workers.
-#   docker build -t stylequeue .                       (web: no weights needed)
-#   docker build --target worker -t stylequeue-worker . (worker: VGG19 weights baked in)
-FROM python:3.11-slim AS base
+# One image for the web front end and the GPU workers, one for the preview workers.
+#   docker build --target base -t stylequeue .            (web: no weights needed)
+#   docker build --target worker -t stylequeue-worker .   (worker: VGG19 weights baked in)
+#   docker build --target preview -t stylequeue-preview . (preview worker: no torch)
+FROM python:3.11-slim AS source
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini gunicorn.conf.py ./
@@ -10,9 +11,18 @@ COPY web ./web
 COPY worker ./worker
 COPY stylequeue ./stylequeue
 COPY migrations ./migrations
+RUN useradd --create-home stylequeue && mkdir -p /data && chown stylequeue /data
+
+# The feed-forward network on onnxruntime, CPU only (worker/previews.py).
+FROM source AS preview
+RUN pip install -e '.[preview]'
+USER stylequeue
+ENV STYLEQUEUE_DATA_DIR=/data
+CMD ["stylequeue", "preview-worker"]
+
+FROM source AS base
 # The CUDA build of torch (the default wheel on PyPI for x86_64).
 RUN pip install -e '.[worker]'
-RUN useradd --create-home stylequeue && mkdir -p /data && chown stylequeue /data
 USER stylequeue
 ENV STYLEQUEUE_DATA_DIR=/data
 EXPOSE 8000

@@ -114,28 +114,30 @@ def bench_settings(
 
 
 def start_workers(
-    settings: Settings, count: int, logs: Path, **env: str
+    settings: Settings, count: int, logs: Path, command: str = "worker", **env: str
 ) -> list[subprocess.Popen[bytes]]:
-    """``count`` real ``stylequeue worker`` processes, returned once all heartbeat."""
+    """``count`` real ``stylequeue worker`` (or ``preview-worker``) processes, returned once
+    all heartbeat."""
     processes = []
+    client = broker.connect(settings.redis_url)
+    before = len(broker.live_workers(client))
     for index in range(count):
-        with (logs / f"worker{index}.log").open("wb") as log:
+        with (logs / f"{command}{index}.log").open("wb") as log:
             processes.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "stylequeue", "worker"],
+                    [sys.executable, "-m", "stylequeue", command],
                     env={
                         **os.environ,
                         **settings.environ(),
                         **env,
-                        "STYLEQUEUE_WORKER_NAME": f"bench{index}",
+                        "STYLEQUEUE_WORKER_NAME": f"bench-{command}{index}",
                     },
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=ROOT,
                 )
             )
-    client = broker.connect(settings.redis_url)
-    wait(lambda: len(broker.live_workers(client)) >= count, 180, "the workers", every=0.1)
+    wait(lambda: len(broker.live_workers(client)) >= before + count, 180, "the workers", every=0.1)
     return processes
 
 

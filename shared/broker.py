@@ -24,6 +24,9 @@ WORKERS_KEY = "stylequeue:workers"
 HEARTBEAT_TTL_SECONDS = 15
 #: Task name the web sends jobs under; the worker registers its task with it.
 RUN_JOB_TASK = "stylequeue.run_job"
+#: The instant preview of an optimization job: its feed-forward picture, made by a preview
+#: worker (worker/previews.py). A ``mode=fast`` job is a RUN_JOB_TASK on the preview queue.
+PREVIEW_TASK = "stylequeue.preview_job"
 #: A probe: the worker writes the time it picked the message up under the key it is given
 #: (bench/service.py measures the bare queue's latency with it).
 PING_TASK = "stylequeue.ping"

@@ -56,6 +56,11 @@ def parse_bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
+def preview_queue_of(queue: str) -> str:
+    """The preview workers' queue beside the jobs' ``queue``."""
+    return f"{queue}.preview"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     #: SQLAlchemy URL of the job database.
@@ -121,6 +126,11 @@ class Settings:
     job_ttl_seconds: float = 7 * 24 * 3600.0
     #: Name of the queue jobs are sent to.
     queue: str = "stylequeue"
+    #: Send each optimization job to the preview workers too, for a feed-forward picture
+    #: shown before its first iteration.
+    fast_previews: bool = True
+    #: onnxruntime threads per preview worker process.
+    preview_threads: int = 1
     #: A running job's lease lasts this long unless its worker renews it (every third of
     #: it); a worker killed mid-job loses its jobs to others this many seconds later.
     lease_seconds: float = 30.0
@@ -193,6 +203,13 @@ class Settings:
     webhook_networks: str = ""
     webhook_retry_seconds: float = 5.0
     webhook_max_attempts: int = 8
+
+    @property
+    def preview_queue(self) -> str:
+        """The light queue of the feed-forward network (Ghiasi et al. 2017), served by
+        preview workers (``stylequeue preview-worker``: onnxruntime on a CPU, no torch):
+        each job's instant preview and the ``mode=fast`` jobs."""
+        return preview_queue_of(self.queue)
 
     def trusted_host_list(self) -> list[str] | None:
         """``trusted_hosts`` for Flask's ``TRUSTED_HOSTS``: None for any host (``*``)."""

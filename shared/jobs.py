@@ -17,21 +17,24 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import Connection, and_, bindparam, case, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
 from shared.errors import OptionError
+from shared.estimate import job_work
 from shared.images import ImageInfo, probe_image
-from shared.models import Job, JobStatus, JobStyle, StoredImage, utcnow
+from shared.models import Job, JobMode, JobStatus, JobStyle, StoredImage, utcnow
 from shared.presets import presets
 from shared.routing import job_memory_bytes
 from shared.storage import Storage
 from shared.webhooks import check_callback_url
 from worker.engine.stylize import (
     INIT_CHOICES,
+    MAX_SCALES,
+    auto_scales,
     check_image_sizes,
     check_options,
     defaults,
@@ -50,8 +53,19 @@ JOB_OPTIONS = (
     "seed", "precision",
 )  # fmt: skip
 FORM_FIELDS = {
-    "content", "style", "style_preset", "style_weights", "reuse", "callback_url", *JOB_OPTIONS,
+    "content", "style", "style_preset", "style_weights", "reuse", "callback_url", "mode",
+    *JOB_OPTIONS,
 }  # fmt: skip
+#: The engine's defaults, the options' starting values.
+ENGINE_DEFAULTS = defaults()
+#: ``init=fast``: the optimization starts from the feed-forward picture, which the worker
+#: makes (worker/feedforward.py); the engine itself knows only images and its own choices.
+INIT_FAST = "fast"
+JOB_INIT_CHOICES = (*INIT_CHOICES, INIT_FAST)
+MODE_CHOICES = tuple(mode.value for mode in JobMode)
+#: The largest picture a ``mode=fast`` job makes (long side): the network runs at 384 px,
+#: and above this an upscaled picture only gets softer (worker/feedforward.py MAX_SIZE).
+FAST_MAX_SIZE = 1024
 
 
 @dataclass
@@ -76,13 +90,23 @@ class JobRequest:
     reuse: bool = True
     #: Where to POST the signed notice when the job finishes (an allowed host).
     callback_url: str | None = None
+    mode: JobMode = JobMode.OPTIMIZE
+
+    def plan(self) -> list[tuple[int, int]]:
+        """The pyramid: (long side, iterations) per scale, coarsest first."""
+        return pyramid(self.options["size"], self.options["scales"], self.options["iterations"])
+
+    def work(self) -> int:
+        """The job's work for the ETA (shared/estimate.py); 0 for a fast job."""
+        if self.mode == JobMode.FAST:
+            return 0
+        return job_work(self.plan(), *self.content[1].size)
 
     def memory_bytes(self) -> int:
         """An upper estimate of the memory the job needs where it runs (shared/routing.py),
         its styles at the finest scale included."""
-        size = self.options["size"]
         # The finest scale's long side: the output's (pyramid() ends there).
-        finest = pyramid(size, self.options["scales"], self.options["iterations"])[-1][0]
+        finest = self.plan()[-1][0]
         style_pixels = []
         for _, info, _ in self.styles:
             side = style_side(info.size, finest, self.options)
@@ -112,6 +136,7 @@ class JobRequest:
             "styles": [hashlib.sha256(data).hexdigest() for data, _, _ in self.styles],
             "style_weights": self.style_weights,
             "options": options,
+            "mode": self.mode.value,
         }
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
@@ -172,8 +197,18 @@ def parse_request(
         raise OptionError(f"unknown field {unknown[0]!r}", field=unknown[0])
     single = {name: values[-1] for name, values in form.items() if values}
     options = parse_options(single)
-    if options["init"] not in INIT_CHOICES:
-        raise OptionError(f"must be one of {', '.join(INIT_CHOICES)}", field="init")
+    if options["init"] not in JOB_INIT_CHOICES:
+        raise OptionError(f"must be one of {', '.join(JOB_INIT_CHOICES)}", field="init")
+    mode_text = single.get("mode", "").strip() or JobMode.OPTIMIZE.value
+    if mode_text not in MODE_CHOICES:
+        raise OptionError(f"must be one of {', '.join(MODE_CHOICES)}", field="mode")
+    mode = JobMode(mode_text)
+    if mode == JobMode.FAST and options["size"] > FAST_MAX_SIZE:
+        raise OptionError(
+            f"a fast job's picture is at most {FAST_MAX_SIZE} px (the network runs at 384 px); "
+            "use mode=optimize for larger ones",
+            field="size",
+        )
 
     if runnable_backbones is not None and options["backbone"] not in runnable_backbones:
         raise OptionError(
@@ -222,14 +257,18 @@ def parse_request(
         raise OptionError(
             f"cannot read {weights_text!r} as numbers", field="style_weights"
         ) from None
+    init = options["init"]
     checked = check_options(
         styles=len(styles),
         style_weights=style_weights,
         preview_every=0,
         checkpoint_every=0,
         max_size=settings.max_size,
-        **{k: v for k, v in options.items() if k != "original_colors"},
+        # The engine checks the other options as for a start from the photo.
+        **{k: v for k, v in options.items() if k != "original_colors"}
+        | ({"init": "content"} if init == INIT_FAST else {}),
     )
+    checked["init"] = init
     if checked["iterations"] > settings.max_iterations:
         raise OptionError(
             f"must be at most {settings.max_iterations} on this service", field="iterations"
@@ -257,7 +296,57 @@ def parse_request(
         seed_given=seed_given,
         reuse=reuse in ("true", "1", "yes"),
         callback_url=callback_url,
+        mode=mode,
     )
+
+
+#: What "run again" may change: the options, not the images.
+AGAIN_FIELDS = frozenset({*JOB_OPTIONS, "mode"})
+
+
+def _form_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(part) for part in value)
+    return str(value)
+
+
+def request_again(
+    job: Job, storage: Storage, changes: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, list[str]], list[Upload]]:
+    """The submission that runs ``job`` again with ``changes`` to its options: its images
+    (read back from storage), its options and seed, its style weights. A new strength
+    recomputes the style weight from it; a new size, the number of scales."""
+    unknown = sorted(set(changes) - AGAIN_FIELDS)
+    if unknown:
+        raise OptionError("only the options can change, not the images", field=unknown[0])
+    form = {name: [_form_value(job.params.get(name))] for name in JOB_OPTIONS}
+    form["mode"] = [job.mode]
+    form["style_weights"] = [_form_value([style.weight for style in job.styles])]
+    if "style_strength" in changes and "style_weight" not in changes:
+        form["style_weight"] = [""]
+    if "size" in changes and "scales" not in changes:
+        form["scales"] = [""]
+    form |= {name: list(values) for name, values in changes.items()}
+    stored = {image.sha256: image for image in _stored_images(job)}
+    uploads = [Upload("content", "content", storage.get(stored[job.content_sha256].storage_key))]
+    if all(style.preset for style in job.styles):  # presets stay presets, in their order
+        form["style_preset"] = [",".join(str(style.preset) for style in job.styles)]
+    else:
+        for style in job.styles:
+            key = stored[style.image_sha256].storage_key
+            uploads.append(Upload("style", f"style-{style.position}", storage.get(key)))
+    return form, uploads
+
+
+def _stored_images(job: Job) -> list[StoredImage]:
+    session = Session.object_session(job)
+    assert session is not None, "a job loaded from the database"
+    digests = {job.content_sha256, *(style.image_sha256 for style in job.styles)}
+    return list(session.scalars(select(StoredImage).where(StoredImage.sha256.in_(digests))))
 
 
 def store_image(session: Session, storage: Storage, data: bytes, image: ImageInfo) -> str:
@@ -293,9 +382,12 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
     job = Job(
         id=uuid.uuid4(),
         status=JobStatus.QUEUED,
+        mode=request.mode.value,
         params=request.options,
         content_sha256=content_sha,
-        total=request.options["iterations"],
+        # A fast job makes no iteration: one pass of the feed-forward network.
+        total=0 if request.mode == JobMode.FAST else request.options["iterations"],
+        work=request.work(),
         iteration=0,
         attempts=0,
         cancel_requested=False,
@@ -318,19 +410,61 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
     return job
 
 
-# Built once (SQLAlchemy compiles it once and caches that): building the ORM expression
-# anew took about half of a queued job's status poll (cProfile, in-process).
-QUEUED_BEFORE = (
-    select(func.count())
-    .select_from(Job.__table__)
-    .where(
-        Job.__table__.c.status == JobStatus.QUEUED.value,
-        Job.__table__.c.created_at < bindparam("created_at"),
-    )
+def plan_for(size: int, scales: int | None, iterations: int) -> list[tuple[int, int]]:
+    """The pyramid of a job of these options (``scales`` None: the engine's automatic
+    choice), for the estimate of a job not yet submitted; the options as the form bounds
+    them (``check_options`` judges the submission itself)."""
+    scales = min(scales or auto_scales(size), MAX_SCALES, iterations)
+    return pyramid(size, scales, iterations)
+
+
+def scale_plan(params: Mapping[str, Any]) -> list[dict[str, int]]:
+    """A job's pyramid as its page marks it: each scale's long side, iterations and first
+    iteration (1-based, counted over all scales); none for params without a pyramid
+    (rows written before it existed)."""
+    plan: list[dict[str, int]] = []
+    start = 1
+    if any(params.get(name) is None for name in ("size", "scales", "iterations")):
+        return plan
+    for side, iterations in pyramid(params["size"], params["scales"], params["iterations"]):
+        plan.append({"size": side, "iterations": iterations, "start": start})
+        start += iterations
+    return plan
+
+
+_jobs = Job.__table__.c
+_queued_before = and_(
+    _jobs.status == JobStatus.QUEUED.value, _jobs.created_at < bindparam("created_at")
 )
+# Built once (SQLAlchemy compiles it once and caches that): building the ORM expression
+# anew took about half of a queued job's status poll (cProfile, in-process). One statement
+# counts the jobs ahead and sums their work: the queued ones whole, the running ones' rest.
+QUEUE_AHEAD = select(
+    func.coalesce(func.sum(case((_queued_before, 1), else_=0)), 0),
+    func.coalesce(
+        func.sum(
+            case(
+                (_queued_before, func.coalesce(_jobs.work, 0)),
+                (
+                    and_(_jobs.status == JobStatus.RUNNING.value, _jobs.total > 0),
+                    func.coalesce(_jobs.work, 0) * (_jobs.total - _jobs.iteration) / _jobs.total,
+                ),
+                else_=0,
+            )
+        ),
+        0,
+    ),
+).where(_jobs.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+
+
+def queue_ahead(db: Session | Connection, created_at: datetime) -> tuple[int, float]:
+    """For a queued job created at ``created_at``: its position (1 for the next to start)
+    and the work ahead of it (shared/estimate.py). ``db`` is a Session or, for the status
+    poll, the Core connection that read the job."""
+    count, work = db.execute(QUEUE_AHEAD, {"created_at": created_at}).one()
+    return int(count) + 1, float(work)
 
 
 def queue_position(db: Session | Connection, created_at: datetime) -> int:
-    """The position of a queued job created at ``created_at``: 1 for the next to start.
-    ``db`` is a Session or, for the status poll, the Core connection that read the job."""
-    return int(db.scalar(QUEUED_BEFORE, {"created_at": created_at}) or 0) + 1
+    """The position of a queued job created at ``created_at``: 1 for the next to start."""
+    return queue_ahead(db, created_at)[0]

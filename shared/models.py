@@ -44,6 +44,16 @@ class JobStatus(StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
+class JobMode(StrEnum):
+    OPTIMIZE = "optimize"
+    FAST = "fast"
+
+
+#: Values of ``Job.preview_source``.
+PREVIEW_FEEDFORWARD = "feedforward"
+PREVIEW_OPTIMIZER = "optimizer"
+
+
 class StoredImage(Base):
     """An input image, stored once by the SHA-256 of its bytes."""
 
@@ -66,6 +76,9 @@ class Job(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    #: ``optimize`` (Gatys et al.'s optimization) or ``fast`` (the feed-forward picture
+    #: only, made by a preview worker): :class:`JobMode`.
+    mode: Mapped[str] = mapped_column(String(16), default="optimize", server_default="optimize")
     #: The engine options of the job, as ``check_options`` normalized them.
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     content_sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"))
@@ -89,8 +102,12 @@ class Job(Base):
     device: Mapped[str | None] = mapped_column(String(64))
     result_key: Mapped[str | None] = mapped_column(String(200))
     preview_key: Mapped[str | None] = mapped_column(String(200))
-    #: Iteration of the latest saved preview: lets the event stream announce new ones.
+    #: Iteration of the latest saved preview: lets the event stream announce new ones
+    #: (0: the feed-forward picture, made before the first iteration).
     preview_iteration: Mapped[int | None] = mapped_column(Integer)
+    #: What made the preview at ``preview_key``: :data:`PREVIEW_FEEDFORWARD` or
+    #: :data:`PREVIEW_OPTIMIZER`.
+    preview_source: Mapped[str | None] = mapped_column(String(16))
     checkpoint_key: Mapped[str | None] = mapped_column(String(200))
     #: Iteration of the checkpoint at ``checkpoint_key``.
     checkpoint_iteration: Mapped[int | None] = mapped_column(Integer)
@@ -117,6 +134,8 @@ class Job(Base):
     #: and the memory it is estimated to need there.
     queue: Mapped[str | None] = mapped_column(String(100))
     memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    #: The job's work for the ETA: iterations × output pixels (see shared/estimate.py).
+    work: Mapped[int | None] = mapped_column(BigInteger)
     #: Whose job it is (``token:<id>`` or ``session:<id>``; empty: anonymous). With tokens
     #: required, only its owner and admins see it.
     owner: Mapped[str | None] = mapped_column(String(200), index=True)

@@ -92,8 +92,10 @@ def worker_queues(base: str, kind: str, memory_bytes: int) -> list[str]:
 
 
 def all_queues(base: str) -> list[str]:
-    """Every queue a job of this service can be sent to."""
-    return [base, f"{base}.cpu", *(f"{base}.gpu.{name}" for name, _ in GPU_TIERS)]
+    """Every queue a job of this service can be sent to (its preview queue included)."""
+    return [
+        base, f"{base}.cpu", *(f"{base}.gpu.{name}" for name, _ in GPU_TIERS), f"{base}.preview"
+    ]  # fmt: skip
 
 
 def choose_queue(base: str, memory_bytes: int, workers: Iterable[Mapping[str, Any]]) -> str:

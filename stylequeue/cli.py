@@ -183,6 +183,13 @@ def _add_service_commands(commands: Any) -> None:
         "STYLEQUEUE_DEVICE)",
     )
     worker.set_defaults(handler=command_worker)
+    preview = commands.add_parser(
+        "preview-worker",
+        help="run a preview worker: the feed-forward network on a CPU (instant previews, "
+        "mode=fast jobs)",
+    )
+    preview.add_argument("--name", help="the worker's name (default: host:pid)")
+    preview.set_defaults(handler=command_preview_worker)
 
     db = commands.add_parser("db", help="manage the job database")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -244,6 +251,13 @@ def command_worker(args: argparse.Namespace) -> int:
     if args.gpus:
         return run_gpu_workers(args.gpus, args.name)
     run_worker(Settings.from_env(), args.name)
+    return 0
+
+
+def command_preview_worker(args: argparse.Namespace) -> int:
+    from stylequeue.service import run_preview_worker
+
+    run_preview_worker(Settings.from_env(), args.name)
     return 0
 
 

@@ -49,6 +49,18 @@ def run_worker(settings: Settings, name: str | None = None) -> None:
     app.worker_main(argv)
 
 
+def run_preview_worker(settings: Settings, name: str | None = None) -> None:
+    """One preview worker process (worker/previews.py): the feed-forward network on the
+    preview queue, one picture at a time; no torch. Run several for more pictures at once."""
+    from worker.previews import app
+
+    argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", settings.preview_queue]
+    argv += ["--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+    if name or settings.worker_name:
+        argv += ["--hostname", name or f"{settings.worker_name}-preview@%h"]
+    app.worker_main(argv)
+
+
 def redis_answers(url: str) -> bool:
     try:
         return bool(broker.connect(url).ping())
@@ -100,7 +112,8 @@ def start_embedded_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]
 
 
 def serve(host: str, port: int) -> int:
-    """Redis (found or embedded), migrations, one worker and the web server; Ctrl-C stops all.
+    """Redis (found or embedded), migrations, one worker, one preview worker and the web
+    server; Ctrl-C stops all.
 
     A worker that dies is started again.
     """
@@ -129,6 +142,11 @@ def serve(host: str, port: int) -> int:
     command = [sys.executable, "-m", "stylequeue"]
     supervisor = Supervisor()
     supervisor.add("the worker", lambda: subprocess.Popen([*command, "worker"], env=env))
+    if settings.fast_previews:
+        supervisor.add(
+            "the preview worker",
+            lambda: subprocess.Popen([*command, "preview-worker"], env=env),
+        )
     supervisor.add(
         "the web server",
         lambda: subprocess.Popen([*command, "web", "--host", host, "--port", str(port)], env=env),

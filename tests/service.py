@@ -116,17 +116,19 @@ def child_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """``stylequeue worker`` as a real process: a Celery worker, not eager mode."""
 
-    def __init__(self, settings: Settings, name: str, log: Path) -> None:
+    def __init__(self, settings: Settings, name: str, log: Path, command: str = "worker") -> None:
         self.settings = settings
         self.name = name
         self.log = log
+        #: ``worker``, or ``preview-worker`` for a preview worker.
+        self.command = command
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = child_env(self.settings) | {"STYLEQUEUE_WORKER_NAME": self.name}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "stylequeue", "worker", "--name", f"{self.name}@test"],
+                [sys.executable, "-m", "stylequeue", self.command, "--name", f"{self.name}@test"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         client = broker.connect(self.settings.redis_url)
@@ -155,12 +157,15 @@ class WorkerProcess:
 
 @contextlib.contextmanager
 def live_service(base: Path, **overrides: Any) -> Iterator[str]:
-    """Redis, a migrated SQLite database, one worker and ``stylequeue web`` on a free port:
-    yields the server's URL."""
+    """Redis, a migrated SQLite database, one worker, one preview worker and ``stylequeue
+    web`` on a free port: yields the server's URL."""
     redis_server = RedisServer(base)
     redis_server.start()
     settings = service_settings(base, redis_server.url, **overrides)
-    worker = WorkerProcess(settings, f"live-{uuid.uuid4().hex[:6]}", base / "worker.log")
+    name = f"live-{uuid.uuid4().hex[:6]}"
+    previews = WorkerProcess(settings, f"{name}-preview", base / "preview.log", "preview-worker")
+    previews.start()
+    worker = WorkerProcess(settings, name, base / "worker.log")
     worker.start()
     port = free_port()
     with (base / "web.log").open("wb") as log:
@@ -183,6 +188,7 @@ def live_service(base: Path, **overrides: Any) -> Iterator[str]:
         web.terminate()
         web.wait(10)
         worker.stop()
+        previews.stop()
         redis_server.stop()
 
 

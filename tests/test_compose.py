@@ -29,7 +29,7 @@ def test_docker_compose_config_passes() -> None:
     assert done.returncode == 0, done.stderr
     assert 'STYLEQUEUE_REQUIRE_TOKEN: "true"' in done.stdout
     assert "STYLEQUEUE_STORAGE_URL: s3://stylequeue/jobs" in done.stdout
-    for service in ("web:", "worker:", "migrate:", "redis:", "postgres:", "minio:", "bucket:",
-                    "flower:"):  # fmt: skip
+    for service in ("web:", "worker:", "preview:", "migrate:", "redis:", "postgres:", "minio:",
+                    "bucket:", "flower:"):  # fmt: skip
         assert f"  {service}" in done.stdout
     assert "appendonly" in done.stdout and "nvidia" in done.stdout

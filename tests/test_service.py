@@ -707,7 +707,8 @@ def test_job_links_are_the_routes_own_urls(app: Flask) -> None:
     job = Job(id=uuid.uuid4())
     endpoints = {"self": "api.get_job", "page": "pages.job_page", "result": "api.get_result",
                  "preview": "api.get_preview", "losses": "api.get_losses",
-                 "events": "api.get_events", "cancel": "api.cancel_job"}  # fmt: skip
+                 "events": "api.get_events", "cancel": "api.cancel_job",
+                 "again": "api.run_again", "content": "api.get_content"}  # fmt: skip
     for script_name in ("", "/behind/a/proxy"):
         with app.test_request_context("/", base_url=f"http://localhost{script_name}"):
             expected = {k: url_for(e, job_id=str(job.id)) for k, e in endpoints.items()}

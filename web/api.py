@@ -29,8 +29,30 @@ from werkzeug.exceptions import HTTPException
 
 from shared import broker
 from shared.errors import OptionError, StylequeueError
-from shared.jobs import JobRequest, Upload, create_job, parse_request, queue_position
-from shared.models import Job, JobRun, JobStatus, JobStyle, LossPoint, utcnow
+from shared.estimate import Speeds, estimate, job_work
+from shared.jobs import (
+    ENGINE_DEFAULTS,
+    MODE_CHOICES,
+    JobRequest,
+    Upload,
+    create_job,
+    parse_request,
+    plan_for,
+    queue_ahead,
+    request_again,
+    scale_plan,
+)
+from shared.models import (
+    PREVIEW_OPTIMIZER,
+    Job,
+    JobMode,
+    JobRun,
+    JobStatus,
+    JobStyle,
+    LossPoint,
+    StoredImage,
+    utcnow,
+)
 from shared.presets import presets
 from shared.routing import choose_queue
 from shared.webhooks import owner_secret
@@ -45,6 +67,7 @@ from web.auth import (
 )
 from web.extensions import services
 from web.openapi import openapi_document
+from worker.engine.stylize import MAX_SCALES, MIN_SIZE
 
 bp = Blueprint("api", __name__)
 log = logging.getLogger(__name__)
@@ -176,6 +199,8 @@ def job_links(job: Job | Row[Any]) -> dict[str, str]:
         "losses": f"{own}/losses",
         "events": f"{own}/events",
         "cancel": f"{own}/cancel",
+        "again": f"{own}/again",
+        "content": f"{own}/content",
     }
 
 
@@ -185,21 +210,32 @@ def job_json(
     runs: Sequence[JobRun | SimpleNamespace] | None = None,
     *,
     with_position: bool = True,
-    position: int | None = None,
+    ahead: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
     """The job as the API shows it: from an ORM ``Job`` (its styles and runs loaded with
-    it), or from the rows :func:`read_job` gives the status poll. A queued job's
-    ``position`` is counted here unless given."""
+    it), or from the rows :func:`read_job` gives the status poll. A queued job's position
+    and the work ahead of it (``ahead``) are counted here unless given."""
     if styles is None or runs is None:
         assert isinstance(job, Job), "rows come with their styles and runs"
         styles, runs = job.styles, job.runs
     status = JobStatus(job.status)
-    eta = None
+    links = job_links(job)
+    fast = job.mode == JobMode.FAST
+    eta, wait = None, None
     if status == JobStatus.RUNNING and job.iteration and job.elapsed:
-        eta = round(job.elapsed / job.iteration * (job.total - job.iteration), 1)
+        eta, wait = round(job.elapsed / job.iteration * (job.total - job.iteration), 1), 0.0
+    if status == JobStatus.QUEUED and with_position:
+        if ahead is None:
+            ahead = queue_ahead(services.session, job.created_at)
+        expected = estimate(
+            Speeds.from_heartbeats(live_workers()), work=job.work or 0, work_ahead=ahead[1],
+            fast=fast,
+        )  # fmt: skip
+        eta, wait = expected["total_seconds"], expected["wait_seconds"]
     body: dict[str, Any] = {
         "id": str(job.id),
         "status": status.value,
+        "mode": job.mode,
         "params": {**job.params, "style_weights": [s.weight for s in styles]},
         "styles": [
             {"image": s.image_sha256, "weight": s.weight, "preset": s.preset} for s in styles
@@ -209,6 +245,15 @@ def job_json(
         "finished_at": iso(job.finished_at),
         "progress": {"iteration": job.iteration, "total": job.total},
         "eta_seconds": eta,
+        "wait_seconds": wait,
+        "scales": [] if fast else scale_plan(job.params),
+        "preview": None
+        if job.preview_key is None
+        else {
+            "url": links["preview"],
+            "source": job.preview_source or PREVIEW_OPTIMIZER,
+            "iteration": job.preview_iteration,
+        },
         "loss": None
         if job.loss_total is None
         else {
@@ -239,12 +284,10 @@ def job_json(
             for run in runs
         ],
         "cancel_requested": job.cancel_requested,
-        "links": job_links(job),
+        "links": {**links, "styles": [f"{links['self']}/styles/{s.position}" for s in styles]},
     }
-    if status == JobStatus.QUEUED and with_position:
-        if position is None:
-            position = queue_position(services.session, job.created_at)
-        body["queue_position"] = position
+    if ahead is not None:
+        body["queue_position"] = ahead[0]
     if status == JobStatus.FAILED:
         body["error"] = {"code": job.error_code, "message": job.error_message}
     if job.callback_url:
@@ -313,23 +356,23 @@ def _distinct_parts(
 
 def read_job(
     job_id: str,
-) -> tuple[Row[Any], list[SimpleNamespace], list[SimpleNamespace], int | None]:
+) -> tuple[Row[Any], list[SimpleNamespace], list[SimpleNamespace], tuple[int, float] | None]:
     """A job the caller may see (its row), its styles, its runs and, while it is queued,
-    its queue position, read-only."""
+    its queue position and the work ahead of it, read-only."""
     with services.reader.connect() as connection:
         rows = connection.execute(JOB_STYLE_RUN_ROWS, {"job_id": parse_job_id(job_id)}).all()
         # may_see reads no database here: the caller was authenticated before the view.
         if not rows or not may_see(rows[0]):
             raise NotFound(f"no job {job_id!r}")
         job = rows[0]
-        position = None
+        ahead = None
         if job.status == JobStatus.QUEUED:
-            position = queue_position(connection, job.created_at)
+            ahead = queue_ahead(connection, job.created_at)
     return (
         job,
         _distinct_parts(rows, "style_", STYLE_FIELDS, "position"),
         _distinct_parts(rows, "run_", RUN_FIELDS, "attempt"),
-        position,
+        ahead,
     )
 
 
@@ -405,7 +448,7 @@ def _reuse_result(session: Session, job: Job, source: Job) -> None:
     job.loss_total, job.loss_content = source.loss_total, source.loss_content
     job.loss_style, job.loss_tv = source.loss_style, source.loss_tv
     job.result_key, job.preview_key = source.result_key, source.preview_key
-    job.preview_iteration = source.preview_iteration
+    job.preview_iteration, job.preview_source = source.preview_iteration, source.preview_source
     session.flush()
     columns = ("iteration", "total", "content", "style", "tv", "elapsed")
     copied = select(literal(job.id, Uuid), *(getattr(LossPoint, c) for c in columns)).where(
@@ -427,6 +470,13 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
                     uploads.append(Upload(field, upload.filename, upload.read()))
             finally:
                 upload.close()
+    return _submit(form, uploads, key)
+
+
+def _submit(
+    form: dict[str, list[str]], uploads: list[Upload], key: str | None
+) -> tuple[Response, int, dict[str, str]]:
+    """Check, store and enqueue a submission (or replay or reuse an earlier one)."""
     workers = live_workers()
     backbones = {name for worker in workers for name in worker.get("backbones", [])}
     job_request = parse_request(
@@ -457,8 +507,12 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
             .limit(1)
         )
     queue, memory_bytes = None, None
-    if source is None:  # it will run: somewhere must hold it (before anything is stored)
+    fast = job_request.mode == JobMode.FAST
+    if source is None and fast:  # the preview workers' queue: no backbone, little memory
+        queue = services.settings.preview_queue
+    elif source is None:  # it will run: somewhere must hold it (before anything is stored)
         queue, memory_bytes = route(job_request, workers)
+    if source is None:
         queued = session.scalar(
             select(func.count()).where(Job.client == client_id(), Job.status == JobStatus.QUEUED)
         )
@@ -487,6 +541,9 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         return jsonify(job_json(job)), 201, location
     assert queue is not None
     try:
+        if services.settings.fast_previews and not fast:
+            # First: the preview workers are idle far more often than the job's queue.
+            services.enqueue_preview(str(job.id))
         services.enqueue(str(job.id), queue)
         job.enqueued_at = utcnow()
         session.commit()
@@ -497,10 +554,81 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     return jsonify(job_json(job)), 202, location
 
 
+@bp.post("/api/jobs/<job_id>/again")
+def run_again(job_id: str) -> tuple[Response, int, dict[str, str]]:
+    """A new job on this job's images and options, with the options in the form changed
+    (e.g. ``style_strength``); answered as a submission is."""
+    key = _idempotency_key()
+    check_rate("submit", services.settings.submit_limit_per_minute)
+    job = load_job(job_id)
+    _check_not_expired(job)
+    changes = {name: request.form.getlist(name) for name in request.form}
+    form, uploads = request_again(job, services.storage, changes)
+    return _submit(form, uploads, key)
+
+
+@bp.get("/api/jobs/<job_id>/content")
+def get_content(job_id: str) -> Response:
+    """The job's content photo, as it was uploaded."""
+    job = load_job(job_id)
+    return _stored_image(job, job.content_sha256)
+
+
+@bp.get("/api/jobs/<job_id>/styles/<int:position>")
+def get_style(job_id: str, position: int) -> Response:
+    """One of the job's style images, as it was uploaded (or the preset's file)."""
+    job = load_job(job_id)
+    style = next((s for s in job.styles if s.position == position), None)
+    if style is None:
+        raise NotFound(f"the job has no style {position}")
+    return _stored_image(job, style.image_sha256)
+
+
+#: The formats the service accepts, by their first bytes (shared/images.py ACCEPTED_FORMATS).
+IMAGE_SIGNATURES = ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"RIFF", "image/webp"))
+
+
+def _stored_image(job: Job, digest: str) -> Response:
+    _check_not_expired(job)
+    stored = services.session.get(StoredImage, digest)
+    if stored is None or not services.storage.exists(stored.storage_key):
+        raise NotFound("the image is gone")
+    data = services.storage.get(stored.storage_key)
+    mimetype = next((m for magic, m in IMAGE_SIGNATURES if data.startswith(magic)), None)
+    # Stored by its hash: the bytes behind the URL never change.
+    headers = {"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"}
+    return Response(data, mimetype=mimetype or "application/octet-stream", headers=headers)
+
+
+@bp.get("/api/estimate")
+def get_estimate() -> Response:
+    """How long a job of these options would take now: its run on the live workers'
+    measured speed, and the wait for the work queued ahead of it (shared/estimate.py)."""
+    settings = services.settings
+    size = _int_arg("size", ENGINE_DEFAULTS["size"], MIN_SIZE, settings.max_size)
+    iterations = _int_arg("iterations", ENGINE_DEFAULTS["iterations"], 1, settings.max_iterations)
+    scales = _int_arg("scales", 0, 0, MAX_SCALES) or None
+    width = _int_arg("width", size, 1, 1_000_000)
+    height = _int_arg("height", size, 1, 1_000_000)
+    mode = request.args.get("mode") or JobMode.OPTIMIZE.value
+    if mode not in MODE_CHOICES:
+        raise OptionError(f"must be one of {', '.join(MODE_CHOICES)}", field="mode")
+    plan = plan_for(size, scales, iterations)
+    with services.reader.connect() as connection:
+        _, work_ahead = queue_ahead(connection, utcnow())
+    expected = estimate(
+        Speeds.from_heartbeats(live_workers()),
+        work=job_work(plan, width, height),
+        work_ahead=work_ahead,
+        fast=mode == JobMode.FAST,
+    )
+    return jsonify(expected)
+
+
 @bp.get("/api/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    job, styles, runs, position = read_job(job_id)
-    return jsonify(job_json(job, styles, runs, position=position))
+    job, styles, runs, ahead = read_job(job_id)
+    return jsonify(job_json(job, styles, runs, ahead=ahead))
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:
@@ -625,9 +753,17 @@ def _event_stream(job_key: uuid.UUID) -> Response:
                 for point in points:
                     cursor = point.iteration
                     yield _sse("loss", {**point_json(point), "of": current.total}, cursor)
-                if current.preview_iteration and current.preview_iteration != preview_iteration:
+                # Iteration 0: the feed-forward picture, before the first iteration.
+                if (
+                    current.preview_iteration is not None
+                    and current.preview_iteration != preview_iteration
+                ):
                     preview_iteration = current.preview_iteration
-                    data = {"iteration": preview_iteration, "url": preview_url}
+                    data = {
+                        "iteration": preview_iteration,
+                        "url": preview_url,
+                        "source": current.preview_source or PREVIEW_OPTIMIZER,
+                    }
                     yield _sse("preview", data, cursor)
                 if current.job_status.finished and len(points) < MAX_LOSS_PAGE:
                     yield _sse("done", {"status": status}, cursor)

@@ -130,6 +130,11 @@ class Services:
         celery: Celery = self._get("celery")
         celery.send_task(broker.RUN_JOB_TASK, args=[job_id], queue=queue)
 
+    def enqueue_preview(self, job_id: str) -> None:
+        """Ask the preview workers for the job's feed-forward picture."""
+        celery: Celery = self._get("celery")
+        celery.send_task(broker.PREVIEW_TASK, args=[job_id], queue=self.settings.preview_queue)
+
     @staticmethod
     def _close_session(_: BaseException | None) -> None:
         session = g.pop("db_session", None)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.jobs import JOB_OPTIONS
+from shared.jobs import JOB_OPTIONS, MODE_CHOICES
 from worker.engine.stylize import defaults
 
 ERROR = {"$ref": "#/components/schemas/Error"}
+MODE = {
+    "type": "string",
+    "enum": list(MODE_CHOICES),
+    "description": "optimize (default): Gatys et al.'s optimization; fast: the feed-forward "
+    "picture only, in about a second",
+}
 JOB = {"$ref": "#/components/schemas/Job"}
 
 
@@ -23,7 +29,7 @@ JOB_FIELDS = (
     "id", "status", "params", "created_at", "started_at", "finished_at", "progress",
     "eta_seconds", "loss", "queue_position", "error", "attempts", "resumed_from_iteration",
     "worker", "device", "links", "reused_from", "expired_at", "cancel_requested", "callback",
-    "styles",
+    "styles", "mode", "wait_seconds", "scales", "preview", "queue", "runs",
 )  # fmt: skip
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -81,6 +87,7 @@ def openapi_document() -> dict[str, Any]:
                                             "description": "receives a signed POST when the "
                                             "job finishes (allow-listed hosts only)",
                                         },
+                                        "mode": MODE,
                                         **options,
                                     },
                                 }
@@ -187,6 +194,71 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/jobs/{job_id}/again": {
+                "post": {
+                    "summary": "A new job on this job's images and options, with the options "
+                    "given here changed (e.g. style_strength); answered as a submission",
+                    "parameters": [JOB_ID],
+                    "requestBody": {
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"mode": MODE, **options},
+                                }
+                            },
+                            "application/x-www-form-urlencoded": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"mode": MODE, **options},
+                                }
+                            },
+                        },
+                    },
+                    "responses": {
+                        "201": _json(JOB, "the same result reused (nothing changed)"),
+                        "202": _json(JOB, "queued; Location names the new job"),
+                        **_errors(400, 404, 410, 422, 429, 503),
+                    },
+                }
+            },
+            "/api/jobs/{job_id}/content": {
+                "get": {
+                    "summary": "The job's content photo, as uploaded",
+                    "parameters": [JOB_ID],
+                    "responses": {"200": {"description": "the image"}, **_errors(404, 410)},
+                }
+            },
+            "/api/jobs/{job_id}/styles/{position}": {
+                "get": {
+                    "summary": "One of the job's style images, as uploaded",
+                    "parameters": [
+                        JOB_ID,
+                        {
+                            "name": "position",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                    ],
+                    "responses": {"200": {"description": "the image"}, **_errors(404, 410)},
+                }
+            },
+            "/api/estimate": {
+                "get": {
+                    "summary": "How long a job of these options would take now, on the live "
+                    "workers' measured speed, with the queue's wait",
+                    "parameters": [
+                        {"name": n, "in": "query", "schema": {"type": "integer"}}
+                        for n in ("size", "iterations", "scales", "width", "height")
+                    ]
+                    + [{"name": "mode", "in": "query", "schema": MODE}],
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/Estimate"}, "the estimate"),
+                        **_errors(422),
+                    },
+                }
+            },
             "/api/jobs/{job_id}/cancel": {
                 "post": {
                     "summary": "Cancel (idempotent)",
@@ -253,6 +325,18 @@ def openapi_document() -> dict[str, Any]:
                 "Job": {
                     "type": "object",
                     "properties": {name: {} for name in JOB_FIELDS},
+                },
+                "Estimate": {
+                    "type": "object",
+                    "required": ["run_seconds", "wait_seconds", "total_seconds", "workers"],
+                    "properties": {
+                        "run_seconds": {"type": ["number", "null"]},
+                        "wait_seconds": {"type": ["number", "null"]},
+                        "total_seconds": {"type": ["number", "null"]},
+                        "workers": {"type": "integer"},
+                        "basis": {"type": "string", "enum": ["measured", "none"]},
+                        "message": {"type": "string"},
+                    },
                 },
             },
         },

@@ -5,14 +5,28 @@ from __future__ import annotations
 from flask import Blueprint, abort, g, render_template, send_file
 from werkzeug.wrappers import Response
 
+from shared.estimate import PREVIEW_KIND
+from shared.jobs import JOB_INIT_CHOICES
 from shared.presets import presets
 from shared.routing import GIB
 from web.auth import start_browser_session
 from web.extensions import services
 from worker.engine.registry import BACKBONES, DEFAULT_BACKBONE, OFFLINE_BACKBONE
-from worker.engine.stylize import INIT_CHOICES, OPTIMIZER_CHOICES, defaults
+from worker.engine.stylize import OPTIMIZER_CHOICES, defaults
 
 bp = Blueprint("pages", __name__)
+
+#: The form's speed presets, shown before the raw numbers (each with its expected time).
+SPEEDS = (
+    {"name": "instant", "label": "Instant", "mode": "fast", "size": 512, "iterations": 300,
+     "hint": "the feed-forward network alone: one pass, about a second"},
+    {"name": "quick", "label": "Quick", "mode": "optimize", "size": 256, "iterations": 100,
+     "hint": "256 px, 100 iterations: a first look"},
+    {"name": "balanced", "label": "Balanced", "mode": "optimize", "size": 512,
+     "iterations": 300, "hint": "512 px, 300 iterations: the defaults"},
+    {"name": "best", "label": "Best", "mode": "optimize", "size": 768, "iterations": 500,
+     "hint": "768 px, 500 iterations: finer strokes, several times longer"},
+)  # fmt: skip
 
 
 @bp.before_request
@@ -25,7 +39,8 @@ def _browser_session() -> None:
 def index() -> str:
     from web.api import live_workers
 
-    workers = sorted(live_workers(), key=lambda worker: str(worker.get("name")))
+    everyone = sorted(live_workers(), key=lambda worker: str(worker.get("name")))
+    workers = [worker for worker in everyone if worker.get("kind") != PREVIEW_KIND]
     available = sorted({name for worker in workers for name in worker.get("backbones", [])})
     if DEFAULT_BACKBONE in available or not available:
         chosen = DEFAULT_BACKBONE if DEFAULT_BACKBONE in available else OFFLINE_BACKBONE
@@ -39,7 +54,9 @@ def index() -> str:
         available=available,
         chosen_backbone=chosen,
         optimizers=OPTIMIZER_CHOICES,
-        inits=INIT_CHOICES,
+        inits=JOB_INIT_CHOICES,
+        speeds=SPEEDS,
+        preview_workers=len(everyone) - len(workers),
         max_size=services.settings.max_size,
         max_iterations=services.settings.max_iterations,
         workers=workers,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 from functools import cache, cached_property
 from typing import Any
 
@@ -15,6 +17,8 @@ from shared.db import make_engine, make_sessionmaker
 from shared.storage import Storage, storage_from_settings
 from worker.capacity import Capacity, measure
 from worker.engine import BACKBONES
+
+log = logging.getLogger(__name__)
 
 
 class Context:
@@ -49,3 +53,34 @@ def available_backbones() -> list[str]:
     return [
         name for name, spec in BACKBONES.items() if not spec.needs_weights or locations.find(spec)
     ]
+
+
+_stop_heartbeat = threading.Event()
+
+
+def start_heartbeat(ctx: Context, record: dict[str, Any]) -> threading.Event:
+    """Publish ``record`` with the worker's ``activity`` every third of the heartbeat's
+    life, on a thread of its own, until :func:`stop_heartbeat`; returns the event that
+    stops it (other loops of the worker may wait on it too)."""
+
+    def beat() -> None:
+        while not _stop_heartbeat.is_set():
+            try:
+                current = {**record, **ctx.activity}
+                ttl = ctx.settings.heartbeat_seconds
+                broker.publish_heartbeat(ctx.redis, ctx.name, current, ttl)
+            except Exception as error:  # the broker may be down for a while; keep trying
+                log.warning("heartbeat failed: %s", error)
+            _stop_heartbeat.wait(ctx.settings.heartbeat_seconds / 3)
+
+    threading.Thread(target=beat, daemon=True).start()
+    return _stop_heartbeat
+
+
+def stop_heartbeat(ctx: Context) -> None:
+    """Stop the heartbeat and remove it: the worker is gone at once, not when it lapses."""
+    _stop_heartbeat.set()
+    try:
+        broker.remove_heartbeat(ctx.redis, ctx.name)
+    except Exception:  # the broker may be gone already
+        log.debug("could not remove the heartbeat", exc_info=True)

@@ -25,11 +25,12 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
-from shared.config import Settings
-from shared.models import Job, JobStatus, JobStyle, StoredImage, utcnow
+from shared.config import Settings, preview_queue_of
+from shared.models import Job, JobMode, JobStatus, JobStyle, StoredImage, utcnow
 from shared.routing import JobTooLarge, all_queues, choose_queue
 from shared.storage import Storage
 from worker.lease import end_run
+from worker.reporting import fast_preview_key
 from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,15 @@ def reconcile(
             ]
         sent: list[tuple[str, str]] = []
         for job_id in dict.fromkeys(resend):
-            memory = session.scalar(select(Job.memory_bytes).where(Job.id == job_id)) or 0
+            memory, mode = session.execute(
+                select(Job.memory_bytes, Job.mode).where(Job.id == job_id)
+            ).one()
             try:
-                target = choose_queue(queue, memory, workers)
+                target = (
+                    preview_queue_of(queue)
+                    if mode == JobMode.FAST
+                    else choose_queue(queue, memory or 0, workers)
+                )
             except JobTooLarge as error:  # a larger worker may come back: keep it queued
                 log.warning("job %s waits: %s", job_id, error.message)
                 continue
@@ -139,7 +146,8 @@ def expire_jobs(sessions: sessionmaker[Session], storage: Storage, ttl_seconds: 
         session.flush()
         live = Job.expired_at.is_(None)
         for job in jobs:
-            for key in {job.result_key, job.preview_key, job.checkpoint_key} - {None}:
+            files = {job.result_key, job.preview_key, job.checkpoint_key, fast_preview_key(job.id)}
+            for key in files - {None}:
                 shared = session.scalar(
                     select(func.count()).where(
                         live, or_(Job.result_key == key, Job.preview_key == key)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
 from shared.images import encode_png
-from shared.models import Job, LossPoint
+from shared.models import PREVIEW_OPTIMIZER, Job, LossPoint
 from shared.storage import Storage
 from worker.engine import Checkpoint, Iterate
 
@@ -40,6 +40,12 @@ def checkpoint_key(job_id: uuid.UUID) -> str:
 
 def preview_key(job_id: uuid.UUID) -> str:
     return f"jobs/{job_id}/preview.png"
+
+
+def fast_preview_key(job_id: uuid.UUID) -> str:
+    """The feed-forward picture (worker/instant.py), kept apart from the optimizer's
+    previews: an optimization job with ``init=fast`` starts from it."""
+    return f"jobs/{job_id}/fast-preview.png"
 
 
 def result_key(job_id: uuid.UUID) -> str:
@@ -226,6 +232,7 @@ class JobReporter:
         if self.preview_iteration is not None:
             values["preview_key"] = preview_key(self.job_id)
             values["preview_iteration"] = self.preview_iteration
+            values["preview_source"] = PREVIEW_OPTIMIZER
         with self.sessions.begin() as session:
             if points:
                 # Idempotent: a write that committed but whose answer was lost (the

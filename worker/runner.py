@@ -17,7 +17,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.errors import StylequeueError
+from shared.estimate import RATE_FIELD, job_work, smoothed
 from shared.images import encode_png, upright_rgb
+from shared.jobs import INIT_FAST, plan_for
 from shared.logs import job_context
 from shared.models import Job, JobStatus, StoredImage, utcnow
 from shared.storage import Storage
@@ -32,7 +34,7 @@ from worker.webhooks import deliver_due
 log = logging.getLogger(__name__)
 
 
-def _load_image(session: Session, storage: Storage, sha256: str) -> Image.Image:
+def load_image(session: Session, storage: Storage, sha256: str) -> Image.Image:
     stored = session.get(StoredImage, sha256)
     assert stored is not None, sha256
     image = Image.open(io.BytesIO(storage.get(stored.storage_key)))
@@ -43,7 +45,7 @@ def _load_image(session: Session, storage: Storage, sha256: str) -> Image.Image:
     return upright_rgb(image)
 
 
-def _finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> None:
+def finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> None:
     """End the job, if it is still ours (a worker that lost its lease writes nothing);
     waits for the database if it is away."""
 
@@ -77,20 +79,23 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
 
     Queued jobs that can share its batch (``batch_jobs``, ``batch_max_size``) are claimed
     too and run with it, each with its own lease, reporter and ending; their own messages
-    find them taken and are dropped (:func:`_drop_unclaimable`).
+    find them taken and are dropped (:func:`drop_unclaimable`).
     """
     settings = ctx.settings
     from worker.engine.optimize import resolve_device
 
     device = resolve_device(settings.device)
-    claim = _claim(ctx, job_uuid, str(device))
+    claim = claim_job(ctx, job_uuid, str(device))
     if claim is None:
-        _drop_unclaimable(ctx, job_uuid)
+        drop_unclaimable(ctx, job_uuid)
         return
-    if _out_of_attempts(ctx, claim):
+    if out_of_attempts(ctx, claim):
         return
     try:
         leader = _Attempt.begin(ctx, claim, str(device))
+    except StylequeueError as error:  # its options cannot run here (init=fast, no model)
+        finish(ctx, claim, JobStatus.FAILED, error_code=error.code, error_message=str(error))
+        return
     except Exception:  # its inputs unreadable, say: back to the queue, a limited number of times
         log.exception("job %s: could not start it", job_uuid)
         _release(ctx, claim)
@@ -116,14 +121,14 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
         ctx.activity.update(job=None, iterations_per_second=0.0)
 
 
-def _claim(ctx: Context, job_id: uuid.UUID, device: str) -> Claim | None:
+def claim_job(ctx: Context, job_id: uuid.UUID, device: str) -> Claim | None:
     return lease.claim(
         ctx.sessions, job_id, f"{ctx.name}/{uuid.uuid4().hex[:8]}", ctx.settings.lease_seconds,
         host=ctx.host, worker=ctx.name, device=device,
     )  # fmt: skip
 
 
-def _out_of_attempts(ctx: Context, claim: Claim) -> bool:
+def out_of_attempts(ctx: Context, claim: Claim) -> bool:
     """Fail a job its workers died on too often; True if it was."""
     if claim.attempts <= ctx.settings.max_attempts:
         return False
@@ -131,7 +136,7 @@ def _out_of_attempts(ctx: Context, claim: Claim) -> bool:
         f"the job was started {claim.attempts - 1} times without finishing (its worker "
         f"died, or could not start it, each time); the limit is {ctx.settings.max_attempts}"
     )
-    _finish(ctx, claim, JobStatus.FAILED, error_code="too_many_attempts", error_message=message)
+    finish(ctx, claim, JobStatus.FAILED, error_code="too_many_attempts", error_message=message)
     return True
 
 
@@ -186,8 +191,8 @@ def _claim_into(ctx: Context, leader: _Attempt, key: Any, partners: list[Claim])
             continue
         if memory + (memory_bytes or 0) > ctx.capacity.memory_bytes:
             break
-        claim = _claim(ctx, job_id, leader.device)  # None: another worker was quicker
-        if claim is not None and not _out_of_attempts(ctx, claim):
+        claim = claim_job(ctx, job_id, leader.device)  # None: another worker was quicker
+        if claim is not None and not out_of_attempts(ctx, claim):
             partners.append(claim)
             memory += memory_bytes or 0
 
@@ -247,8 +252,8 @@ class _Attempt:
             assert job is not None
             self.params = dict(job.params)
             self.memory_bytes = job.memory_bytes or 0
-            self.content = _load_image(session, ctx.storage, job.content_sha256)
-            self.styles = [_load_image(session, ctx.storage, s.image_sha256) for s in job.styles]
+            self.content = load_image(session, ctx.storage, job.content_sha256)
+            self.styles = [load_image(session, ctx.storage, s.image_sha256) for s in job.styles]
             self.weights = [s.weight for s in job.styles]
             self.resume_from: Checkpoint | None = None
             if job.checkpoint_key and ctx.storage.exists(job.checkpoint_key):
@@ -258,6 +263,17 @@ class _Attempt:
                 # Normally what the claim wrote; not if the worker died between writing the
                 # checkpoint file and recording its iteration.
                 job.resumed_from_iteration = job.iteration = self.resume_from.iteration
+        #: ``init=fast``: the feed-forward picture the run starts from.
+        self.init: Any = self.params["init"]
+        if self.init == INIT_FAST:
+            if self.resume_from is None:
+                from worker.instant import fast_picture  # onnxruntime, only when asked for
+
+                self.init = fast_picture(
+                    ctx, claim.job_id, self.content, self.styles, self.weights, self.params["size"]
+                )
+            else:  # a resumed run starts from its checkpoint; the engine needs a valid value
+                self.init = "content"
         self.keeper = lease.LeaseKeeper(ctx.sessions, claim, self.settings.lease_seconds)
         self.reporter = JobReporter(
             claim.job_id, ctx.sessions, ctx.storage, ctx.redis, self.settings.loss_flush_seconds
@@ -308,7 +324,11 @@ class _Attempt:
             "on_checkpoint": self.reporter.checkpoint,
             "resume_from": self.resume_from,
             **self.params,
+            "init": self.init,
         }
+
+    def plan_options(self) -> dict[str, Any]:
+        return {name: self.params[name] for name in ("size", "scales", "iterations")}
 
     def stop(self) -> None:
         self.watchdog.cancel()
@@ -338,7 +358,7 @@ class _Attempt:
                 # The details (paths, hosts) are for the log, not for the submitter.
                 code, message = "internal_error", "the worker failed; the operators' log has why"
             _while_database_away(reporter.flush)
-            _finish(ctx, claim, JobStatus.FAILED, error_code=code, error_message=message)
+            finish(ctx, claim, JobStatus.FAILED, error_code=code, error_message=message)
             return
         if self.keeper.lost:
             return  # another worker has the job now; its points and files win
@@ -348,13 +368,19 @@ class _Attempt:
                 f"stopped at iteration {outcome.iterations} of {outcome.total}: past the soft "
                 f"time limit of {self.settings.soft_time_limit:g} s"
             )
-            _finish(ctx, claim, JobStatus.FAILED, error_code="time_limit", error_message=message)
+            finish(ctx, claim, JobStatus.FAILED, error_code="time_limit", error_message=message)
             return
         if outcome.stopped:
-            _finish(ctx, claim, JobStatus.CANCELED)
+            finish(ctx, claim, JobStatus.CANCELED)
             return
         ctx.storage.put(result_key(claim.job_id), encode_png(outcome.image))
-        _finish(ctx, claim, JobStatus.SUCCEEDED, result_key=result_key(claim.job_id))
+        finish(ctx, claim, JobStatus.SUCCEEDED, result_key=result_key(claim.job_id))
+        if self.resume_from is None and len(self.batch) == 1 and outcome.elapsed > 0:
+            # The worker's speed for the ETAs (shared/estimate.py), from a whole run.
+            work = job_work(plan_for(**self.plan_options()), *self.content.size)
+            ctx.activity[RATE_FIELD] = round(
+                smoothed(ctx.activity.get(RATE_FIELD), work / outcome.elapsed), 1
+            )
 
 
 def _hard_time_limit(ctx: Context, claim: Claim) -> None:
@@ -363,7 +389,7 @@ def _hard_time_limit(ctx: Context, claim: Claim) -> None:
     message = f"the run exceeded the hard time limit of {ctx.settings.hard_time_limit:g} s"
     log.error("job %s: %s; exiting", claim.job_id, message)
     try:
-        _finish(ctx, claim, JobStatus.FAILED, error_code="hard_time_limit", error_message=message)
+        finish(ctx, claim, JobStatus.FAILED, error_code="hard_time_limit", error_message=message)
     finally:
         os._exit(70)
 
@@ -389,7 +415,7 @@ def _while_database_away(write: Callable[[], bool]) -> None:
         delay = min(delay * 2, 10.0)
 
 
-def _drop_unclaimable(ctx: Context, job_id: uuid.UUID) -> None:
+def drop_unclaimable(ctx: Context, job_id: uuid.UUID) -> None:
     """A message for a job nobody may start now: finished, held by a live worker, or
     canceled while queued (which is then marked so)."""
     with ctx.sessions.begin() as session:

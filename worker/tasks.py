@@ -11,14 +11,16 @@ import uuid
 from typing import Any
 
 from celery.signals import setup_logging, worker_ready, worker_shutdown
+from PIL import Image
 
 from shared import broker
+from shared.estimate import RATE_FIELD, job_work
 from shared.logs import configure_logging, job_context
 from worker import runner
 from worker.allocator import keep_freed_memory, release_free_memory
 from worker.celery_app import app
-from worker.context import Context, available_backbones, context
-from worker.engine import OFFLINE_BACKBONE
+from worker.context import Context, available_backbones, context, start_heartbeat, stop_heartbeat
+from worker.engine import OFFLINE_BACKBONE, Iterate, stylize
 from worker.reconcile import reconcile_once_elected
 
 log = logging.getLogger(__name__)
@@ -50,18 +52,6 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
 
 # --- Worker lifecycle: warm backbone and heartbeats ----------------------------------------
 
-_stop_heartbeat = threading.Event()
-
-
-def _heartbeat(ctx: Context, record: dict[str, Any]) -> None:
-    while not _stop_heartbeat.is_set():
-        try:
-            current = {**record, **ctx.activity}
-            broker.publish_heartbeat(ctx.redis, ctx.name, current, ctx.settings.heartbeat_seconds)
-        except Exception as error:  # the broker may be down for a while; keep trying
-            log.warning("heartbeat failed: %s", error)
-        _stop_heartbeat.wait(ctx.settings.heartbeat_seconds / 3)
-
 
 @worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
@@ -76,11 +66,12 @@ def _on_worker_ready(**_: Any) -> None:
     if device.type == "cpu" and keep_freed_memory():
         log.info("freed memory stays in the heap for reuse (worker/allocator.py)")
     # Load the backbone jobs will most likely use now, once, not in the first job.
-    load_extractor(
-        "vgg19" if "vgg19" in backbones else OFFLINE_BACKBONE,
-        device=device,
-        precision=resolve_precision("auto", device),
-    )
+    backbone = "vgg19" if "vgg19" in backbones else OFFLINE_BACKBONE
+    load_extractor(backbone, device=device, precision=resolve_precision("auto", device))
+    try:
+        ctx.activity[RATE_FIELD] = round(measure_speed(backbone, str(device)), 1)
+    except Exception:  # the ETAs wait for the first job then
+        log.exception("could not measure this worker's speed")
     capacity = ctx.capacity
     record = {
         "name": ctx.name,
@@ -93,17 +84,42 @@ def _on_worker_ready(**_: Any) -> None:
         "queues": list(capacity.queues),
         "backbones": backbones,
     }
-    threading.Thread(target=_heartbeat, args=(ctx, record), daemon=True).start()
-    threading.Thread(target=_reconciler, args=(ctx,), daemon=True).start()
+    stopped = start_heartbeat(ctx, record)
+    threading.Thread(target=_reconciler, args=(ctx, stopped), daemon=True).start()
 
 
-def _reconciler(ctx: Context) -> None:
+#: The short run that gives a new worker's speed (shared/estimate.py) before its first job:
+#: long side, iterations; the first iteration (setup, warm-up) is not counted.
+SPEED_RUN = (128, 6)
+
+
+def measure_speed(backbone: str, device: str) -> float:
+    """Work (pixel-iterations) per second of a short run on made-up images. Small images
+    use a device less fully than real jobs, so this errs on the slow side; each finished
+    job then corrects it (worker/runner.py)."""
+    side, iterations = SPEED_RUN
+    content = Image.linear_gradient("L").convert("RGB").resize((side, side))
+    style = Image.effect_noise((side, side), 64).convert("RGB")
+    elapsed: list[float] = []
+
+    def note(iterate: Iterate) -> bool:
+        elapsed.append(iterate.elapsed)
+        return False
+
+    stylize(
+        content=content, styles=[style], size=side, scales=1, iterations=iterations,
+        backbone=backbone, device=device, seed=0, progress=note,
+    )  # fmt: skip
+    return (iterations - 1) * job_work([(side, 1)], side, side) / (elapsed[-1] - elapsed[0])
+
+
+def _reconciler(ctx: Context, stopped: threading.Event) -> None:
     interval = ctx.settings.reconcile_seconds
 
     def enqueue(job_id: str, queue: str) -> None:
         app.send_task(broker.RUN_JOB_TASK, args=[job_id], queue=queue)
 
-    while not _stop_heartbeat.wait(interval):
+    while not stopped.wait(interval):
         try:
             reconcile_once_elected(ctx.sessions, ctx.redis, ctx.storage, ctx.settings, enqueue)
         except Exception as error:  # broker or database away: try again next time
@@ -112,8 +128,4 @@ def _reconciler(ctx: Context) -> None:
 
 @worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
-    _stop_heartbeat.set()
-    try:
-        broker.remove_heartbeat(context().redis, context().name)
-    except Exception:  # the broker may be gone already
-        log.debug("could not remove the heartbeat", exc_info=True)
+    stop_heartbeat(context())

@@ -1,0 +1,147 @@
+"""The feed-forward picture of a job (worker/feedforward.py): an optimization job's instant
+preview, a ``mode=fast`` job's result, an ``init=fast`` job's start. No Celery here: the
+preview workers' tasks (worker/previews.py) and the optimization workers call these.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import update
+
+from shared.errors import StylequeueError
+from shared.estimate import FAST_SECONDS_FIELD, smoothed
+from shared.images import encode_png
+from shared.jobs import FAST_MAX_SIZE
+from shared.models import PREVIEW_FEEDFORWARD, Job, JobMode, JobStatus
+from shared.storage import Storage
+from worker.context import Context
+from worker.feedforward import get_feedforward
+from worker.reporting import PREVIEW_COMPRESS_LEVEL, fast_preview_key, result_key
+from worker.runner import claim_job, drop_unclaimable, finish, load_image, out_of_attempts
+
+log = logging.getLogger(__name__)
+
+#: What a preview worker writes as its device in the job's runs.
+DEVICE = "cpu (feed-forward)"
+
+
+def _inputs(
+    session: Any, storage: Storage, job: Job
+) -> tuple[Image.Image, list[Image.Image], list[float]]:
+    content = load_image(session, storage, job.content_sha256)
+    styles = [load_image(session, storage, style.image_sha256) for style in job.styles]
+    return content, styles, [style.weight for style in job.styles]
+
+
+def _timed_picture(
+    ctx: Context, content: Image.Image, styles: list[Image.Image], weights: list[float], size: int
+) -> Image.Image:
+    """The feed-forward picture; its time goes into the heartbeat (shared/estimate.py)."""
+    started = time.perf_counter()
+    picture = get_feedforward(ctx.settings.preview_threads).stylize(
+        content, styles, weights, min(size, FAST_MAX_SIZE)
+    )
+    seconds = time.perf_counter() - started
+    ctx.activity[FAST_SECONDS_FIELD] = round(
+        smoothed(ctx.activity.get(FAST_SECONDS_FIELD), seconds), 4
+    )
+    return picture
+
+
+def measure_fast_seconds(ctx: Context) -> None:
+    """Time one picture of made-up images at the network's own size (384 px)."""
+    content = Image.linear_gradient("L").convert("RGB").resize((384, 288))
+    style = Image.effect_noise((256, 256), 64).convert("RGB")
+    _timed_picture(ctx, content, [style], [1.0], 384)
+
+
+def fast_picture(
+    ctx: Context,
+    job_id: uuid.UUID,
+    content: Image.Image,
+    styles: list[Image.Image],
+    weights: list[float],
+    size: int,
+) -> Image.Image:
+    """The job's feed-forward picture: the preview worker's, when it made one already;
+    else made here and stored as the job's preview, as a preview worker would have."""
+    key = fast_preview_key(job_id)
+    if ctx.storage.exists(key):
+        with Image.open(io.BytesIO(ctx.storage.get(key))) as image:
+            return image.convert("RGB")
+    picture = _timed_picture(ctx, content, styles, weights, size)
+    _store_preview(ctx, job_id, picture)
+    return picture
+
+
+def _store_preview(ctx: Context, job_id: uuid.UUID, picture: Image.Image) -> bool:
+    """Store the picture as the job's preview, iteration 0, unless the optimizer's first
+    preview is there already (the page must not step back); True if it was stored."""
+    ctx.storage.put(
+        fast_preview_key(job_id), encode_png(picture, compress_level=PREVIEW_COMPRESS_LEVEL)
+    )
+    with ctx.sessions.begin() as session:
+        stored = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.preview_iteration.is_(None))
+            .values(
+                preview_key=fast_preview_key(job_id),
+                preview_iteration=0,
+                preview_source=PREVIEW_FEEDFORWARD,
+            )
+        )
+    return bool(stored.rowcount)  # type: ignore[attr-defined]
+
+
+def make_preview(ctx: Context, job_id: uuid.UUID) -> None:
+    """An optimization job's instant preview; nothing if the job has ended, is gone, or
+    has a preview of the optimizer's already."""
+    with ctx.sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.job_status.finished or job.preview_iteration is not None:
+            return
+        content, styles, weights = _inputs(session, ctx.storage, job)
+        size = int(job.params["size"])
+    picture = _timed_picture(ctx, content, styles, weights, size)
+    if _store_preview(ctx, job_id, picture):
+        log.info("feed-forward preview stored")
+
+
+def run_fast(ctx: Context, job_id: uuid.UUID) -> None:
+    """A ``mode=fast`` job, start to end: its feed-forward picture is its result."""
+    claim = claim_job(ctx, job_id, DEVICE)
+    if claim is None:
+        drop_unclaimable(ctx, job_id)
+        return
+    if out_of_attempts(ctx, claim):
+        return
+    started = time.perf_counter()
+    try:
+        with ctx.sessions() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            if job.mode != JobMode.FAST:
+                raise StylequeueError("an optimization job reached the preview queue")
+            content, styles, weights = _inputs(session, ctx.storage, job)
+            size = int(job.params["size"])
+        picture = _timed_picture(ctx, content, styles, weights, size)
+        ctx.storage.put(result_key(job_id), encode_png(picture))
+    except StylequeueError as error:
+        finish(ctx, claim, JobStatus.FAILED, error_code=error.code, error_message=str(error))
+        return
+    except Exception:
+        log.exception("fast job %s failed", job_id)
+        message = "the preview worker failed; the operators' log has why"
+        finish(ctx, claim, JobStatus.FAILED, error_code="internal_error", error_message=message)
+        return
+    finish(
+        ctx, claim, JobStatus.SUCCEEDED,
+        result_key=result_key(job_id), preview_key=result_key(job_id), preview_iteration=0,
+        preview_source=PREVIEW_FEEDFORWARD, elapsed=time.perf_counter() - started,
+    )  # fmt: skip
