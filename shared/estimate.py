@@ -40,6 +40,19 @@ def job_work(plan: Sequence[tuple[int, int]], width: int, height: int) -> int:
     return sum(iterations * scaled_pixels(width, height, side) for side, iterations in plan)
 
 
+def remaining_fraction(plan: Sequence[tuple[int, int]], iteration: int) -> float:
+    """The share of a plan's work still to do after ``iteration`` (counted over all
+    scales): the iterations left at each scale, weighted by its pixels."""
+    total = left = 0.0
+    start = 0
+    for side, iterations in plan:
+        weight = float(side) ** 2
+        total += iterations * weight
+        left += min(iterations, max(0, start + iterations - iteration)) * weight
+        start += iterations
+    return left / total if total else 0.0
+
+
 def smoothed(previous: float | None, measured: float) -> float:
     """A worker's running rate after a new measurement."""
     if previous is None or previous <= 0:
@@ -105,13 +118,15 @@ def estimate(speeds: Speeds, *, work: int, work_ahead: float, fast: bool) -> dic
         wait: float | None = 0.0
         workers = speeds.preview_workers
         unmeasured = "no preview worker has measured its speed yet"
+        absent = "no preview worker is running: the job will wait in the queue"
     else:
         run = speeds.run_seconds(work)
         wait = speeds.wait_seconds(work_ahead)
         workers = speeds.workers
         unmeasured = "no worker has measured its speed yet"
+        absent = "no worker is running: the job will wait in the queue"
     if workers == 0:
-        message = "no worker is running: the job will wait in the queue"
+        message = absent
     elif run is None or wait is None:
         message = unmeasured
     else:

@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -186,5 +187,82 @@ def test_the_bad_input_table_through_the_form(
                 assert shown.startswith(f"{field}: ") and len(shown) > len(field) + 4, (case, shown)
                 assert page.url == url + "/", case
                 assert stored(base) == before, case
+        finally:
+            browser.close()
+
+
+def screenshot(page: Any, name: str, tmp_path: Path) -> Path:
+    """A full-page PNG in the test's folder, and in ``STYLEQUEUE_SCREENSHOTS`` when set (to
+    look at, or for the docs)."""
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    folder = os.environ.get("STYLEQUEUE_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(folder) / name)
+    return path
+
+
+def test_the_job_page_shows_the_instant_preview_then_the_result_and_runs_again(
+    server: str, sample_images: Path, tmp_path: Path
+) -> None:
+    """The product page: the photo, the painting and the current picture side by side, the
+    feed-forward picture first, the pyramid's scales on the plot, the result to download,
+    and "run again" with another strength. Screenshots at each stage."""
+    from playwright.sync_api import sync_playwright
+
+    photo = tmp_path / "photo.jpg"
+    image = Image.open(sample_images / "content" / "second.jpg").convert("RGB")
+    image.thumbnail((480, 480))
+    image.save(photo, quality=92)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server + "/")
+            # The presets before the numbers, each with its expected time on this worker.
+            quick = page.locator("label:has(input[name=speed][value=quick])")
+            wait_for(lambda: "about" in quick.inner_text(), 30, "the presets' estimates")
+            page.set_input_files("#content", str(photo))
+            page.check("input[value=starry-night]")
+            wait_for(lambda: "about" in page.locator("#estimate").inner_text(), 30, "estimate")
+            screenshot(page, "form.png", tmp_path)
+            page.fill("input[name=size]", "160")
+            page.fill("input[name=iterations]", "60")
+            # Scales sit among the advanced options (closed): set without opening them.
+            page.eval_on_selector("input[name=scales]", "input => { input.value = '2'; }")
+            page.click("#submit")
+            page.wait_for_url("**/jobs/*", timeout=30_000)
+            job_id = page.url.rstrip("/").rsplit("/", 1)[-1]
+            # The feed-forward picture first: shown before the optimizer's first preview.
+            page.wait_for_selector("#preview:not([hidden])", timeout=30_000)
+            first_caption = page.locator("#caption").inner_text()
+            loaded = "image => image.complete && image.naturalWidth"
+            wait_for(
+                lambda: page.eval_on_selector("#content-image", loaded), 10, "the photo beside it"
+            )
+            screenshot(page, "job-first-picture.png", tmp_path)
+            page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+            assert page.locator("#status").inner_text() == "succeeded"
+            assert page.locator("#caption").inner_text() == "Result"
+            assert page.locator("#download").get_attribute("href")
+            assert "80 px" not in page.locator("#plot-note").inner_text()  # the note, not labels
+            assert page.locator("#plot-note").is_visible()
+            job = page.request.get(f"{server}/api/jobs/{job_id}").json()
+            assert [s["size"] for s in job["scales"]] == [80, 160]
+            screenshot(page, "job-result.png", tmp_path)
+            assert first_caption in ("Instant preview (feed-forward network)", "Iteration 5 of 60")
+            # Run it again, stronger: a new job on the same photo, the rest unchanged.
+            page.fill("#again-strength", "0.9")
+            assert page.locator("#again-strength-value").inner_text() == "0.9"
+            page.click("#again")
+            page.wait_for_url(lambda url: job_id not in url and "/jobs/" in url, timeout=30_000)
+            again = page.request.get(
+                f"{server}/api/jobs/{page.url.rstrip('/').rsplit('/', 1)[-1]}"
+            ).json()
+            assert again["params"]["style_strength"] == 0.9
+            assert again["params"]["size"] == 160
+            assert again["params"]["seed"] == job["params"]["seed"]
+            page.wait_for_selector("#result:not([hidden])", timeout=120_000)
         finally:
             browser.close()

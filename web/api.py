@@ -29,7 +29,7 @@ from werkzeug.exceptions import HTTPException
 
 from shared import broker
 from shared.errors import OptionError, StylequeueError
-from shared.estimate import Speeds, estimate, job_work
+from shared.estimate import RATE_FIELD, Speeds, estimate, job_work, remaining_fraction
 from shared.jobs import (
     ENGINE_DEFAULTS,
     MODE_CHOICES,
@@ -223,7 +223,7 @@ def job_json(
     fast = job.mode == JobMode.FAST
     eta, wait = None, None
     if status == JobStatus.RUNNING and job.iteration and job.elapsed:
-        eta, wait = round(job.elapsed / job.iteration * (job.total - job.iteration), 1), 0.0
+        eta, wait = _running_eta(job), 0.0
     if status == JobStatus.QUEUED and with_position:
         if ahead is None:
             ahead = queue_ahead(services.session, job.created_at)
@@ -299,6 +299,23 @@ def job_json(
             "error": job.callback_error,
         }
     return body
+
+
+def _running_eta(job: Job | Row[Any]) -> float:
+    """Seconds left: the job's remaining work at its worker's measured speed (its first
+    iterations' time holds the run's setup, which would inflate the rest tenfold), else at
+    the speed of its own iterations so far."""
+    plan = [(s["size"], s["iterations"]) for s in scale_plan(job.params)]
+    rate = None
+    if job.work and plan and job.worker:
+        try:
+            raw = services.redis.get(broker.WORKER_PREFIX + job.worker)
+            rate = json.loads(raw).get(RATE_FIELD) if raw else None
+        except redis.RedisError:
+            rate = None
+    if isinstance(rate, int | float) and rate > 0:
+        return round(job.work * remaining_fraction(plan, job.iteration) / rate, 1)
+    return round(job.elapsed / job.iteration * (job.total - job.iteration), 1)
 
 
 JOB_WITH_STYLES_AND_RUNS = (joinedload(Job.styles), joinedload(Job.runs))
