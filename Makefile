@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/api.py --update docs/benchmarks.md
 	$(BIN)/python bench/throughput.py --update docs/benchmarks.md
 	$(BIN)/python bench/batching.py --update docs/benchmarks.md
+	$(BIN)/python bench/first_picture.py --update docs/benchmarks.md
 	$(BIN)/python bench/engine.py
 
 clean:

@@ -12,6 +12,9 @@ one preview worker (``stylequeue preview-worker``) and the Flask app in this pro
 2. **Idle worker, the optimizer's first preview.** The same jobs with ``fast_previews``
    off, one at a time on the idle worker: the first picture is the optimizer's preview at
    iteration 10 (of the coarsest scale).
+3. **The estimate against the run.** For the form's Quick and Balanced presets, the run
+   time ``GET /api/estimate`` gives before the submission against the job's own
+   ``started_at`` → ``finished_at``, one job at a time on the idle worker.
 
 Usage: ``python bench/first_picture.py [--jobs 20] [--update docs/benchmarks.md]``
 """
@@ -75,6 +78,34 @@ def timed_jobs(client: Any, count: int) -> list[dict[str, Any]]:
     return results
 
 
+#: The form's presets (web/pages.py SPEEDS) whose estimate is checked: name, size, iterations.
+ESTIMATED = (("quick", 256, 100), ("balanced", 512, 300))
+
+
+def estimates(client: Any, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for _ in range(repeats):
+        for name, size, iterations in ESTIMATED:
+            query = f"size={size}&iterations={iterations}&width=600&height=400"
+            expected = client.get(f"/api/estimate?{query}").get_json()["run_seconds"]
+            body = submit(client, PHOTOS[1], PRESETS[0], size=str(size), iterations=str(iterations))
+            done = wait(
+                lambda body=body: (
+                    (j := client.get(body["links"]["self"]).get_json())["status"] == "succeeded"
+                    and j
+                ),
+                600,
+                "the job",
+            )
+            took = (
+                datetime.fromisoformat(done["finished_at"])
+                - datetime.fromisoformat(done["started_at"])
+            ).total_seconds()
+            rows.append({"preset": name, "estimated": expected, "took": took})
+            print(f"{name}: estimated {expected} s, took {took:.1f} s", flush=True)
+    return rows
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95)} | {"max": max(values)}
 
@@ -83,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--idle-jobs", type=int, default=5)
+    parser.add_argument("--estimate-repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/first-picture.json")
     parser.add_argument("--update", type=Path, help="replace the section in this Markdown file")
     args = parser.parse_args()
@@ -112,6 +144,7 @@ def main() -> None:
             {"TESTING": True, "SETTINGS": replace(settings, fast_previews=False)}
         ).test_client()
         idle = timed_jobs(without, args.idle_jobs)
+        checked = estimates(without, args.estimate_repeats)
     finally:
         stop(processes)
         redis_process.terminate()
@@ -120,6 +153,7 @@ def main() -> None:
         "date": f"{datetime.now():%Y-%m-%d}",
         "busy_worker_feedforward": {"jobs": busy, **percentiles([j["seconds"] for j in busy])},
         "idle_worker_optimizer": {"jobs": idle, **percentiles([j["seconds"] for j in idle])},
+        "estimates": checked,
     }
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     b, i = figures["busy_worker_feedforward"], figures["idle_worker_optimizer"]
@@ -137,6 +171,18 @@ def main() -> None:
         f"| an idle worker, previews from the optimizer only (`fast_previews` off) | "
         f"{len(idle)} | {i['p50']:.2f} s | {i['p95']:.2f} s | {i['max']:.2f} s | "
         "iteration 10 |",
+        "",
+        "The expected run time the form shows (`GET /api/estimate`, from the worker's "
+        "measured speed) against the run it announced, one job at a time on the idle worker "
+        "(600×400 photo):",
+        "",
+        "| preset | estimated | took | took / estimated |",
+        "|---|---|---|---|",
+        *(
+            f"| {row['preset']} | {row['estimated']:.1f} s | {row['took']:.1f} s | "
+            f"{row['took'] / row['estimated']:.2f} |"
+            for row in checked
+        ),
     ]
     print("\n".join(lines))
     if args.update:
