@@ -106,6 +106,7 @@ def bench_settings(
             "rate_limit_per_minute": 0,
             "submit_limit_per_minute": 0,
             "max_queued_per_client": 10_000,
+            "offline": True,
             **overrides,
         },
     )

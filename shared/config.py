@@ -7,8 +7,11 @@ SQLite file and files under ``./var``.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import os
+import re
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -140,6 +143,10 @@ class Settings:
     reconcile_seconds: float = 10.0
     #: A job that has been started this many times without finishing fails.
     max_attempts: int = 3
+    #: Never download weights: ``stylequeue serve`` and ``stylequeue worker`` fetch
+    #: torchvision's VGG19 weights at start when they are missing, unless this is set (then,
+    #: or when the fetch fails, jobs use the offline backbone ``vgg19-random``).
+    offline: bool = False
     #: The torch device a worker runs jobs on (``auto``: cuda, then mps, then cpu).
     device: str = "auto"
     #: On CUDA the engine replays captured CUDA graphs instead of launching each kernel
@@ -244,3 +251,43 @@ class Settings:
     def environ(self) -> dict[str, str]:
         """These settings as ``STYLEQUEUE_*`` variables, for a child process."""
         return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+
+
+def settings_reference() -> list[str]:
+    """The Markdown table of every setting: its variable, default and the ``#:`` comment
+    above its field (docs/configuration.md is made from it; a test keeps them equal).
+
+    A comment covers the fields that follow it until the next comment: ``s3_endpoint_url``'s
+    says what ``s3_region`` is too.
+    """
+    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    comment: list[str] = []
+    described: dict[str, str] = {}
+    in_comment = False
+    body = inspect.getsource(Settings).split("class Settings:", 1)[1]
+    for line in body.splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            if not in_comment:
+                comment = []
+            comment.append(text.removeprefix("#:").strip())
+            in_comment = True
+        elif re.match(r"^[a-z0-9_]+: ", text) and "=" in text:
+            described[text.split(":", 1)[0]] = " ".join(comment)
+            in_comment = False
+        elif text.startswith(("def ", "@")):
+            break
+    for field in fields(Settings):
+        default = field.default
+        shown = "(empty)" if default == "" else f"`{default}`"
+        about = described.get(field.name, "").replace("|", "\\|")
+        rows.append(f"| `{PREFIX}{field.name.upper()}` | {shown} | {about} |")
+    return rows
+
+
+if __name__ == "__main__":
+    # python -m shared.config docs/configuration.md: rewrite the file's table.
+    target = Path(sys.argv[1])
+    begin, end = "<!-- settings: begin -->", "<!-- settings: end -->"
+    head, rest = target.read_text().split(begin, 1)
+    target.write_text(head + "\n".join([begin, *settings_reference(), end]) + rest.split(end, 1)[1])

@@ -246,8 +246,12 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def command_worker(args: argparse.Namespace) -> int:
-    from stylequeue.service import run_gpu_workers, run_worker
+    from stylequeue.service import fetch_default_weights, run_gpu_workers, run_worker
 
+    settings = Settings.from_env()
+    if not fetch_default_weights(settings):
+        # Its GPU workers (children) need not try again.
+        os.environ["STYLEQUEUE_OFFLINE"] = "true"
     if args.gpus:
         return run_gpu_workers(args.gpus, args.name)
     run_worker(Settings.from_env(), args.name)

@@ -34,6 +34,46 @@ def run_web(host: str, port: int) -> None:
     run_simple(host, port, app, threaded=True, use_reloader=False)
 
 
+#: The backbone whose weights ``serve`` and ``worker`` fetch at start.
+DEFAULT_WEIGHTS = "vgg19"
+OFFLINE_MEANS = (
+    "jobs use the offline backbone vgg19-random (seeded random filters, no ImageNet "
+    "weights: the pictures keep the scene and the painting's colours, with rougher strokes)"
+)
+
+
+def fetch_default_weights(settings: Settings) -> bool:
+    """Make sure the VGG19 weights are here: found, or fetched now (progress bar, checksum),
+    unless ``settings.offline``. True if they are; else says why in one line."""
+    from shared.errors import WeightsError
+    from worker.engine.registry import BACKBONES
+    from worker.engine.weights import WeightsLocations, fetch_weights
+
+    spec = BACKBONES[DEFAULT_WEIGHTS]
+    locations = WeightsLocations.from_env()
+    if locations.find(spec) is not None:
+        return True
+    if settings.offline:
+        print(f"stylequeue: offline, and the {spec.name} weights are missing: {OFFLINE_MEANS}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return False
+    print(
+        f"stylequeue: fetching the {spec.name} weights ({spec.weights_file}, about 550 MB) "
+        f"from {locations.url(spec)}; STYLEQUEUE_OFFLINE=true skips this",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        path = fetch_weights(spec, locations)
+    except WeightsError as error:
+        print(f"stylequeue: could not fetch the {spec.name} weights ({error.message}); "
+              f"{OFFLINE_MEANS}", file=sys.stderr, flush=True)  # fmt: skip
+        return False
+    print(f"stylequeue: the {spec.name} weights are at {path} (checksum verified)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return True
+
+
 def run_worker(settings: Settings, name: str | None = None) -> None:
     """One Celery worker process, one job at a time (``--pool solo``): one per GPU. It
     consumes the queues its device and memory qualify it for (shared/routing.py)."""
@@ -118,8 +158,6 @@ def serve(host: str, port: int) -> int:
     A worker that dies is started again.
     """
     from shared.migrate import upgrade
-    from worker.engine.registry import BACKBONES
-    from worker.engine.weights import WeightsLocations
 
     settings = Settings.from_env()
     children: list[subprocess.Popen[bytes]] = []
@@ -131,13 +169,9 @@ def serve(host: str, port: int) -> int:
         print(f"stylequeue: started an embedded Redis at {redis_url}", flush=True)
     settings = Settings.from_env(redis_url=redis_url)
     upgrade(settings.database_url)
-    spec = BACKBONES["vgg19"]
-    if WeightsLocations.from_env().find(spec) is None:
-        print(
-            f"stylequeue: the vgg19 weights ({spec.weights_file}) are missing; jobs can use "
-            "the offline backbone vgg19-random. Get them with `stylequeue weights fetch vgg19`.",
-            flush=True,
-        )
+    have_weights = fetch_default_weights(settings)
+    # The worker need not try again: it has them now, or they cannot be had.
+    settings = Settings.from_env(redis_url=redis_url, offline=settings.offline or not have_weights)
     env = {**os.environ, **settings.environ()}
     command = [sys.executable, "-m", "stylequeue"]
     supervisor = Supervisor()

@@ -81,6 +81,8 @@ def service_settings(base: Path, redis_url: str, **overrides: Any) -> Settings:
             "queue": f"test-{uuid.uuid4().hex[:8]}",
             "rate_limit_per_minute": 0,
             "submit_limit_per_minute": 0,
+            # Test workers never download weights (the suite runs offline).
+            "offline": True,
             **overrides,
         },
     )

@@ -64,6 +64,8 @@ def test_submit_watch_the_plot_grow_and_see_the_result(
             # The live workers, from their heartbeats: host, device, memory offered.
             assert page.locator("#workers").inner_text().startswith("1 worker:")
             assert "cpu" in page.locator("#workers").inner_text()
+            # No worker has the ImageNet weights: the banner says what that means.
+            assert "vgg19-random" in page.locator("#offline-banner").inner_text()
             page.set_input_files("#content", str(photo))
             page.set_input_files("#style", str(painting))
             page.fill("input[name=size]", "64")

@@ -186,7 +186,8 @@ def test_runs_batched_together_follow_their_own_paths(
     # rounding; after it, y = g₂ - g₁ over a short first step cancels most digits and the
     # paths drift apart by up to a few percent by the 8th iteration (1.3 % on an AMD EPYC).
     # A run mixed up with another would be on another run's path altogether, so each
-    # batched result must also be far nearer its own solo run than any other solo run.
+    # batched result must also be far nearer its own solo run than any other solo run (within
+    # 10 levels of its own: how far the paths drift apart differs between CPUs).
     first, later = (1e-6, 5e-2) if precision == "fp32" else (2e-2, 5e-2)
     images = [np.asarray(result.image, dtype=float) for result, _ in alone]
     for index, ((result, seen), batched, (batched_seen, _)) in enumerate(
@@ -203,7 +204,7 @@ def test_runs_batched_together_follow_their_own_paths(
         own = np.abs(batched_image - images[index]).mean()  # in 8-bit levels
         others = [np.abs(batched_image - image).mean() for image in images]
         del others[index]
-        assert own < 5.0 and own < min(others) / 4, (own, others)
+        assert own < 10.0 and own < min(others) / 4, (own, others)
     assert together[2].stopped and together[2].iterations == 4
     assert not together[0].stopped and together[0].iterations == 8
 

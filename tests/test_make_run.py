@@ -47,6 +47,11 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
         "STYLEQUEUE_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'stylequeue.db'}",
         "STYLEQUEUE_REDIS_URL": f"redis://127.0.0.1:{unused_redis_port}/0",
         "STYLEQUEUE_QUEUE": f"make-run-{uuid.uuid4().hex[:8]}",
+        # Online, but the weights' server does not answer: it says so and goes on.
+        "STYLEQUEUE_WEIGHTS_DIR": str(tmp_path / "weights"),
+        "STYLEQUEUE_WEIGHTS_MIRROR": f"http://127.0.0.1:{free_port()}/",
+        "STYLEQUEUE_OFFLINE": "false",
+        "TORCH_HOME": str(tmp_path / "torch"),
     }
     log = (tmp_path / "make-run.log").open("wb")
     make = subprocess.Popen(
@@ -67,7 +72,10 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
         wait_for(ready, 180, "make run to be ready", every=0.5)
         output = (tmp_path / "make-run.log").read_text()
         assert "started an embedded Redis" in output
-        assert "vgg19 weights (vgg19-dcbb9e9d.pth) are missing" in output
+        assert "stylequeue: fetching the vgg19 weights" in output
+        assert "stylequeue: could not fetch the vgg19 weights" in output
+        # Said once, by serve; its worker is told not to try again.
+        assert output.count("could not fetch") == 1
 
         with (sample_images / "content" / "photo.jpg").open("rb") as photo:
             response = requests.post(

@@ -398,6 +398,18 @@ def test_presets_status_pages_and_listing(
     page = client.get("/").get_data(as_text=True)
     assert 'value="vgg19-random" selected' in page  # the workers have no vgg19 weights
     assert "weights missing on the workers" in page
+    # The banner says what the offline backbone means for the pictures...
+    assert 'id="offline-banner"' in page and "rougher" in page
+    # ...until a worker with the ImageNet weights is up.
+    redis_client = broker.connect(settings.redis_url)
+    beat = {"name": "with-weights", "kind": "cpu", "queues": [settings.queue],
+            "backbones": ["vgg19", "vgg19-random"]}  # fmt: skip
+    broker.publish_heartbeat(redis_client, "with-weights", beat, ttl=30)
+    try:
+        page = client.get("/").get_data(as_text=True)
+        assert 'id="offline-banner"' not in page and 'value="vgg19" selected' in page
+    finally:
+        broker.remove_heartbeat(redis_client, "with-weights")
     assert client.get(f"/jobs/{job['id']}").status_code == 200
     assert client.get("/jobs").status_code == 200
 

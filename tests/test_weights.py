@@ -7,9 +7,13 @@ loading.
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -204,3 +208,76 @@ def test_caffe_vgg19_is_checked_against_its_published_prefix(
 def test_downloads_only_when_allowed() -> None:
     assert not WeightsLocations.from_env({}).allow_download
     assert WeightsLocations.from_env({"STYLEQUEUE_ALLOW_DOWNLOAD": "1"}).allow_download
+
+
+@pytest.fixture
+def mirror(torchvision_file: tuple[Path, str]) -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server holding the torchvision-format file: a weights mirror
+    (STYLEQUEUE_WEIGHTS_MIRROR); yields its URL and the paths it was asked for."""
+    folder = str(torchvision_file[0].parent)
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=folder, **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            asked.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_and_worker_fetch_the_weights_at_start_and_check_them(
+    tmp_path: Path,
+    torchvision_file: tuple[Path, str],
+    mirror: tuple[str, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from shared.config import Settings
+    from stylequeue.service import fetch_default_weights
+
+    url, asked = mirror
+    weights_dir = tmp_path / "weights"
+    monkeypatch.setenv("STYLEQUEUE_WEIGHTS_DIR", str(weights_dir))
+    monkeypatch.setenv("STYLEQUEUE_WEIGHTS_MIRROR", url)
+    online, offline = Settings.from_env({}), Settings.from_env({}, offline=True)
+
+    # Offline: not a single request, one line saying what it means.
+    assert not fetch_default_weights(offline)
+    assert asked == []
+    said = capfd.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "offline" in said[0] and "vgg19-random" in said[0]
+
+    # A file that is not the one expected is refused and not kept.
+    monkeypatch.setenv("STYLEQUEUE_WEIGHTS_VGG19_SHA256", "0" * 64)
+    assert not fetch_default_weights(online)
+    assert asked == [f"/{VGG19.weights_file}"]
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("stylequeue: could not fetch the vgg19 weights (checksum mismatch")
+    assert not (weights_dir / VGG19.weights_file).exists()
+
+    # The right one: fetched with a progress bar, checked, then found and loadable.
+    monkeypatch.setenv("STYLEQUEUE_WEIGHTS_VGG19_SHA256", torchvision_file[1])
+    assert fetch_default_weights(online)
+    err = capfd.readouterr().err
+    assert "fetching the vgg19 weights" in err and "100%" in err
+    assert "checksum verified" in err
+    assert sha256_of(weights_dir / VGG19.weights_file) == torchvision_file[1]
+    assert fetch_default_weights(online) and len(asked) == 2  # found: no third request
+    load_backbone("vgg19", device=CPU)
+
+    # Nobody answers: one line, and the service goes on offline.
+    monkeypatch.setenv("STYLEQUEUE_WEIGHTS_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("STYLEQUEUE_WEIGHTS_MIRROR", "http://127.0.0.1:9/")
+    capfd.readouterr()
+    assert not fetch_default_weights(online)
+    said = capfd.readouterr().err.strip().splitlines()
+    assert said[-1].startswith("stylequeue: could not fetch the vgg19 weights (could not download")
+    assert "vgg19-random" in said[-1]

@@ -56,6 +56,8 @@ def index() -> str:
         optimizers=OPTIMIZER_CHOICES,
         inits=JOB_INIT_CHOICES,
         speeds=SPEEDS,
+        # Workers are up, and none has the ImageNet weights: say what that means.
+        offline_only=bool(available) and DEFAULT_BACKBONE not in available,
         preview_workers=len(everyone) - len(workers),
         max_size=services.settings.max_size,
         max_iterations=services.settings.max_iterations,

@@ -39,11 +39,13 @@ LOCK_KEY = "stylequeue:reconciler"
 
 
 def messages_in_queue(redis_client: Any, queue: str) -> str:
-    """The raw ready messages of every queue of ``queue`` (its tiers, their priority
-    sub-queues), concatenated."""
+    """The raw ready job messages of every queue of ``queue`` (its tiers, its preview
+    queue, their priority sub-queues), concatenated. A preview's message names its job too,
+    but runs nothing: it is left out."""
     chunks = []
     for key in (key for name in all_queues(queue) for key in broker.queue_keys(name)):
-        chunks += [item.decode("utf-8", "replace") for item in redis_client.lrange(key, 0, -1)]
+        raw = (item.decode("utf-8", "replace") for item in redis_client.lrange(key, 0, -1))
+        chunks += [message for message in raw if broker.RUN_JOB_TASK in message]
     return "\n".join(chunks)
 
 

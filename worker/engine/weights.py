@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class WeightsLocations:
     #: (fine-tuned, converted). Without it the file name's published prefix is checked.
     sha256: Mapping[str, str] = field(default_factory=dict)
     allow_download: bool = False
+    #: Where to download weights files from instead of each backbone's published URL: a
+    #: base URL the files' names are appended to (a mirror inside your network).
+    mirror: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WeightsLocations:
@@ -54,7 +58,15 @@ class WeightsLocations:
             paths=paths,
             sha256=sha256,
             allow_download=env.get("STYLEQUEUE_ALLOW_DOWNLOAD", "").lower() in ("1", "true", "yes"),
+            mirror=env.get("STYLEQUEUE_WEIGHTS_MIRROR") or None,
         )
+
+    def url(self, spec: BackboneSpec) -> str:
+        """Where ``spec``'s file is downloaded from."""
+        assert spec.weights_file and spec.weights_url
+        if self.mirror:
+            return f"{self.mirror.rstrip('/')}/{spec.weights_file}"
+        return spec.weights_url
 
     def candidates(self, spec: BackboneSpec) -> list[Path]:
         """Every place the file of ``spec`` is looked for, in order."""
@@ -113,22 +125,41 @@ def verify_checksum(spec: BackboneSpec, path: Path, locations: WeightsLocations)
 
 
 def fetch_weights(spec: BackboneSpec, locations: WeightsLocations) -> Path:
-    """Download ``spec``'s weights into the weights directory (or the hub cache)."""
+    """Download ``spec``'s weights into the weights directory (or the hub cache), with a
+    progress bar on stderr, and check them: the published SHA-256 prefix (torch.hub's
+    check, on the temporary file, before it takes the file's name), or the full SHA-256 set
+    for this backbone. A file that fails the check is not kept."""
     if not spec.needs_weights:
         raise WeightsError(f"{spec.name} needs no weights file", field="backbone")
     assert spec.weights_file and spec.weights_url
     target_dir = locations.weights_dir or hub_checkpoints_dir()
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / spec.weights_file
+    url = locations.url(spec)
+    expected = locations.sha256.get(spec.name)
+    previous = socket.getdefaulttimeout()
+    # urllib waits forever by default: a network that accepts and then stalls must not
+    # hold a worker's start (the download itself may take minutes; each read may not).
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_SECONDS)
     try:
         torch.hub.download_url_to_file(
-            spec.weights_url, str(target), hash_prefix=spec.sha256_prefix, progress=True
+            url, str(target), hash_prefix=None if expected else spec.sha256_prefix, progress=True
         )
     except (OSError, RuntimeError) as exc:
-        raise WeightsError(
-            f"could not download {spec.weights_url}: {exc}", field="backbone"
-        ) from exc
+        raise WeightsError(f"could not download {url}: {exc}", field="backbone") from exc
+    finally:
+        socket.setdefaulttimeout(previous)
+    if expected:
+        try:
+            verify_checksum(spec, target, locations)
+        except WeightsError:
+            target.unlink(missing_ok=True)
+            raise
     return target
+
+
+#: Seconds one read of a download may wait.
+DOWNLOAD_TIMEOUT_SECONDS = 30.0
 
 
 def load_feature_state_dict(
