@@ -29,17 +29,15 @@ threads = 16
 # Event streams last as long as their jobs; gthread's worker timeout would cut them.
 timeout = 0
 # Each worker process listens on a socket of its own (SO_REUSEPORT), and the kernel spreads
-# new connections across them. On the one shared socket, whichever process woke first took
-# them: in bench/api.py all 50 of wrk's connections sometimes went to one of the two
-# processes (one core busy, the other idle: 400-520 polls/s instead of 1,700-1,900).
+# new connections across them. On one shared socket, whichever process wakes first takes
+# them, and all of a client's connections can land on one process while the other idles
+# (bench/api.py).
 reuse_port = True
-# The kernel's hash spreads connections unevenly, though: 50 clients split 28/22 or worse
-# about half the time (25/25 one time in nine), and the busier process's clients wait. At
-# 1,000 polls/s from 50 clients (bench/api.py), p99 was 18-28 ms at 25/25 and 26/24,
-# 75-86 ms at 28/22 and 29/21, 1.3 s at 31/19. So a process holding more than its share of
-# the connections (one over the mean) answers with "Connection: close"; the client connects
-# again, and the kernel places the new connection afresh. Each process's count lives in
-# memory the processes share.
+# The kernel's hash spreads connections unevenly, though, and the busier process's clients
+# wait: the polls' p99 grows fast with the imbalance (bench/api.py). So a process holding
+# more than its share of the connections (one over the mean) answers with
+# "Connection: close"; the client connects again, and the kernel places the new
+# connection afresh. Each process's count lives in memory the processes share.
 #: Open connections of each worker process (gthread's ``nr_conns``), by slot.
 connections_by_slot: Any = None
 MAX_WORKERS = 64
@@ -86,12 +84,12 @@ def post_worker_init(worker: Worker) -> None:
     """Out of the garbage collector's sight: the app and everything it loaded.
 
     A full collection scans every object the process holds and stops all its threads
-    meanwhile. With the app's 110,000 objects, each took 48-121 ms under load, often
+    meanwhile; with all the app's objects in sight, those pauses are long and frequent
     enough to set the polls' p99 (bench/api.py). Frozen objects are not scanned: after
     this and the freezes after the first requests (``FREEZE_AFTER_REQUESTS``, for what they
-    build lazily: caches, pooled connections), a full collection took 0.7-1.7 ms. What is
-    frozen is never collected, so the few objects of requests in flight at those moments
-    stay: a bounded leak, three times over.
+    build lazily: caches, pooled connections), a full collection scans only what requests
+    leave behind. What is frozen is never collected, so the few objects of requests in
+    flight at those moments stay: a bounded leak, three times over.
     """
     gc.freeze()
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from report import update_section  # bench/report.py (run as a script)
 from torch import nn
 
 from worker.engine import Iterate, stylize
@@ -525,7 +526,7 @@ def main() -> None:
         return f"{seconds:.1f} s ({reference_time / seconds:.1f}× sooner)"
 
     lines = [
-        "# Benchmarks",
+        "## Engine against a textbook reference",
         "",
         f"Measured by `python bench/engine.py` on {time.strftime('%Y-%m-%d')}: "
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch "
@@ -617,11 +618,11 @@ def main() -> None:
     ]
     plots(args.out.parent, rows, memory, reference_trace, traces)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # Sections other benches own (bench/throughput.py) start at the first "<!-- " marker.
-    kept = ""
-    if args.out.exists() and "\n<!-- " in args.out.read_text():
-        kept = "\n<!-- " + args.out.read_text().split("\n<!-- ", 1)[1]
-    args.out.write_text("\n".join(lines).rstrip("\n") + "\n" + kept)
+    # Its own section of the page, under the page's first heading level.
+    section = [line.replace("## ", "### ", 1) if line.startswith("## ") else line
+               for line in lines]  # fmt: skip
+    section[0] = lines[0]
+    update_section(args.out, "engine", section)
     print(f"wrote {args.out}")
 
 

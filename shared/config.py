@@ -70,8 +70,8 @@ class Settings:
     database_url: str = "sqlite:///var/stylequeue.db"
     #: Database connections the web keeps open per process (SQLAlchemy's ``pool_size``): at
     #: least its threads per process (gunicorn.conf.py: 16). With fewer, connections beyond
-    #: the pool were opened and closed again per request under load (PostgreSQL: a server
-    #: process each time).
+    #: the pool are opened and closed again per request under load (on PostgreSQL, a
+    #: server process each time).
     database_pool_size: int = 16
     #: Event streams (``/api/jobs/<id>/events``, one per open job page) one web process
     #: serves at once. Each holds one of the process's threads (gunicorn.conf.py: 16) for as
@@ -149,19 +149,20 @@ class Settings:
     offline: bool = False
     #: The torch device a worker runs jobs on (``auto``: cuda, then mps, then cpu).
     device: str = "auto"
-    #: On CUDA the engine replays captured CUDA graphs instead of launching each kernel
-    #: (2.1–2.7× faster 300-iteration runs on an H200, docs/benchmarks.md "On a GPU");
-    #: false runs every pass eagerly, for a GPU or driver where a capture fails.
+    #: On CUDA the engine replays captured CUDA graphs instead of launching each kernel,
+    #: so that the CPU's kernel launches do not set the time of a step (bench/gpu.py, whole
+    #: runs with graphs on and off); false runs every pass eagerly, for a GPU or driver
+    #: where a capture fails.
     cuda_graphs: bool = True
     #: The most jobs a worker runs as one batch through the backbone: the job it starts, and
     #: queued ones it can run with it (the same batch key: device, backbone, pooling,
     #: precision, layers, iterations, pyramid and image shape). 1 turns batching off.
     batch_jobs: int = 4
     #: Only jobs whose size (long side, px) is at most this batch; larger ones run alone.
-    #: 0: by the worker's device, where batches of 4 paid (bench/batching.py, bench/gpu.sh,
-    #: docs/benchmarks.md): 256 px on a CPU (1.19–1.31× the jobs per minute at 128–256 px
-    #: on 2 cores, 0.90–1.06× at 512), 128 px on a GPU (an H200, with the engine's CUDA
-    #: graphs: 1.17× the images per second at 128 px, 0.95–0.97× at 256–512, 0.65× at 1024).
+    #: 0: by the worker's device, up to the largest size where batches of 4 raise the
+    #: throughput (bench/batching.py on a CPU, bench/gpu.py on a GPU): 256 px on a CPU,
+    #: 128 px on a GPU, where the engine's CUDA graphs leave a lone image little idle time
+    #: for a batch to fill.
     batch_max_size: int = 0
     #: A worker's name in heartbeats and in the jobs it runs (default: host and pid).
     worker_name: str = ""

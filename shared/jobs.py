@@ -437,7 +437,7 @@ _queued_before = and_(
     _jobs.status == JobStatus.QUEUED.value, _jobs.created_at < bindparam("created_at")
 )
 # Built once (SQLAlchemy compiles it once and caches that): building the ORM expression
-# anew took about half of a queued job's status poll (cProfile, in-process). One statement
+# anew is a large share of a queued job's status poll (cProfile). One statement
 # counts the jobs ahead and sums their work: the queued ones whole, the running ones' rest.
 QUEUE_AHEAD = select(
     func.coalesce(func.sum(case((_queued_before, 1), else_=0)), 0),

@@ -330,8 +330,7 @@ def parse_job_id(job_id: str) -> uuid.UUID:
 
 def load_job(job_id: str) -> Job:
     key = parse_job_id(job_id)
-    # One statement for the job, its styles and its runs (a third of the time of three
-    # separate ORM loads).
+    # One statement for the job, its styles and its runs, not three separate ORM loads.
     job = services.session.get(Job, key, options=JOB_WITH_STYLES_AND_RUNS)
     if job is None or not may_see(job):  # another's job: as if it did not exist
         raise NotFound(f"no job {job_id!r}")
@@ -339,9 +338,10 @@ def load_job(job_id: str) -> Job:
 
 
 # The status poll reads with Core: one cached statement on a pooled connection, no Session
-# and no ORM objects. The ORM load above was a third of a poll's CPU time under gunicorn
-# (py-spy). The job's row comes once per pair of its styles and runs (a few at most), as
-# from the ORM's joined load; on PostgreSQL, one round trip instead of three.
+# and no ORM objects. The ORM load above is a large share of a poll's CPU time under
+# gunicorn (py-spy; bench/api.py). The job's row comes once per pair of its styles and
+# runs (a few at most), as from the ORM's joined load; on PostgreSQL, one round trip
+# instead of three.
 jobs_table, styles_table, runs_table = Job.__table__, JobStyle.__table__, JobRun.__table__
 STYLE_FIELDS = [c.name for c in styles_table.c if c.name != "job_id"]
 RUN_FIELDS = [c.name for c in runs_table.c if c.name != "job_id"]

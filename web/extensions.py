@@ -55,7 +55,7 @@ class Services:
             # For the status poll's one read: on PostgreSQL, without the BEGIN and ROLLBACK
             # (two round trips) a transaction would put around it. SQLite's driver begins
             # none for a read, and switching its isolation level costs statements at each
-            # checkout (measured: a quarter fewer polls per second).
+            # checkout, on every poll's path (bench/api.py).
             "reader": engine
             if engine.dialect.name == "sqlite"
             else engine.execution_options(isolation_level="AUTOCOMMIT"),

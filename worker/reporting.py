@@ -29,8 +29,9 @@ from worker.engine import Checkpoint, Iterate
 
 log = logging.getLogger(__name__)
 
-#: zlib's level for previews, which the next one replaces: at 512 px, 17 ms a preview
-#: against 54 ms at PNG's default (6), for files 8 % larger. The result keeps the default.
+#: zlib's level for previews, which the next one replaces: the fastest level, for files a
+#: little larger than at PNG's default (6); a preview lives briefly, so encoding time
+#: matters more than its size. The result keeps the default.
 PREVIEW_COMPRESS_LEVEL = 1
 
 
@@ -58,8 +59,8 @@ class JobReporter:
     ``progress`` only appends to a buffer and reads a flag: a writer thread encodes and
     stores previews, writes the buffered points every ``flush_seconds`` and checks for a
     cancel every ``CANCEL_POLL_SECONDS``, so that neither PNG encoding nor a database or
-    Redis round trip sits between two iterations (at 100 iterations a second, a 30 ms
-    preview encode would cost 30 %). ``checkpoint`` hands the checkpoint to that thread
+    Redis round trip sits between two iterations (at 100 iterations a second, one preview
+    encode would outlast several iterations). ``checkpoint`` hands the checkpoint to that thread
     too, so that no upload of it (to ``s3://`` storage, say) waits between two iterations.
     ``flush`` writes synchronously.
     """
@@ -238,9 +239,8 @@ class JobReporter:
                 # Idempotent: a write that committed but whose answer was lost (the
                 # connection dropped) is sent again on the next flush. One statement
                 # with the points as parameters ("executemany") is compiled once per
-                # process; a VALUES list was compiled anew for each count of points. Half
-                # a second's points (17 at 128 px) took 0.9 ms of CPU instead of 2.3 ms
-                # on SQLite, 1.4 instead of 3.2 ms on PostgreSQL.
+                # process, where a VALUES list would be compiled anew for each count of
+                # points (bench/service.py: loss points a reporter writes per second).
                 session.execute(_insert_ignoring_duplicates(session), points)
             if values:
                 session.execute(update(Job).where(Job.id == self.job_id).values(**values))

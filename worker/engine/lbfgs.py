@@ -11,9 +11,9 @@ this keeps the pairs of the last ``history_size`` steps. And where the direction
 descent test (g·d > -tolerance_change) ``torch.optim.LBFGS`` stops; this resets the history
 instead, on the device: every ρ in the ring is multiplied by 0 (all stored pairs become
 no-ops until new ones overwrite them), H₀ goes back to I, and the step is a steepest-descent
-one, -g with the first step's length min(1, 1/|g|₁)·lr. (A step of length 0 there, as
-before, stored a zero pair and left the history as it was: the same bad direction came
-back on every later step and the run stood still.)
+one, -g with the first step's length min(1, 1/|g|₁)·lr. (A step of length 0 there would
+store a zero pair and leave the history as it is: the same bad direction would come back
+on every later step and the run would stand still.)
 
 The curvature pairs live in two ``(history_size, n)`` rings. On CUDA (``graphs``), once the
 history is full, the two-loop recursion (some 600 small kernels with 100 pairs) is one
@@ -25,7 +25,7 @@ the same arithmetic in the same order.
 With ``bounds`` it is a projected method: after each step the parameter is clamped into the
 box, the curvature pairs use the step actually taken, and gradient components that push a
 value already at a bound further out are zeroed, so that pixels pinned at 0 or 1 do not
-corrupt the curvature estimate. Without the zeroing, clamping alone made runs diverge.
+corrupt the curvature estimate. Without the zeroing, clamping alone makes runs diverge.
 """
 
 from __future__ import annotations
@@ -172,11 +172,10 @@ def two_loop(pairs: Sequence[Pair], grad: torch.Tensor, h_diag: torch.Tensor) ->
     Six ops a pair, not seven: the second loop's α - β = α - ρ·(y·r) is one fused op, which
     on a GPU is 100 kernels fewer a step with 100 pairs. A pair with ρ = 0 has α = 0 and
     α - β = 0, so it changes neither q nor r: that is how a pair failing the curvature test,
-    or the whole history at a reset, drops out without a host sync. (With y stored times ρ
-    it was five ops, but then a reset had to zero a whole ring of vectors.) With a full
-    history this reads 200 vectors twice; at 512 px on a CPU it took a third as long as the
-    loss evaluation. The vector updates are in place (addcmul_): 66-70 ms instead of 85-97
-    ms at 512 px."""
+    or the whole history at a reset, drops out without a host sync. (Storing y times ρ
+    would make it five ops, but a reset would then have to zero a whole ring of vectors.)
+    With a full history this reads 200 vectors twice, a sizeable part of a step on a CPU,
+    so the vector updates are in place (addcmul_): no temporary vector per op."""
     q = grad.neg()
     alphas = []
     for s, y, rho in reversed(pairs):
@@ -191,11 +190,10 @@ def two_loop(pairs: Sequence[Pair], grad: torch.Tensor, h_diag: torch.Tensor) ->
 
 
 class _GraphedRecursion:
-    """:func:`two_loop` over full rings as one CUDA graph replay. On an H200, with 100 pairs
-    and the evaluation already graphed, the last steps of a 128 px run took 10.1 ms against
-    3.0 ms for the first ones, each of the recursion's ~700 kernels (before the regrouping in
-    :func:`two_loop`) a launch for a few microseconds of work; graphed, 4.8 ms
-    (``bench/gpu.py``, whole runs).
+    """:func:`two_loop` over full rings as one CUDA graph replay. With 100 pairs the
+    recursion is some 600 kernels, each a launch for a few microseconds of work, so run
+    eagerly the CPU's launches, not the GPU, set the time of a late step; one replay
+    launches them all at once (``bench/gpu.py``, whole runs).
 
     The graph reads the pairs through ``order`` (slot of the i-th oldest, on the device),
     one gathered copy of s and of y per use (so 10 kernels a pair, against 6 eagerly), and

@@ -41,18 +41,18 @@ class _Gram(torch.autograd.Function):
 
     Autograd's bmm(X, Xᵀ) returns two gradients, one of them transposed, and sums them
     with a strided add; on channels_last features the sum then meets the next layer's
-    gradient in another layout. Both adds were a third of a bf16 step at 256 px (torch
+    gradient in another layout. Both adds are a large part of a bf16 step (torch
     profiler). Here the gradient is one matmul, (dG + dGᵀ)·X, laid out like the features.
 
     For bf16 features that matmul runs in bf16 (fp32 accumulation): its result goes back
-    into the bf16 backbone, so it would be rounded to bf16 anyway, and in fp32 it was 55 of
-    the 128 ms the five Grams took at 512 px (11 ms in bf16). The Gram itself, the loss
+    into the bf16 backbone, so it would be rounded to bf16 anyway, and in fp32 it is a large
+    share of the Grams' time, several times its cost in bf16. The Gram itself, the loss
     and dG stay fp32; only dG + dGᵀ is rounded to bf16 (fp16's range would not hold it).
 
     The Gram of bf16 features is an fp32 matmul of values that bf16 holds exactly, so on
     the CPU oneDNN may multiply them in bf16 (AMX) and accumulate in fp32: the products
     are the same, only the order of the sums differs (relative error about 1e-6 against
-    the plain fp32 matmul). The five Grams at 512 px took 10 ms that way instead of 27 ms.
+    the plain fp32 matmul), and with native bf16 instructions the Grams run faster.
     """
 
     @staticmethod
@@ -141,9 +141,9 @@ class _MeanSquaredError(torch.autograd.Function):
     """mean((X - T)²) in fp32, whose gradient keeps the features' memory layout.
 
     ``F.mse_loss`` (and ``mean`` of a square) hands back a contiguous gradient whatever the
-    layout of X. On channels_last features that gradient then met the next layer's
-    channels_last one in a strided add, and the ReLU and the convolution below took the
-    mixed layout on (torch profiler at 512 px).
+    layout of X. On channels_last features that gradient would then meet the next layer's
+    channels_last one in a strided add, and the ReLU and the convolution below would take
+    the mixed layout on (torch profiler).
     """
 
     @staticmethod

@@ -47,8 +47,8 @@ from worker.engine.stylize import (
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: L-BFGS's trust region: the most a pixel (in [0, 1]) may move in one step. Unbounded, the
 #: first steps of a scale (and of a resumed run: its history starts empty) can throw pixels
-#: to the box's walls and the loss rises before it falls (80× with Gatys et al.'s raw
-#: errors, up to 1.6× with the relative ones); 0.25 keeps every scale's start falling and
+#: to the box's walls and the loss rises before it falls (far more with Gatys et al.'s raw
+#: errors than with the relative ones); 0.25 keeps every scale's start falling and
 #: reaches the same final loss (bench/scale_start.py, docs/benchmarks.md "Scale starts").
 LBFGS_MAX_STEP: float | None = 0.25
 #: What an fp16 run multiplies its loss by before backward (and its image's gradient by the
@@ -362,9 +362,9 @@ class _Evaluation:
     """:func:`_evaluate` for one set of runs at one scale. On CUDA, after ``GRAPH_WARMUP``
     eager passes, the pass (forward, Grams, losses, backward, and for fp16 the loss scaling
     and the gradients' unscaling) is captured once as a CUDA graph and each later
-    evaluation is one replay: on an H200, a step of one image at 128-512 px took about 10 ms
-    although its kernels ran for 1-2.3 ms, the rest being the CPU launching some 350 of
-    them (``bench/gpu.py``). The images (each run's ``param``, changed in place by its
+    evaluation is one replay: run eagerly, a step of one image at small and medium sizes
+    spends most of its time on the CPU launching some 350 short kernels, not in them
+    (``bench/gpu.py``). The images (each run's ``param``, changed in place by its
     optimizer) are the graph's input; the loss parts and each ``param.grad`` (created
     during the capture, unscaled) are its outputs, rewritten by each replay.
     """

@@ -1,8 +1,8 @@
 """Convolution + ReLU in bf16 on the CPU, through oneDNN, with weights packed once.
 
 ``conv2d`` hands oneDNN the weights in torch's layout, and oneDNN reorders them into its
-blocked layout at every call, forward and backward: at 128 px that was 11 of the 40 ms a
-bf16 loss evaluation took (``ONEDNN_VERBOSE``), 13 ms at 512 px. Here each convolution's
+blocked layout at every call, forward and backward, a sizeable part of a bf16 loss
+evaluation (``ONEDNN_VERBOSE`` lists the reorders). Here each convolution's
 weights are packed once per input shape: for the forward, with the ReLU fused into it (one
 pass over the output instead of two), and transposed, for the gradient with respect to the
 input. The outputs and gradients are those of ``relu(conv2d(x))`` (tests/test_engine.py
@@ -74,7 +74,7 @@ class PackedConvReLU:
     ``conv2d`` after ``nn.Conv2d`` has padded it: the same numbers, gradients included.
 
     A pyramid's scales change the shape, and oneDNN picks its blocked layout by shape, so
-    the packs are redone when it changes (about 13 ms for VGG19's first 13 convolutions).
+    the packs are redone when it changes: once a scale, not at every call.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:

@@ -39,7 +39,7 @@ MAX_SIZE = 4096
 MAX_ITERATIONS = 100_000
 MAX_SCALES = 6
 #: L-BFGS's curvature pairs: the default count, the most a run may ask for, and the memory
-#: the default keeps them under (each pair: s and ρ·y, fp32, 3 channels: 24 B a pixel).
+#: the default keeps them under (each pair: s and y, fp32, 3 channels: 24 B a pixel).
 LBFGS_HISTORY = 100
 MAX_LBFGS_HISTORY = 200
 LBFGS_HISTORY_BUDGET_BYTES = 2 * 1024**3
@@ -239,9 +239,9 @@ def stylize_together(
     """Several runs at once, their images one batch through the backbone.
 
     Each image keeps its own options, targets, optimizer, callbacks and seed; one forward
-    and one backward pass serve them all, which is what pays for small images: on a 2-core
-    CPU with AMX, 128 px runs took 1.26× less time per image in twos and 1.36× in fours; at
-    512 px, none (docs/benchmarks.md).
+    and one backward pass serve them all, which pays for small images, whose passes alone
+    leave the hardware partly idle, and not for large ones (bench/batching.py on a CPU,
+    bench/gpu.py on a GPU).
 
     A run whose callback stops it leaves the batch; so does one whose callback raises, and
     that exception is its outcome in the list returned (an error of the batch itself, in
