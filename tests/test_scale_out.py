@@ -78,6 +78,10 @@ def _credentials() -> dict[str, str]:
     }
 
 
+#: Per job: long enough that host-a is killed mid-job, past two checkpoints (every 20).
+ITERATIONS = 120
+
+
 def database_url(tmp_path: Path) -> str:
     """A fresh PostgreSQL database when TEST_DATABASE_URL names a server, else SQLite."""
     base_url = os.environ.get("TEST_DATABASE_URL")
@@ -148,7 +152,7 @@ def test_two_hosts_share_the_work_and_one_dies_mid_job(
             assert too_large.get_json()["error"]["code"] == "job_too_large"
             assert "GiB" in too_large.get_json()["error"]["message"]
 
-            jobs = [submit_preset(client, photo, 300) for _ in range(4)]
+            jobs = [submit_preset(client, photo, ITERATIONS) for _ in range(4)]
 
             def job(job_id: str) -> dict[str, Any]:
                 return client.get(f"/api/jobs/{job_id}").get_json()  # type: ignore[no-any-return]
@@ -203,7 +207,7 @@ def test_two_hosts_share_the_work_and_one_dies_mid_job(
     assert (lost["host"], lost["outcome"]) == ("host-a", "worker_lost") and lost["ended_at"]
     assert (taken_over["host"], taken_over["outcome"]) == ("host-b", "succeeded")
     assert taken_over["resumed_from_iteration"] >= 20, "resumed from the checkpoint in S3"
-    assert resumed["attempts"] == 2 and resumed["progress"]["iteration"] == 300
+    assert resumed["attempts"] == 2 and resumed["progress"]["iteration"] == ITERATIONS
     # The files are in the object store, none on any machine's disk.
     keys = {
         item["Key"]
