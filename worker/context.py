@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import broker
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
+from shared.logs import configure_logging
 from shared.storage import Storage, storage_from_settings
 from worker.capacity import Capacity, measure
 from worker.engine import BACKBONES
@@ -53,6 +54,16 @@ def available_backbones() -> list[str]:
     return [
         name for name, spec in BACKBONES.items() if not spec.needs_weights or locations.find(spec)
     ]
+
+
+def configure_worker_logging(loglevel: int | str | None) -> None:
+    """Our log format (text or JSON, with the worker, host and job id) instead of Celery's:
+    for its ``setup_logging`` signal."""
+    ctx = context()
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
+    configure_logging(
+        ctx.settings.log_format, level or logging.INFO, worker=ctx.name, host=ctx.host
+    )
 
 
 _stop_heartbeat = threading.Event()

@@ -25,8 +25,8 @@ from celery.signals import setup_logging, worker_ready, worker_shutdown
 from shared import broker
 from shared.config import Settings
 from shared.estimate import PREVIEW_KIND
-from shared.logs import configure_logging, job_context
-from worker.context import context, start_heartbeat, stop_heartbeat
+from shared.logs import job_context
+from worker.context import configure_worker_logging, context, start_heartbeat, stop_heartbeat
 from worker.feedforward import get_feedforward
 from worker.instant import DEVICE, make_preview, measure_fast_seconds, run_fast
 
@@ -70,11 +70,7 @@ def run_job(job_id: str) -> None:
 
 @setup_logging.connect
 def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
-    ctx = context()
-    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
-    configure_logging(
-        ctx.settings.log_format, level or logging.INFO, worker=ctx.name, host=ctx.host
-    )
+    configure_worker_logging(loglevel)
 
 
 @worker_ready.connect

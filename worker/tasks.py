@@ -15,11 +15,18 @@ from PIL import Image
 
 from shared import broker
 from shared.estimate import RATE_FIELD, job_work
-from shared.logs import configure_logging, job_context
+from shared.logs import job_context
 from worker import runner
 from worker.allocator import keep_freed_memory, release_free_memory
 from worker.celery_app import app
-from worker.context import Context, available_backbones, context, start_heartbeat, stop_heartbeat
+from worker.context import (
+    Context,
+    available_backbones,
+    configure_worker_logging,
+    context,
+    start_heartbeat,
+    stop_heartbeat,
+)
 from worker.engine import OFFLINE_BACKBONE, Iterate, stylize
 from worker.reconcile import reconcile_once_elected
 
@@ -42,12 +49,7 @@ def ping(key: str) -> None:
 
 @setup_logging.connect
 def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
-    """Our format (text or JSON, with the job id) instead of Celery's."""
-    ctx = context()
-    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
-    configure_logging(
-        ctx.settings.log_format, level or logging.INFO, worker=ctx.name, host=ctx.host
-    )
+    configure_worker_logging(loglevel)
 
 
 # --- Worker lifecycle: warm backbone and heartbeats ----------------------------------------
