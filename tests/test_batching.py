@@ -31,6 +31,10 @@ def service(tmp_path: Path) -> Iterator[tuple[Settings, FlaskClient]]:
     redis.stop()
 
 
+#: Per job: enough that the batch is still running when one of its jobs is canceled.
+ITERATIONS = 200
+
+
 def test_queued_jobs_of_one_shape_run_in_batches_each_its_own_job(
     service: tuple[Settings, FlaskClient], sample_images: Path, tmp_path: Path
 ) -> None:
@@ -39,7 +43,7 @@ def test_queued_jobs_of_one_shape_run_in_batches_each_its_own_job(
     paintings = [png_bytes(path) for path in sorted((sample_images / "style").iterdir())[:2]]
 
     def job(painting: bytes, **fields: Any) -> str:
-        response = submit(client, photo, painting, **{"iterations": 400, **fields})
+        response = submit(client, photo, painting, **{"iterations": ITERATIONS, **fields})
         assert response.status_code == 202, response.get_json()
         return str(response.get_json()["id"])
 
@@ -66,7 +70,7 @@ def test_queued_jobs_of_one_shape_run_in_batches_each_its_own_job(
     assert f"running 3 jobs as one batch: {same[0]}, {same[1]}, {same[2]}" in text, text
     assert text.count("as one batch") == 1  # the fourth and the other size ran alone
     canceled = finished[same[1]]
-    assert canceled["status"] == "canceled" and canceled["progress"]["iteration"] < 400
+    assert canceled["status"] == "canceled" and canceled["progress"]["iteration"] < ITERATIONS
     # Ended when it left the batch, not when the batch did.
     assert canceled["finished_at"] < min(finished[j]["finished_at"] for j in (same[0], same[2]))
     curves = {}
@@ -75,7 +79,7 @@ def test_queued_jobs_of_one_shape_run_in_batches_each_its_own_job(
         assert done["status"] == "succeeded", done
         assert done["worker"] == "batcher" and done["attempts"] == 1
         points = client.get(f"/api/jobs/{job_id}/losses?limit=1000").get_json()["points"]
-        assert [p["iteration"] for p in points] == list(range(1, 401))
+        assert [p["iteration"] for p in points] == list(range(1, ITERATIONS + 1))
         assert points[-1]["total"] < points[0]["total"]
         curves[job_id] = [point["total"] for point in points]
         assert client.get(done["links"]["result"]).status_code == 200
