@@ -18,11 +18,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, case, func, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from shared.config import Settings
+from shared.config import Settings, parse_bool
+from shared.db import insert_ignoring_duplicates
 from shared.errors import OptionError
 from shared.estimate import job_work
 from shared.images import ImageInfo, probe_image
@@ -148,11 +147,7 @@ def _parse_value(name: str, raw: str) -> Any:
     text = raw.strip()
     try:
         if hint is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(text)
+            return parse_bool(text)
         if hint in (int, int | None):
             return None if text in ("", "auto") and hint is not int else int(text)
         if hint is float:
@@ -282,9 +277,10 @@ def parse_request(
         checked["seed"] = secrets.randbelow(2**31)
     for name in ("preview_every", "checkpoint_every"):
         checked.pop(name)
-    reuse = single.get("reuse", "true").strip().lower()
-    if reuse not in ("true", "false", "1", "0", "yes", "no"):
-        raise OptionError("must be true or false", field="reuse")
+    try:
+        reuse = parse_bool(single.get("reuse", "true") or "true")
+    except ValueError:
+        raise OptionError("must be true or false", field="reuse") from None
     callback_url = single.get("callback_url", "").strip() or None
     if callback_url is not None:
         callback_url = check_callback_url(callback_url, settings)
@@ -294,7 +290,7 @@ def parse_request(
         options=checked,
         style_weights=checked.pop("style_weights"),
         seed_given=seed_given,
-        reuse=reuse in ("true", "1", "yes"),
+        reuse=reuse,
         callback_url=callback_url,
         mode=mode,
     )
@@ -359,11 +355,8 @@ def store_image(session: Session, storage: Storage, data: bytes, image: ImageInf
     key = f"images/{digest[:2]}/{digest}"
     if not storage.exists(key):
         storage.put(key, data)
-    dialect = session.get_bind().dialect.name
-    insert_image = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[dialect]
     session.execute(
-        insert_image(StoredImage)
-        .values(
+        insert_ignoring_duplicates(session, StoredImage).values(
             sha256=digest,
             storage_key=key,
             width=image.width,
@@ -371,7 +364,6 @@ def store_image(session: Session, storage: Storage, data: bytes, image: ImageInf
             size_bytes=len(data),
             created_at=utcnow(),
         )
-        .on_conflict_do_nothing(index_elements=["sha256"])
     )
     return digest
 

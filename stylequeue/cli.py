@@ -228,6 +228,12 @@ def _add_service_commands(commands: Any) -> None:
     )
     submit.add_argument("--wait", action="store_true", help="follow the job and save the result")
     submit.add_argument("-o", "--output", type=Path, help="where --wait saves the PNG")
+    submit.add_argument(
+        "--mode",
+        choices=("optimize", "fast"),
+        default="optimize",
+        help="fast: the feed-forward picture only, made in about a second",
+    )
     _add_engine_flags(submit, only=JOB_OPTIONS, suppress=True)
     submit.set_defaults(handler=command_submit)
 
@@ -318,6 +324,7 @@ def command_submit(args: argparse.Namespace) -> int:
             options[name] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
     if args.style_weights:
         options["style_weights"] = args.style_weights
+    options["mode"] = args.mode
     if args.preset:
         options["style_preset"] = ",".join(args.preset)
     if not args.styles and not args.preset:

@@ -84,4 +84,9 @@ BAD_INPUT: list[tuple[str, Any, dict[str, Any], int, str, str]] = [
      "backbone"),
     ("callback to a host off the allow-list", "photo", {"callback_url": "http://evil.example/"},
      422, "invalid_option", "callback_url"),
+    ("unknown mode", "photo", {"mode": "slow"}, 422, "invalid_option", "mode"),
+    ("a fast job past the network's size", "photo", {"mode": "fast", "size": "1500"}, 422,
+     "invalid_option", "size"),
+    ("unknown start", "photo", {"init": "faster"}, 422, "invalid_option", "init"),
+    ("reuse not a boolean", "photo", {"reuse": "maybe"}, 422, "invalid_option", "reuse"),
 ]  # fmt: skip

@@ -16,12 +16,11 @@ from typing import Any
 
 from PIL import Image
 from sqlalchemy import delete, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
+from shared.db import insert_ignoring_duplicates
 from shared.images import encode_png
 from shared.models import PREVIEW_OPTIMIZER, Job, LossPoint
 from shared.storage import Storage
@@ -241,16 +240,10 @@ class JobReporter:
                 # with the points as parameters ("executemany") is compiled once per
                 # process, where a VALUES list would be compiled anew for each count of
                 # points (bench/service.py: loss points a reporter writes per second).
-                session.execute(_insert_ignoring_duplicates(session), points)
+                session.execute(insert_ignoring_duplicates(session, LossPoint), points)
             if values:
                 session.execute(update(Job).where(Job.id == self.job_id).values(**values))
         self.flushes += 1
-
-
-def _insert_ignoring_duplicates(session: Session) -> Any:
-    dialect = session.get_bind().dialect.name
-    insert_points = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[dialect]
-    return insert_points(LossPoint).on_conflict_do_nothing()
 
 
 def forget_points_after(session: Session, job_id: uuid.UUID, iteration: int) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.hub
 
+from shared.config import parse_bool
 from shared.errors import WeightsError
 from worker.engine.registry import BACKBONES, BackboneSpec
 
@@ -57,7 +58,7 @@ class WeightsLocations:
             weights_dir=Path(weights_dir) if weights_dir else None,
             paths=paths,
             sha256=sha256,
-            allow_download=env.get("STYLEQUEUE_ALLOW_DOWNLOAD", "").lower() in ("1", "true", "yes"),
+            allow_download=parse_bool(env.get("STYLEQUEUE_ALLOW_DOWNLOAD", "")),
             mirror=env.get("STYLEQUEUE_WEIGHTS_MIRROR") or None,
         )
 
