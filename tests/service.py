@@ -158,15 +158,18 @@ class WorkerProcess:
 
 
 @contextlib.contextmanager
-def live_service(base: Path, **overrides: Any) -> Iterator[str]:
-    """Redis, a migrated SQLite database, one worker, one preview worker and ``stylequeue
-    web`` on a free port: yields the server's URL."""
+def live_service(base: Path, *, previews: bool = False, **overrides: Any) -> Iterator[str]:
+    """Redis, a migrated SQLite database, one worker (and, with ``previews``, one preview
+    worker) and ``stylequeue web`` on a free port: yields the server's URL."""
     redis_server = RedisServer(base)
     redis_server.start()
-    settings = service_settings(base, redis_server.url, **overrides)
+    settings = service_settings(base, redis_server.url, fast_previews=previews, **overrides)
     name = f"live-{uuid.uuid4().hex[:6]}"
-    previews = WorkerProcess(settings, f"{name}-preview", base / "preview.log", "preview-worker")
-    previews.start()
+    preview_worker = WorkerProcess(
+        settings, f"{name}-preview", base / "preview.log", "preview-worker"
+    )
+    if previews:
+        preview_worker.start()
     worker = WorkerProcess(settings, name, base / "worker.log")
     worker.start()
     port = free_port()
@@ -190,7 +193,7 @@ def live_service(base: Path, **overrides: Any) -> Iterator[str]:
         web.terminate()
         web.wait(10)
         worker.stop()
-        previews.stop()
+        preview_worker.stop()
         redis_server.stop()
 
 

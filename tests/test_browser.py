@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """The live service's URL and its base folder (database and files)."""
     base = tmp_path_factory.mktemp("browser")
-    with live_service(base, preview_every=5) as url:
+    with live_service(base, previews=True, preview_every=5) as url:
         yield url, base
 
 

@@ -26,7 +26,7 @@ TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with live_service(tmp_path_factory.mktemp("instant"), preview_every=5) as url:
+    with live_service(tmp_path_factory.mktemp("instant"), previews=True, preview_every=5) as url:
         yield url
 
 
