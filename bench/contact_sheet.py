@@ -27,7 +27,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from bench.quality import scores  # noqa: E402
 from bench.report import machine, update_section  # noqa: E402
 from shared.presets import presets  # noqa: E402
-from worker.engine.stylize import defaults, stylize  # noqa: E402
+from shared.options import defaults  # noqa: E402
+from worker.engine import stylize  # noqa: E402
 
 PHOTOS = {"chelsea": REPO / "examples" / "chelsea.jpg", "coffee": REPO / "examples" / "coffee.jpg"}
 SWEEP = ("chelsea", "starry-night", (0.0, 0.3, 0.6, 0.8, 1.0))

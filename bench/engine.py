@@ -33,7 +33,7 @@ from torch import nn
 
 from worker.engine import Iterate, stylize
 from worker.engine.backbones import load_backbone
-from worker.engine.optimize import cpu_has_fast_bf16, load_extractor, resolve_precision
+from worker.engine.device import cpu_has_fast_bf16, load_extractor, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT_LAYER = "relu4_2"

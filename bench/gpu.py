@@ -56,7 +56,7 @@ from engine import (  # bench/engine.py (run as a script)
 )
 from PIL import Image
 
-from worker.engine import Iterate, optimize, stylize
+from worker.engine import Iterate, stylize
 from worker.engine.backbones import load_backbone
 from worker.engine.stylize import prepare, stylize_together
 
@@ -79,11 +79,6 @@ def set_backends(*, tf32: bool, benchmark: bool = False) -> None:
 
 def precision_of(mode: str) -> str:
     return "bf16" if mode.startswith("bf16") else "fp32"
-
-
-def use_graphs(enabled: bool) -> None:
-    """The engine's CUDA graphs (``worker/engine/optimize.py``) on or off."""
-    optimize.cuda_graphs = enabled
 
 
 def reset_peak(device: torch.device) -> None:
@@ -151,7 +146,6 @@ def engine_step(
 ) -> tuple[float, float]:  # fmt: skip
     """Median seconds per engine step after warm-up, and the peak memory."""
     set_backends(tf32=mode == "tf32", benchmark=mode == "bf16+benchmark")
-    use_graphs(mode != "bf16-eager")
     stamps: list[float] = []
 
     def record(_: Iterate) -> None:
@@ -164,8 +158,8 @@ def engine_step(
     stylize(
         content=content, styles=[style], size=size, scales=1, iterations=steps, tv_weight=0.0,
         backbone=BACKBONE, precision=precision_of(mode), device=str(device), progress=record,
+        cuda_graphs=mode != "bf16-eager",
     )  # fmt: skip
-    use_graphs(True)
     return statistics.median(step_seconds(stamps, WARMUP)), peak_mib(device)
 
 
@@ -282,7 +276,6 @@ def whole_runs(
             ["size", "graphs", "seconds", "ms/step, steps 4-30", "ms/step, last 50"])  # fmt: skip
     set_backends(tf32=False)
     for size, graphs in itertools.product(sizes, (True, False)):
-        use_graphs(graphs)
         stamps: list[float] = []
 
         def record(_: Iterate, stamps: list[float] = stamps) -> None:
@@ -294,6 +287,7 @@ def whole_runs(
         stylize(
             content=content, styles=[style], size=size, scales=1, iterations=iterations,
             backbone=BACKBONE, precision="bf16", device=str(device), progress=record,
+            cuda_graphs=graphs,
         )  # fmt: skip
         gaps = step_seconds(stamps, 0)
         early, late = statistics.median(gaps[3:30]), statistics.median(gaps[-50:])
@@ -301,7 +295,6 @@ def whole_runs(
             f"{early * 1000:.2f}", f"{late * 1000:.2f}")  # fmt: skip
         report.add("whole_runs", {"size": size, "graphs": graphs, "seconds": stamps[-1] -
                                   stamps[0], "early": early, "late": late})  # fmt: skip
-    use_graphs(True)
 
 
 def time_to_reference(

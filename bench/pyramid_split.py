@@ -26,9 +26,12 @@ from PIL import Image  # noqa: E402
 
 from bench.quality import scores  # noqa: E402
 from bench.report import machine, update_section  # noqa: E402
-from worker.engine import optimize  # noqa: E402
+from shared.options import auto_scales, pyramid  # noqa: E402
+from worker.engine import optimize, stylize  # noqa: E402
+from worker.engine.device import load_extractor  # noqa: E402
 from worker.engine.imaging import to_tensor  # noqa: E402
-from worker.engine.stylize import auto_scales, prepare, pyramid, stylize  # noqa: E402
+from worker.engine.objective import build_objective  # noqa: E402
+from worker.engine.stylize import prepare  # noqa: E402
 
 
 def split(share: str):  # type: ignore[no-untyped-def]
@@ -49,11 +52,11 @@ def full_size_loss(image: Image.Image, photo: Image.Image, painting: Image.Image
                    options: dict[str, object]) -> float:  # fmt: skip
     run = prepare(content=photo, styles=[painting], **options)
     device = torch.device("cpu")
-    extractor = optimize.load_extractor(run.options["backbone"], device=device, precision="fp32")
+    extractor = load_extractor(run.options["backbone"], device=device, precision="fp32")
     size = run.options["size"]
     content = to_tensor(photo, long_side=size, device=device)
     style = to_tensor(painting, long_side=size, device=device)
-    objective = optimize.build_objective(extractor, run.options, content, [style], None, False)
+    objective = build_objective(extractor, run.options, content, [style], None, False)
     with torch.no_grad():
         x = to_tensor(image, long_side=size, device=device)
         return float(objective.parts(x).sum())

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from shared.backbones import BACKBONES
 from worker.engine.backbones import IMAGENET_MEAN, IMAGENET_STD, build_layers, seed_filters
 from worker.engine.imaging import rgb_to_yiq, to_tensor
-from worker.engine.registry import BACKBONES
 
 #: The held-out network's seed (the offline backbone's is 19) and layers.
 HELD_OUT_SEED = 7

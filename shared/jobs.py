@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import typing
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -20,48 +19,31 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, case, func, select
 from sqlalchemy.orm import Session
 
-from shared.config import Settings, parse_bool
+from shared.config import Settings
 from shared.db import insert_ignoring_duplicates
 from shared.errors import OptionError
 from shared.estimate import job_work
 from shared.images import ImageInfo, probe_image
 from shared.models import Job, JobMode, JobStatus, JobStyle, StoredImage, utcnow
-from shared.presets import presets
-from shared.routing import job_memory_bytes
-from shared.storage import Storage
-from shared.webhooks import check_callback_url
-from worker.engine.stylize import (
-    INIT_CHOICES,
-    MAX_SCALES,
-    auto_scales,
+from shared.options import (
+    FILE_FIELDS,
+    OPTION_NAMES,
+    SUBMISSION_FIELDS,
+    Submission,
     check_image_sizes,
     check_options,
-    defaults,
+    form_values,
     lbfgs_history_for,
     pyramid,
     scaled_pixels,
     style_side,
-    stylize,
+    validate,
 )
+from shared.presets import presets
+from shared.routing import job_memory_bytes
+from shared.storage import Storage
+from shared.webhooks import check_callback_url
 
-#: Engine options a job may set, by the name of ``stylize``'s parameter.
-JOB_OPTIONS = (
-    "style_scale", "size", "scales", "iterations", "content_weight", "style_strength",
-    "style_weight", "tv_weight", "content_layers", "style_layers", "style_layer_weights",
-    "init", "optimizer", "lr", "lbfgs_history", "backbone", "pooling", "original_colors",
-    "seed", "precision",
-)  # fmt: skip
-FORM_FIELDS = {
-    "content", "style", "style_preset", "style_weights", "reuse", "callback_url", "mode",
-    *JOB_OPTIONS,
-}  # fmt: skip
-#: The engine's defaults, the options' starting values.
-ENGINE_DEFAULTS = defaults()
-#: ``init=fast``: the optimization starts from the feed-forward picture, which the worker
-#: makes (worker/feedforward.py); the engine itself knows only images and its own choices.
-INIT_FAST = "fast"
-JOB_INIT_CHOICES = (*INIT_CHOICES, INIT_FAST)
-MODE_CHOICES = tuple(mode.value for mode in JobMode)
 #: The largest picture a ``mode=fast`` job makes (long side): the network runs at 384 px,
 #: and above this an upscaled picture only gets softer (worker/feedforward.py MAX_SIZE).
 FAST_MAX_SIZE = 1024
@@ -140,39 +122,6 @@ class JobRequest:
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
-def _parse_value(name: str, raw: str) -> Any:
-    """One form value, typed after ``stylize``'s annotation of ``name``."""
-    hint = typing.get_type_hints(stylize)[name]
-    args = typing.get_args(hint)
-    text = raw.strip()
-    try:
-        if hint is bool:
-            return parse_bool(text)
-        if hint in (int, int | None):
-            return None if text in ("", "auto") and hint is not int else int(text)
-        if hint is float:
-            return float(text)
-        if hint == float | None:
-            return None if text in ("", "auto") else float(text)
-        if name in ("content_layers", "style_layers"):
-            return [part.strip() for part in text.split(",") if part.strip()]
-        if float in args or name == "style_layer_weights":
-            return None if text == "" else [float(part) for part in text.split(",")]
-        return text
-    except ValueError:
-        raise OptionError(f"cannot read {raw!r} as {hint}", field=name) from None
-
-
-def parse_options(form: Mapping[str, str]) -> dict[str, Any]:
-    """The engine options in ``form`` over ``stylize``'s defaults (not yet validated)."""
-    values = {name: value for name, value in defaults().items() if name in JOB_OPTIONS}
-    for name in JOB_OPTIONS:
-        raw = form.get(name)
-        if raw is not None and (raw.strip() != "" or name in ("seed", "scales")):
-            values[name] = _parse_value(name, raw)
-    return values
-
-
 def parse_request(
     form: Mapping[str, Sequence[str]],
     uploads: Sequence[Upload],
@@ -187,17 +136,13 @@ def parse_request(
     ``decode_slots`` bounds the process's concurrent verification decodes
     (:func:`shared.images.probe_image`): no decoded image is kept.
     """
-    unknown = sorted(set(form) - FORM_FIELDS)
+    unknown = sorted(set(form) - {*SUBMISSION_FIELDS, *FILE_FIELDS})
     if unknown:
         raise OptionError(f"unknown field {unknown[0]!r}", field=unknown[0])
-    single = {name: values[-1] for name, values in form.items() if values}
-    options = parse_options(single)
-    if options["init"] not in JOB_INIT_CHOICES:
-        raise OptionError(f"must be one of {', '.join(JOB_INIT_CHOICES)}", field="init")
-    mode_text = single.get("mode", "").strip() or JobMode.OPTIMIZE.value
-    if mode_text not in MODE_CHOICES:
-        raise OptionError(f"must be one of {', '.join(MODE_CHOICES)}", field="mode")
-    mode = JobMode(mode_text)
+    fields = {name: values for name, values in form.items() if name in SUBMISSION_FIELDS}
+    submission = validate(Submission, form_values(fields))
+    options = {name: getattr(submission, name) for name in OPTION_NAMES}
+    mode = JobMode(submission.mode)
     if mode == JobMode.FAST and options["size"] > FAST_MAX_SIZE:
         raise OptionError(
             f"a fast job's picture is at most {FAST_MAX_SIZE} px (the network runs at 384 px); "
@@ -211,9 +156,7 @@ def parse_request(
             f"available: {', '.join(sorted(runnable_backbones))}",
             field="backbone",
         )
-    style_count = len([u for u in uploads if u.field == "style"]) + sum(
-        len([n for n in value.split(",") if n]) for value in form.get("style_preset", [])
-    )
+    style_count = len([u for u in uploads if u.field == "style"]) + len(submission.style_preset)
     if style_count > settings.max_styles:
         raise OptionError(
             f"{style_count} styles; at most {settings.max_styles} per job", field="style"
@@ -236,7 +179,7 @@ def parse_request(
         if upload.field == "style":
             styles.append((*probe_image(upload.data, name="style", **limits), None))
     available = presets()
-    for name in (n for value in form.get("style_preset", []) for n in value.split(",") if n):
+    for name in submission.style_preset:
         if name not in available:
             raise OptionError(
                 f"no preset {name!r}; choose one of {', '.join(available)}", field="style_preset"
@@ -245,59 +188,41 @@ def parse_request(
     if not styles:
         raise OptionError("give a style image or a style_preset", field="style")
 
-    weights_text = single.get("style_weights", "").strip()
-    try:
-        style_weights = [float(w) for w in weights_text.split(",")] if weights_text else None
-    except ValueError:
-        raise OptionError(
-            f"cannot read {weights_text!r} as numbers", field="style_weights"
-        ) from None
-    init = options["init"]
     checked = check_options(
+        **options,
         styles=len(styles),
-        style_weights=style_weights,
-        preview_every=0,
-        checkpoint_every=0,
+        style_weights=submission.style_weights,
         max_size=settings.max_size,
-        # The engine checks the other options as for a start from the photo.
-        **{k: v for k, v in options.items() if k != "original_colors"}
-        | ({"init": "content"} if init == INIT_FAST else {}),
     )
-    checked["init"] = init
     if checked["iterations"] > settings.max_iterations:
         raise OptionError(
             f"must be at most {settings.max_iterations} on this service", field="iterations"
         )
     # The coarsest pyramid scale must still reach the deepest layer (depends on the aspect).
     check_image_sizes(content[1].size, [info.size for _, info, _ in styles], checked)
-    checked["original_colors"] = bool(options["original_colors"])
     seed_given = checked["seed"] is not None
     if checked["seed"] is None:
         # Drawn now, so the job records it: rerunning its params reproduces the image.
         checked["seed"] = secrets.randbelow(2**31)
     for name in ("preview_every", "checkpoint_every"):
         checked.pop(name)
-    try:
-        reuse = parse_bool(single.get("reuse", "true") or "true")
-    except ValueError:
-        raise OptionError("must be true or false", field="reuse") from None
-    callback_url = single.get("callback_url", "").strip() or None
+    callback_url = submission.callback_url
     if callback_url is not None:
-        callback_url = check_callback_url(callback_url, settings)
+        callback_url = check_callback_url(callback_url.strip(), settings)
     return JobRequest(
         content=content,
         styles=styles,
         options=checked,
         style_weights=checked.pop("style_weights"),
         seed_given=seed_given,
-        reuse=reuse,
+        reuse=submission.reuse,
         callback_url=callback_url,
         mode=mode,
     )
 
 
 #: What "run again" may change: the options, not the images.
-AGAIN_FIELDS = frozenset({*JOB_OPTIONS, "mode"})
+AGAIN_FIELDS = frozenset({*OPTION_NAMES, "mode"})
 
 
 def _form_value(value: Any) -> str:
@@ -319,7 +244,7 @@ def request_again(
     unknown = sorted(set(changes) - AGAIN_FIELDS)
     if unknown:
         raise OptionError("only the options can change, not the images", field=unknown[0])
-    form = {name: [_form_value(job.params.get(name))] for name in JOB_OPTIONS}
+    form = {name: [_form_value(job.params.get(name))] for name in OPTION_NAMES}
     form["mode"] = [job.mode]
     form["style_weights"] = [_form_value([style.weight for style in job.styles])]
     if "style_strength" in changes and "style_weight" not in changes:
@@ -400,14 +325,6 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
     session.add(job)
     session.flush()
     return job
-
-
-def plan_for(size: int, scales: int | None, iterations: int) -> list[tuple[int, int]]:
-    """The pyramid of a job of these options (``scales`` None: the engine's automatic
-    choice), for the estimate of a job not yet submitted; the options as the form bounds
-    them (``check_options`` judges the submission itself)."""
-    scales = min(scales or auto_scales(size), MAX_SCALES, iterations)
-    return pyramid(size, scales, iterations)
 
 
 def scale_plan(params: Mapping[str, Any]) -> list[dict[str, int]]:

@@ -1,58 +1,39 @@
-"""``stylequeue``: run the engine locally and manage backbone weights.
+"""``stylequeue``: run the engine locally, run the service, submit jobs, manage weights.
 
-The flags of ``stylequeue run`` are generated from :func:`worker.engine.stylize`'s
-signature: same names (``--style-weight`` for ``style_weight``), same defaults, help taken
-from its docstring. A user error ends with one ``stylequeue: error: ...`` line and exit
-status 1 (2 for bad flags), never a traceback.
+The option flags of ``stylequeue run`` and ``stylequeue submit`` are generated from the
+option schema (:class:`shared.options.Submission`): same names (``--style-weight`` for
+``style_weight``), types, choices, defaults and help. A user error ends with one
+``stylequeue: error: ...`` line and exit status 1 (2 for bad flags), never a traceback.
+The engine and the worker are imported only by the commands that run them.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
-import re
 import sys
 import time
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from shared.backbones import BACKBONES
 from shared.config import Settings
 from shared.errors import StylequeueError
 from shared.images import decode_image
-from worker.allocator import keep_freed_memory
-from worker.engine import BACKBONES, Checkpoint, Iterate, stylize
-from worker.engine.stylize import INIT_CHOICES
-
-#: ``--mode fast`` and ``--init fast``: the feed-forward network instead of, or before, the
-#: optimization.
-FAST = "fast"
+from shared.options import (
+    INIT_CHOICES,
+    INIT_FAST,
+    OPTION_NAMES,
+    Submission,
+    choices,
+    field_kind,
+)
 
 PROG = "stylequeue"
-# Parameters of ``stylize`` that are not flags: the inputs and the callbacks.
-NOT_FLAGS = {"content", "styles", "progress", "on_checkpoint", "resume_from", "preview_every"}
-
-
-def _docstring_args(function: Callable[..., Any]) -> dict[str, str]:
-    """The ``Args:`` section of a Google-style docstring, one help text per parameter."""
-    doc = inspect.getdoc(function) or ""
-    section = doc.split("Args:", 1)[-1].split("\n\n", 1)[0] if "Args:" in doc else ""
-    helps: dict[str, str] = {}
-    current: list[str] = []
-    for line in section.splitlines():
-        match = re.match(r"^    ([a-z_, ]+): (.*)$", line)
-        if match:
-            current = [name.strip() for name in match.group(1).split(",")]
-            for name in current:
-                helps[name] = match.group(2)
-        elif line.startswith("        ") and current:
-            for name in current:
-                helps[name] += " " + line.strip()
-    # Sphinx markup reads badly in a terminal: ``x`` and :mod:`x` become x.
-    plain = {name: re.sub(r":\w+:`([^`]+)`|``([^`]+)``", r"\1\2", t) for name, t in helps.items()}
-    return {name: text.replace("%", "%%") for name, text in plain.items()}
+#: The schema's fields that are flags of ``run`` (beside the options) and of ``submit``.
+RUN_FIELDS = (*OPTION_NAMES, "style_weights", "mode")
+SUBMIT_FIELDS = (*OPTION_NAMES, "style_weights", "mode")
 
 
 def _float_list(text: str) -> list[float]:
@@ -68,49 +49,38 @@ def _str_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _add_engine_flags(
-    parser: argparse.ArgumentParser, only: Sequence[str] | None = None, suppress: bool = False
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
+
+
+def _add_option_flags(
+    parser: argparse.ArgumentParser, names: Sequence[str], suppress: bool = False
 ) -> None:
-    """One flag per ``stylize`` parameter (those in ``only``); with ``suppress``, a flag not
-    given is left out of the namespace, so the server applies its own defaults."""
-    hints = typing.get_type_hints(stylize)
-    helps = _docstring_args(stylize)
-    for name, param in inspect.signature(stylize).parameters.items():
-        if name in NOT_FLAGS or (only is not None and name not in only):
-            continue
-        flag = "--" + name.replace("_", "-")
-        hint = hints[name]
-        default = param.default
-        help_text = helps.get(name, "").rstrip(".")
-        if isinstance(default, tuple):
-            help_text += f" (default: {','.join(default)})"
-        elif default is not None and not isinstance(default, bool):
-            help_text += f" (default: {default})"
+    """One flag per schema field in ``names``; with ``suppress``, a flag not given is left
+    out of the namespace, so the server applies its own defaults."""
+    for name in names:
+        info = Submission.model_fields[name]
+        kind, default = field_kind(name), info.default
+        help_text = (info.description or "").replace("%", "%%")
+        unit = (info.json_schema_extra or {}).get("x-unit")  # type: ignore[union-attr]
+        if default not in (None, ()) and kind != "bool":
+            help_text += f" (default: {_shown(default)}{' ' + str(unit) if unit else ''})"
         kwargs: dict[str, Any] = {"default": default, "help": help_text}
-        args = typing.get_args(hint)
-        if hint is bool:
+        if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
-            kwargs["help"] = help_text
-        elif name == "init":
-            kwargs["metavar"] = "{" + ",".join((*INIT_CHOICES, FAST)) + "} or IMAGE"
-            kwargs["help"] = f"{help_text}; {FAST}: the feed-forward picture (--mode fast's)"
-        elif name == "backbone":
-            kwargs["choices"] = list(BACKBONES)
-        elif typing.get_origin(hint) is typing.Literal:
-            kwargs["choices"] = list(args)
-        elif hint in (int, int | None):
-            kwargs["type"] = int
-        elif hint in (float, float | None):
-            kwargs["type"] = float
-        elif str in args or hint == Sequence[str]:
-            kwargs["type"] = _str_list
-            kwargs["metavar"] = "NAME,NAME"
-        elif float in args or hint in (Sequence[float], Sequence[float] | None):
-            kwargs["type"] = _float_list
-            kwargs["metavar"] = "W,W"
+        elif name == "init":  # a choice, or the path of an image to start from
+            kwargs["metavar"] = "{" + ",".join(choices(name)) + "} or IMAGE"
+        elif kind == "choice":
+            kwargs["choices"] = list(choices(name))
+        elif kind in ("int", "float"):
+            kwargs["type"] = int if kind == "int" else float
+        elif kind == "names":
+            kwargs.update(type=_str_list, metavar="NAME,NAME")
+        elif kind == "numbers":
+            kwargs.update(type=_float_list, metavar="W,W")
         if suppress:
             kwargs["default"] = argparse.SUPPRESS
-        parser.add_argument(flag, dest=name, **kwargs)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("content", metavar="CONTENT", help="the photo (JPEG, PNG or WebP)")
     run.add_argument("styles", metavar="STYLE", nargs="+", help="one or more style images")
     run.add_argument("-o", "--output", required=True, type=Path, help="where to write the PNG")
-    _add_engine_flags(run)
+    _add_option_flags(run, RUN_FIELDS)
     run.add_argument(
-        "--mode",
-        choices=("optimize", FAST),
-        default="optimize",
-        help="optimize: Gatys et al.'s optimization; fast: only the feed-forward picture "
-        "(Ghiasi et al. 2017), in about a second (default: optimize)",
+        "--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device"
+    )
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="save a checkpoint every N iterations (default: 0, never)",
     )
     run.add_argument(
         "--log-every", type=int, default=0, metavar="N", help="print the loss every N iterations"
@@ -159,8 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_service_commands(commands: Any) -> None:
-    from shared.jobs import JOB_OPTIONS
-
     default_host = os.environ.get("HOST", "127.0.0.1")
     default_port = int(os.environ.get("PORT", "5000"))
     for name, help_text in (
@@ -217,7 +188,6 @@ def _add_service_commands(commands: Any) -> None:
     submit.add_argument("content", metavar="CONTENT", type=Path)
     submit.add_argument("styles", metavar="STYLE", nargs="*", type=Path)
     submit.add_argument("--preset", action="append", default=[], help="a style preset's name")
-    submit.add_argument("--style-weights", metavar="W,W", help="blend weights of the styles")
     submit.add_argument(
         "--server", default=os.environ.get("STYLEQUEUE_SERVER", "http://127.0.0.1:5000")
     )
@@ -228,13 +198,7 @@ def _add_service_commands(commands: Any) -> None:
     )
     submit.add_argument("--wait", action="store_true", help="follow the job and save the result")
     submit.add_argument("-o", "--output", type=Path, help="where --wait saves the PNG")
-    submit.add_argument(
-        "--mode",
-        choices=("optimize", "fast"),
-        default="optimize",
-        help="fast: the feed-forward picture only, made in about a second",
-    )
-    _add_engine_flags(submit, only=JOB_OPTIONS, suppress=True)
+    _add_option_flags(submit, SUBMIT_FIELDS, suppress=True)
     submit.set_defaults(handler=command_submit)
 
 
@@ -314,17 +278,16 @@ def command_token(args: argparse.Namespace) -> int:
 
 
 def command_submit(args: argparse.Namespace) -> int:
-    from shared.jobs import JOB_OPTIONS
     from stylequeue.submit import submit_and_wait
 
     options: dict[str, str] = {}
-    for name in JOB_OPTIONS:
+    for name in SUBMIT_FIELDS:
         if hasattr(args, name):
             value = getattr(args, name)
-            options[name] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-    if args.style_weights:
-        options["style_weights"] = args.style_weights
-    options["mode"] = args.mode
+            if isinstance(value, bool):
+                options[name] = "true" if value else "false"
+            else:
+                options[name] = _shown(value)
     if args.preset:
         options["style_preset"] = ",".join(args.preset)
     if not args.styles and not args.preset:
@@ -359,7 +322,7 @@ class Reporter:
         self.show_bar = show_bar
         self.bar: Any = None
 
-    def __call__(self, iterate: Iterate) -> None:
+    def __call__(self, iterate: Any) -> None:  # a worker.engine.Iterate
         if self.bar is None:
             # Made at the first iterate, so errors before the run starts stand alone.
             from tqdm import tqdm
@@ -399,17 +362,20 @@ def command_run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         _check_writable(args.checkpoint, "--checkpoint")
 
+    from worker.allocator import keep_freed_memory
+    from worker.engine import Checkpoint, stylize
+
     keep_freed_memory()  # as a worker does (worker/allocator.py)
     content = decode_image(args.content, name="content", **limits)
     styles = [decode_image(path, name="style", **limits) for path in args.styles]
-    if args.mode == FAST:
+    if args.mode == "fast":
         return _run_fast(args, content, styles)
     init: Any = args.init
-    if init == FAST:
+    if init == INIT_FAST:
         # The optimization starts from the feed-forward picture (resized to each run's
         # first scale by the engine).
         init = _feedforward(args, content, styles)
-    elif init not in INIT_CHOICES:
+    elif init not in INIT_CHOICES:  # the path of an image to start from
         init = decode_image(init, name="init", **limits)
     resume_from = None
     if args.resume:
@@ -418,14 +384,10 @@ def command_run(args: argparse.Namespace) -> int:
         with args.resume.open("rb") as file:
             resume_from = Checkpoint.load(file)
 
-    def save_checkpoint(checkpoint: Checkpoint) -> None:
+    def save_checkpoint(checkpoint: Any) -> None:  # a worker.engine.Checkpoint
         _atomic_write(args.checkpoint, checkpoint.save)
 
-    options = {
-        name: getattr(args, name)
-        for name in inspect.signature(stylize).parameters
-        if name not in NOT_FLAGS
-    }
+    options = {name: getattr(args, name) for name in OPTION_NAMES}
     options["init"] = init
     reporter = Reporter(args.log_every, args.progress_bar)
     started = time.perf_counter()
@@ -433,6 +395,9 @@ def command_run(args: argparse.Namespace) -> int:
         result = stylize(
             content=content,
             styles=styles,
+            style_weights=args.style_weights,
+            device=args.device,
+            checkpoint_every=args.checkpoint_every,
             progress=reporter,
             on_checkpoint=save_checkpoint if args.checkpoint else None,
             resume_from=resume_from,

@@ -45,8 +45,8 @@ OFFLINE_MEANS = (
 def fetch_default_weights(settings: Settings) -> bool:
     """Make sure the VGG19 weights are here: found, or fetched now (progress bar, checksum),
     unless ``settings.offline``. True if they are; else says why in one line."""
+    from shared.backbones import BACKBONES
     from shared.errors import WeightsError
-    from worker.engine.registry import BACKBONES
     from worker.engine.weights import WeightsLocations, fetch_weights
 
     spec = BACKBONES[DEFAULT_WEIGHTS]

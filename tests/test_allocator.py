@@ -12,7 +12,7 @@ from tests.conftest import REPO
 EVALUATIONS = """
 import resource, sys, torch
 from worker.allocator import keep_freed_memory, release_free_memory
-from worker.engine.optimize import load_extractor
+from worker.engine.device import load_extractor
 
 if sys.argv[1] == "keep":
     assert keep_freed_memory()

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from shared.backbones import BACKBONES
 from worker.engine.backbones import FeatureExtractor, build_layers, seed_filters
 from worker.engine.packed import PackedConvReLU, can_pack, packed_convolutions_available
-from worker.engine.registry import BACKBONES
 
 
 def _seeded(name: str, seed: int = 3) -> FeatureExtractor:

@@ -13,18 +13,13 @@ from PIL import Image
 
 from shared.config import Settings
 from shared.errors import OptionError
-from worker.engine import Checkpoint, Iterate, Result, check_options, defaults, stylize
+from shared.options import auto_scales, check_options, defaults, normalize_weights, pyramid
+from worker.engine import Checkpoint, Iterate, Result, stylize
 from worker.engine.backbones import FeatureExtractor, load_backbone
 from worker.engine.imaging import rgb_to_yiq, to_tensor
-from worker.engine.optimize import load_extractor
+from worker.engine.device import load_extractor
 from worker.engine.packed import can_pack, packed_convolutions_available
-from worker.engine.stylize import (
-    auto_scales,
-    normalize_weights,
-    prepare,
-    pyramid,
-    stylize_together,
-)
+from worker.engine.stylize import prepare, stylize_together
 
 FAST = {"backbone": "vgg19-random", "size": 64, "device": "cpu"}
 
@@ -499,10 +494,7 @@ def test_defaults_come_from_the_signature() -> None:
     ],
 )
 def test_bad_options_name_their_field(change: dict[str, object], field: str) -> None:
-    options = {k: v for k, v in defaults().items() if k not in ("progress", "on_checkpoint")}
-    for name in ("original_colors", "device", "resume_from"):
-        options.pop(name)
-    options.update(styles=1, **change)
+    options = {**defaults(), "styles": 1, **change}
     with pytest.raises(OptionError) as caught:
         check_options(**options)
     assert caught.value.field == field
@@ -524,14 +516,11 @@ def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
     differences as small as they start. (The graphed L-BFGS recursion has its own test.)
     "fp32" with TF32 off: cuDNN's convolutions use TF32 by default, and the capture may
     choose other algorithms than the eager pass."""
-    from worker.engine import optimize
-
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     presets = sorted((Path(__file__).parents[1] / "shared" / "presets").glob("*.jpg"))
     content, style = (Image.open(path).convert("RGB") for path in presets[:2])
 
     def losses(graphs: bool) -> list[list[float]]:
-        monkeypatch.setattr(optimize, "cuda_graphs", graphs)
         seen: list[list[float]] = [[], []]
 
         def record(index: int) -> Callable[[Iterate], bool]:
@@ -544,7 +533,8 @@ def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
         runs = [
             prepare(content=content, styles=[style], size=128, scales=2, iterations=16,
                     optimizer="adam", backbone="vgg19-random", device="cuda",
-                    precision=precision, seed=index, progress=record(index))
+                    precision=precision, cuda_graphs=graphs, seed=index,
+                    progress=record(index))
             for index in range(2)
         ]  # fmt: skip
         stylize_together(runs)
@@ -562,7 +552,7 @@ def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
 
 
 def test_cuda_graphs_can_be_turned_off_from_the_environment() -> None:
-    # A worker hands this to the engine when it starts (worker/tasks.py); CUDA only.
+    # A worker hands this to each run (worker/runner.py); CUDA only.
     assert Settings().cuda_graphs is True
     assert Settings.from_env({"STYLEQUEUE_CUDA_GRAPHS": "false"}).cuda_graphs is False
 
@@ -572,7 +562,7 @@ def test_auto_precision_takes_bf16_on_a_gpu_only_where_it_is_native(
 ) -> None:
     """T4/V100 class cards only emulate bf16 (torch's default answer counts emulation):
     those get fp16. The card's answer is stood in for; the choice is ours."""
-    from worker.engine.optimize import resolve_precision
+    from worker.engine.device import resolve_precision
 
     for native, expected in ((False, "fp16"), (True, "bf16")):
 
@@ -627,8 +617,8 @@ def _random_extractor(
 ) -> FeatureExtractor:
     """The offline backbone built afresh (not the process's cached one), its input scaled by
     ``input_scale`` (as Caffe's 0-255 weights want) and some layers' filters rescaled."""
+    from shared.backbones import BACKBONES
     from worker.engine.backbones import build_layers, seed_filters
-    from worker.engine.registry import BACKBONES
 
     spec = BACKBONES["vgg19-random"]
     layers = build_layers(spec, "max")
@@ -648,7 +638,7 @@ def test_the_objective_is_the_same_whatever_the_backbones_feature_scale(
     # Inputs × 255 and conv3_1's filters × 7 scale every feature by up to 1785: the weighted
     # terms, the total and its gradient (all the optimizer sees) must not move, so neither
     # does the balance of the result.
-    from worker.engine.optimize import build_objective
+    from worker.engine.objective import build_objective
 
     options = check_options(**{**_option_defaults(), "styles": 1, "init": "content"})
     device = torch.device("cpu")
@@ -678,16 +668,11 @@ def test_the_objective_is_the_same_whatever_the_backbones_feature_scale(
 
 
 def _option_defaults() -> dict[str, object]:
-    names = set(check_options.__code__.co_varnames[: check_options.__code__.co_kwonlyargcount])
-    return {
-        name: value
-        for name, value in defaults().items()
-        if name in names and name not in ("styles", "init")
-    }
+    return {name: value for name, value in defaults().items() if name != "init"}
 
 
 def test_style_strength_sets_the_style_weight_on_a_log_scale() -> None:
-    from worker.engine.stylize import strength_to_weight
+    from shared.options import strength_to_weight
 
     base = {**_option_defaults(), "styles": 1, "init": "content"}
     assert strength_to_weight(0.0) == pytest.approx(0.1)

@@ -14,7 +14,8 @@ from shared.estimate import (
     remaining_fraction,
     smoothed,
 )
-from shared.jobs import plan_for, scale_plan
+from shared.jobs import scale_plan
+from shared.options import plan_for
 
 PLAN = [(128, 100), (256, 100), (512, 100)]
 

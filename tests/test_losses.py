@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.engine import optimize
+from worker.engine import device as engine_device
 from worker.engine.lbfgs import LBFGS, _Gathered, two_loop
 from worker.engine.losses import (
     ContentLoss,
@@ -18,15 +18,15 @@ from worker.engine.losses import (
     blend_grams,
     gram_matrix,
 )
-from worker.engine.optimize import (
+from worker.engine.device import (
     AUTOCAST_DTYPES,
     FP16_LOSS_SCALE,
-    _evaluate,
-    _RunState,
     load_extractor,
     loss_scale,
     scaled_backward,
 )
+from worker.engine.objective import evaluate
+from worker.engine.optimize import _RunState
 from worker.engine.stylize import prepare
 
 
@@ -369,8 +369,9 @@ def evaluate_once(
         0, 64, extractor.truncated("relu5_1"), cpu, autocast_dtype, autocast_dtype is not None,
         None,
     )  # fmt: skip
-    (parts,) = _evaluate([state])
-    assert state.param is not None and state.param.grad is not None
+    assert state.objective is not None and state.param is not None
+    (parts,) = evaluate([state.objective], [state.param])
+    assert state.param.grad is not None
     return parts, state.param.grad.clone()
 
 
@@ -389,6 +390,6 @@ def test_an_fp16_run_gets_the_fp32_gradient_of_a_term_that_underflows_unscaled(
     assert error < 0.1, error
     torch.testing.assert_close(fp16_parts, fp32_parts, rtol=1e-2, atol=0)
 
-    monkeypatch.setattr(optimize, "FP16_LOSS_SCALE", 1.0)
+    monkeypatch.setattr(engine_device, "FP16_LOSS_SCALE", 1.0)
     _, unscaled = evaluate_once(content_image, style_image, "fp16", **options)
     assert torch.count_nonzero(unscaled).item() == 0

@@ -29,7 +29,7 @@ CHILD = """
 import json, re, sys
 from pathlib import Path
 from shared.images import decode_image
-from worker.engine.stylize import stylize
+from worker.engine import stylize
 spec = json.loads(sys.argv[1])
 limits = {"max_bytes": 10**9, "max_pixels": 10**9}
 content = decode_image(spec["content"], **limits)

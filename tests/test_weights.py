@@ -21,10 +21,10 @@ import torchvision
 from PIL import Image
 from torch.nn import functional as F
 
+from shared.backbones import BACKBONES
 from shared.errors import WeightsError
 from worker.engine import stylize
 from worker.engine.backbones import build_layers, load_backbone, seed_filters
-from worker.engine.registry import BACKBONES
 from worker.engine.weights import WeightsLocations, sha256_of
 
 VGG19 = BACKBONES["vgg19"]

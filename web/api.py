@@ -31,17 +31,15 @@ from shared import broker
 from shared.errors import OptionError, StylequeueError
 from shared.estimate import RATE_FIELD, Speeds, estimate, job_work, remaining_fraction
 from shared.jobs import (
-    ENGINE_DEFAULTS,
-    MODE_CHOICES,
     JobRequest,
     Upload,
     create_job,
     parse_request,
-    plan_for,
     queue_ahead,
     request_again,
     scale_plan,
 )
+from shared.options import DEFAULTS, MAX_SCALES, MIN_SIZE, MODE_CHOICES, plan_for
 from shared.models import (
     PREVIEW_OPTIMIZER,
     Job,
@@ -67,7 +65,6 @@ from web.auth import (
 )
 from web.extensions import services
 from web.openapi import openapi_document
-from worker.engine.stylize import MAX_SCALES, MIN_SIZE
 
 bp = Blueprint("api", __name__)
 log = logging.getLogger(__name__)
@@ -622,8 +619,8 @@ def get_estimate() -> Response:
     """How long a job of these options would take now: its run on the live workers'
     measured speed, and the wait for the work queued ahead of it (shared/estimate.py)."""
     settings = services.settings
-    size = _int_arg("size", ENGINE_DEFAULTS["size"], MIN_SIZE, settings.max_size)
-    iterations = _int_arg("iterations", ENGINE_DEFAULTS["iterations"], 1, settings.max_iterations)
+    size = _int_arg("size", DEFAULTS.size, MIN_SIZE, settings.max_size)
+    iterations = _int_arg("iterations", DEFAULTS.iterations, 1, settings.max_iterations)
     scales = _int_arg("scales", 0, 0, MAX_SCALES) or None
     width = _int_arg("width", size, 1, 1_000_000)
     height = _int_arg("height", size, 1, 1_000_000)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from flask import Blueprint, abort, g, render_template, send_file
 from werkzeug.wrappers import Response
 
+from shared.backbones import BACKBONES, DEFAULT_BACKBONE, OFFLINE_BACKBONE
 from shared.estimate import PREVIEW_KIND
-from shared.jobs import JOB_INIT_CHOICES
 from shared.presets import presets
 from shared.routing import GIB
 from web.auth import start_browser_session
 from web.extensions import services
-from worker.engine.registry import BACKBONES, DEFAULT_BACKBONE, OFFLINE_BACKBONE
 from worker.engine.stylize import OPTIMIZER_CHOICES, defaults
 
 bp = Blueprint("pages", __name__)
@@ -54,7 +53,7 @@ def index() -> str:
         available=available,
         chosen_backbone=chosen,
         optimizers=OPTIMIZER_CHOICES,
-        inits=JOB_INIT_CHOICES,
+        inits=INIT_CHOICES,
         speeds=SPEEDS,
         # Workers are up, and none has the ImageNet weights: say what that means.
         offline_only=bool(available) and DEFAULT_BACKBONE not in available,

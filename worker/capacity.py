@@ -47,7 +47,7 @@ def cpu_model() -> str:
 def measure(settings: Settings) -> Capacity:
     import torch
 
-    from worker.engine.optimize import resolve_device
+    from worker.engine.device import resolve_device
 
     device = resolve_device(settings.device)
     if device.type == "cuda":

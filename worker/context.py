@@ -17,7 +17,7 @@ from shared.db import make_engine, make_sessionmaker
 from shared.logs import configure_logging
 from shared.storage import Storage, storage_from_settings
 from worker.capacity import Capacity, measure
-from worker.engine import BACKBONES
+from shared.backbones import BACKBONES
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from shared.errors import StylequeueError
 from shared.estimate import RATE_FIELD, job_work, smoothed
 from shared.images import encode_png, upright_rgb
-from shared.jobs import INIT_FAST, plan_for
+from shared.options import INIT_FAST, plan_for
 from shared.logs import job_context
 from shared.models import Job, JobStatus, StoredImage, utcnow
 from shared.storage import Storage
@@ -82,7 +82,7 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
     find them taken and are dropped (:func:`drop_unclaimable`).
     """
     settings = ctx.settings
-    from worker.engine.optimize import resolve_device
+    from worker.engine.device import resolve_device
 
     device = resolve_device(settings.device)
     claim = claim_job(ctx, job_uuid, str(device))
@@ -318,6 +318,7 @@ class _Attempt:
             "styles": self.styles,
             "style_weights": self.weights,
             "device": self.device,
+            "cuda_graphs": self.settings.cuda_graphs,
             "progress": self.progress,
             "preview_every": self.settings.preview_every,
             "checkpoint_every": self.settings.checkpoint_every,

@@ -27,7 +27,8 @@ from worker.context import (
     start_heartbeat,
     stop_heartbeat,
 )
-from worker.engine import OFFLINE_BACKBONE, Iterate, stylize
+from shared.backbones import OFFLINE_BACKBONE
+from worker.engine import Iterate, stylize
 from worker.reconcile import reconcile_once_elected
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,11 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
 
 @worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
-    from worker.engine import optimize
-    from worker.engine.optimize import load_extractor, resolve_device, resolve_precision
+    from worker.engine.device import load_extractor, resolve_device, resolve_precision
 
     ctx = context()
     backbones = available_backbones()
     device = resolve_device(ctx.settings.device)
-    optimize.cuda_graphs = ctx.settings.cuda_graphs
     # On the CPU the activations live in host memory: reuse them, job after job.
     if device.type == "cpu" and keep_freed_memory():
         log.info("freed memory stays in the heap for reuse (worker/allocator.py)")

@@ -12,9 +12,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from shared.backbones import BACKBONES, BackboneSpec
 from shared.errors import OptionError, WeightsError
 from worker.engine.packed import PackedConvReLU, can_pack, packed_convolutions_available
-from worker.engine.registry import BACKBONES, BackboneSpec
 from worker.engine.weights import WeightsLocations, load_feature_state_dict
 
 Pooling = Literal["max", "avg"]

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.hub
 
+from shared.backbones import BACKBONES, BackboneSpec
 from shared.config import parse_bool
 from shared.errors import WeightsError
-from worker.engine.registry import BACKBONES, BackboneSpec
 
 
 def _env_key(name: str) -> str:
