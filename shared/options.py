@@ -82,16 +82,19 @@ def _boolean(value: Any) -> Any:
     return parse_bool(value) if isinstance(value, str) else value
 
 
-Names = Annotated[tuple[str, ...], BeforeValidator(_split), Field(min_length=1)]
+Names = Annotated[tuple[str, ...], Field(min_length=1), BeforeValidator(_split)]
 Weight = Annotated[float, Field(ge=0, le=MAX_WEIGHT)]
 Weights = Annotated[tuple[Weight, ...] | None, BeforeValidator(_auto), BeforeValidator(_split)]
 Flag = Annotated[bool, BeforeValidator(_boolean)]
 
 
-def _option(default: Any, help: str, unit: str | None = None, **limits: Any) -> Any:
-    """One option's field: its default, one-line help, unit and limits."""
+def _option(
+    default: Any, help: str, unit: str | None = None, title: str | None = None, **limits: Any
+) -> Any:
+    """One option's field: its default, one-line help, unit, label (``title``: the form's;
+    else the name's words) and limits."""
     extra = {"x-unit": unit} if unit else None
-    return Field(default, description=help, json_schema_extra=extra, **limits)
+    return Field(default, description=help, title=title, json_schema_extra=extra, **limits)
 
 
 class Options(BaseModel):
@@ -124,14 +127,17 @@ class Options(BaseModel):
     style_scale: float = _option(
         1.0, "long side of each style image relative to the output's", "×", ge=0.05, le=4.0
     )
-    content_weight: float = _option(1.0, "α, the weight of the content loss", ge=0, le=MAX_WEIGHT)
+    content_weight: float = _option(
+        1.0, "α, the weight of the content loss", title="Content weight (α)", ge=0, le=MAX_WEIGHT
+    )
     style_weight: Annotated[float | None, BeforeValidator(_auto)] = _option(
-        None, "β, the weight of the style loss; given, it overrides style_strength",
-        ge=0, le=MAX_WEIGHT,
+        None, "β, the weight of the style loss; unset: from style_strength",
+        title="Style weight (β)", ge=0, le=MAX_WEIGHT,
     )  # fmt: skip
     tv_weight: float = _option(
-        3.0, "γ, the weight of the total-variation loss (smoothness)", ge=0, le=MAX_WEIGHT
-    )
+        3.0, "γ, the weight of the total-variation loss (smoothness)", title="TV weight (γ)",
+        ge=0, le=MAX_WEIGHT,
+    )  # fmt: skip
     content_layers: Names = _option(
         ("relu4_2",), "backbone layers whose features match the photo's (comma-separated)"
     )
@@ -146,20 +152,27 @@ class Options(BaseModel):
         "content",
         "where the optimization starts: the photo, uniform noise from the seed, the first "
         "style, or fast: the feed-forward picture",
+        title="Start from",
     )
     optimizer: OptimizerName = _option("lbfgs", "lbfgs (unit steps) or adam")
-    lr: float = _option(0.02, "Adam's learning rate, in pixel units", ge=1e-6, le=10.0)
+    lr: float = _option(
+        0.02, "Adam's learning rate, in pixel units", title="Learning rate (Adam)", ge=1e-6,
+        le=10.0,
+    )  # fmt: skip
     lbfgs_history: Annotated[int | None, BeforeValidator(_auto)] = _option(
         None,
         "curvature pairs L-BFGS keeps (24 bytes a pixel each); unset: 100, fewer where that "
         "would pass 2 GiB",
+        title="L-BFGS history",
         ge=1,
         le=MAX_LBFGS_HISTORY,
     )
     backbone: BackboneName = _option(DEFAULT_BACKBONE, "the network whose features are matched")
     pooling: PoolingName = _option("max", "max as in VGG, or avg (smoother, per Gatys et al.)")
     original_colors: Flag = _option(
-        False, "keep the photo's colours, transferring only luminance"
+        False,
+        "keep the photo's colours, transferring only luminance",
+        title="Keep the photo's colours",
     )
     seed: Annotated[int | None, BeforeValidator(_auto)] = _option(
         None, "makes a run reproducible; unset: drawn, and recorded in the job", ge=0,
@@ -397,8 +410,7 @@ def check_options(
         unknown = [name for name in layers if name not in layer_names]
         if unknown:
             raise OptionError(
-                f"{checked.backbone} has no layer {unknown[0]!r} (layers are named like "
-                "relu4_2)",
+                f"{checked.backbone} has no layer {unknown[0]!r} (layers are named like relu4_2)",
                 field=field,
             )
     style_layers = checked.style_layers

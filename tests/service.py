@@ -200,12 +200,20 @@ def live_service(base: Path, *, previews: bool = False, **overrides: Any) -> Ite
 @contextlib.contextmanager
 def service_app(settings: Settings) -> Iterator[Any]:
     """The Flask app on ``settings``; its database and Redis connections are closed
-    afterwards."""
+    afterwards. Its answers must match the OpenAPI document."""
+    from tests.openapi_check import ResponseChecker
     from web import create_app
+    from web.api.openapi import openapi_document
 
     app = create_app({"TESTING": True, "SETTINGS": settings})
+    # Every answer is checked against the OpenAPI document (tests/openapi_check.py).
+    checker = ResponseChecker(openapi_document())
+    app.after_request(checker)
     try:
         yield app
+        assert not checker.problems, "answers unlike the OpenAPI document:\n" + "\n".join(
+            sorted(set(checker.problems))
+        )
     finally:
         app.extensions["stylequeue"]["engine"].dispose()
         app.extensions["stylequeue"]["redis"].close()  # its pooled sockets, not left to GC

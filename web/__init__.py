@@ -60,6 +60,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     services.init_app(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(api.docs.assets)
     app.register_blueprint(pages.bp)
     app.register_blueprint(metrics.bp)
     app.after_request(security_headers)

@@ -38,7 +38,9 @@ from web.extensions import services
 
 CSRF_HEADER = "X-CSRF-Token"
 #: API paths anyone may call, even with tokens required.
-PUBLIC_PATHS = {"/api/openapi.json", "/api/presets"}
+PUBLIC_PATHS = {"/api/openapi.json", "/api/docs", "/api/presets"}
+#: The API page's script and styles (Swagger UI's files).
+PUBLIC_PREFIX = "/api/docs/"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
@@ -193,6 +195,7 @@ def require_access() -> None:
         principal.owner is None
         and services.settings.require_token
         and request.path not in PUBLIC_PATHS
+        and not request.path.startswith(PUBLIC_PREFIX)
     ):
         raise Unauthorized("this server requires an API token ('Authorization: Bearer ...')")
 

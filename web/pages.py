@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, abort, g, render_template, send_file
 from werkzeug.wrappers import Response
 
 from shared.backbones import BACKBONES, DEFAULT_BACKBONE, OFFLINE_BACKBONE
 from shared.estimate import PREVIEW_KIND
+from shared.options import OPTION_NAMES, Options, bounds, choices, defaults, field_kind
 from shared.presets import presets
 from shared.routing import GIB
 from web.auth import start_browser_session
 from web.extensions import services
-from worker.engine.stylize import OPTIMIZER_CHOICES, defaults
 
 bp = Blueprint("pages", __name__)
 
@@ -26,6 +28,48 @@ SPEEDS = (
     {"name": "best", "label": "Best", "mode": "optimize", "size": 768, "iterations": 500,
      "hint": "768 px, 500 iterations: finer strokes, several times longer"},
 )  # fmt: skip
+
+
+#: The options the form shows up front (with the speed presets); the rest are "Advanced".
+BASIC_OPTIONS = ("size", "iterations", "style_strength")
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def option_fields() -> list[dict[str, Any]]:
+    """The advanced options as the form shows them, each from the option schema: its
+    kind, label, help, limits, choices and default."""
+    fields = []
+    for name in OPTION_NAMES:
+        if name in BASIC_OPTIONS:
+            continue
+        info = Options.model_fields[name]
+        kind = field_kind(name, Options)
+        help_text = info.description or ""
+        low, high = bounds(name, Options) if kind in ("int", "float") else (None, None)
+        fields.append(
+            {
+                "name": name,
+                "kind": kind,
+                "label": info.title or name.replace("_", " ").capitalize(),
+                "help": help_text,
+                # What leaving it empty means: the help's "unset: ..." clause.
+                "unset": help_text.split("unset: ", 1)[1] if "unset: " in help_text else "",
+                "min": "" if low is None else f"{low:g}",
+                "max": "" if high is None or high > 1e9 else f"{high:g}",
+                "choices": choices(name, Options) if kind == "choice" else (),
+                "value": _shown(info.default),
+            }
+        )
+    return fields
 
 
 @bp.before_request
@@ -52,8 +96,7 @@ def index() -> str:
         backbones=BACKBONES,
         available=available,
         chosen_backbone=chosen,
-        optimizers=OPTIMIZER_CHOICES,
-        inits=INIT_CHOICES,
+        advanced=option_fields(),
         speeds=SPEEDS,
         # Workers are up, and none has the ImageNet weights: say what that means.
         offline_only=bool(available) and DEFAULT_BACKBONE not in available,

@@ -1,0 +1,138 @@
+"""Reading jobs for the API: the ORM load for views that change a job, and the status
+poll's one cached Core statement; the live workers; query arguments."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+from flask import (
+    request,
+)
+from sqlalchemy import Row, bindparam, select
+from sqlalchemy.orm import joinedload
+
+from shared import broker
+from shared.errors import OptionError
+from shared.jobs import (
+    queue_ahead,
+)
+from shared.models import (
+    Job,
+    JobRun,
+    JobStatus,
+    JobStyle,
+)
+from web.api.errors import (
+    NotFound,
+)
+from web.auth import (
+    may_see,
+)
+from web.extensions import services
+
+MAX_LOSS_PAGE = 10_000
+
+
+JOB_WITH_STYLES_AND_RUNS = (joinedload(Job.styles), joinedload(Job.runs))
+
+
+def parse_job_id(job_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(job_id)
+    except ValueError:
+        raise NotFound(f"no job {job_id!r}") from None
+
+
+def load_job(job_id: str) -> Job:
+    key = parse_job_id(job_id)
+    # One statement for the job, its styles and its runs, not three separate ORM loads.
+    job = services.session.get(Job, key, options=JOB_WITH_STYLES_AND_RUNS)
+    if job is None or not may_see(job):  # another's job: as if it did not exist
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+# The status poll reads with Core: one cached statement on a pooled connection, no Session
+# and no ORM objects. The ORM load above is a large share of a poll's CPU time under
+# gunicorn (py-spy; bench/api.py). The job's row comes once per pair of its styles and
+# runs (a few at most), as from the ORM's joined load; on PostgreSQL, one round trip
+# instead of three.
+jobs_table, styles_table, runs_table = Job.__table__, JobStyle.__table__, JobRun.__table__
+
+
+STYLE_FIELDS = [c.name for c in styles_table.c if c.name != "job_id"]
+
+
+RUN_FIELDS = [c.name for c in runs_table.c if c.name != "job_id"]
+
+
+JOB_STYLE_RUN_ROWS = (
+    select(
+        jobs_table,
+        *(styles_table.c[name].label(f"style_{name}") for name in STYLE_FIELDS),
+        *(runs_table.c[name].label(f"run_{name}") for name in RUN_FIELDS),
+    )
+    .outerjoin(styles_table, styles_table.c.job_id == jobs_table.c.id)
+    .outerjoin(runs_table, runs_table.c.job_id == jobs_table.c.id)
+    .where(jobs_table.c.id == bindparam("job_id"))
+    .order_by(styles_table.c.position, runs_table.c.attempt)
+)
+
+
+def _distinct_parts(
+    rows: Sequence[Row[Any]], prefix: str, fields: list[str], key: str
+) -> list[SimpleNamespace]:
+    """The distinct ``prefix``-labelled parts of ``rows`` (by ``key``), in their order."""
+    parts: dict[Any, SimpleNamespace] = {}
+    for row in rows:
+        values = row._mapping
+        identity = values[prefix + key]
+        if identity is not None and identity not in parts:
+            parts[identity] = SimpleNamespace(**{name: values[prefix + name] for name in fields})
+    return list(parts.values())
+
+
+def read_job(
+    job_id: str,
+) -> tuple[Row[Any], list[SimpleNamespace], list[SimpleNamespace], tuple[int, float] | None]:
+    """A job the caller may see (its row), its styles, its runs and, while it is queued,
+    its queue position and the work ahead of it, read-only."""
+    with services.reader.connect() as connection:
+        rows = connection.execute(JOB_STYLE_RUN_ROWS, {"job_id": parse_job_id(job_id)}).all()
+        # may_see reads no database here: the caller was authenticated before the view.
+        if not rows or not may_see(rows[0]):
+            raise NotFound(f"no job {job_id!r}")
+        job = rows[0]
+        ahead = None
+        if job.status == JobStatus.QUEUED:
+            ahead = queue_ahead(connection, job.created_at)
+    return (
+        job,
+        _distinct_parts(rows, "style_", STYLE_FIELDS, "position"),
+        _distinct_parts(rows, "run_", RUN_FIELDS, "attempt"),
+        ahead,
+    )
+
+
+def live_workers() -> list[dict[str, Any]]:
+    """The workers' heartbeats; none when the broker is away (jobs are not refused for it)."""
+    try:
+        return broker.live_workers(services.redis)
+    except Exception:
+        return []
+
+
+def int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise OptionError(f"must be a whole number, not {raw!r}", field=name) from None
+    if not low <= value <= high:
+        raise OptionError(f"must be between {low} and {high}", field=name)
+    return value

@@ -1,0 +1,206 @@
+"""Submitting jobs: a new one, or a finished one run again; idempotency, result reuse,
+routing to a queue that can hold it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import (
+    Response,
+    current_app,
+    jsonify,
+    request,
+    url_for,
+)
+from sqlalchemy import Uuid, func, insert, literal, select, true
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.errors import OptionError
+from shared.jobs import (
+    JobRequest,
+    Upload,
+    create_job,
+    parse_request,
+    request_again,
+)
+from shared.models import (
+    Job,
+    JobMode,
+    JobStatus,
+    LossPoint,
+    utcnow,
+)
+from shared.routing import choose_queue
+from web.api import bp
+from web.api.access import check_rate, client_id
+from web.api.errors import (
+    IdempotencyConflict,
+    RateLimited,
+)
+from web.api.jobs import check_not_expired
+from web.api.reads import (
+    live_workers,
+    load_job,
+)
+from web.api.serialize import job_json
+from web.auth import (
+    current_principal,
+)
+from web.extensions import services
+
+
+def route(job_request: JobRequest, workers: list[dict[str, Any]]) -> tuple[str, int]:
+    """The queue for this job and the memory it needs (shared/routing.py); refused with
+    ``job_too_large`` when no live worker could hold it. With no worker known, the base
+    queue, which every worker consumes."""
+    need = job_request.memory_bytes()
+    return choose_queue(services.settings.queue, need, workers), need
+
+
+def _idempotency_key() -> str | None:
+    """The client's key, scoped to its owner: two owners' equal keys are different keys
+    (one cannot block or reach the other's job by guessing them)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not (0 < len(key) <= 150 and key.isprintable()):
+        raise OptionError("must be 1 to 150 printable characters", field="Idempotency-Key")
+    return f"{current_principal().owner or ''}|{key}"
+
+
+def _replay(job: Job, fingerprint: str) -> tuple[Response, int, dict[str, str]]:
+    """The answer to a request repeated with its Idempotency-Key."""
+    if job.request_fingerprint != fingerprint or job.owner != current_principal().owner:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was used for a different request", field="Idempotency-Key"
+        )
+    return jsonify(job_json(job)), 200, {"Location": url_for("api.get_job", job_id=str(job.id))}
+
+
+def _reuse_result(session: Session, job: Job, source: Job) -> None:
+    """Make ``job`` a finished copy of ``source``: same result file, same loss curve."""
+    now = utcnow()
+    job.status, job.started_at, job.finished_at = JobStatus.SUCCEEDED, now, now
+    job.reused_from = source.id
+    job.iteration, job.elapsed = source.iteration, source.elapsed
+    job.loss_total, job.loss_content = source.loss_total, source.loss_content
+    job.loss_style, job.loss_tv = source.loss_style, source.loss_tv
+    job.result_key, job.preview_key = source.result_key, source.preview_key
+    job.preview_iteration, job.preview_source = source.preview_iteration, source.preview_source
+    session.flush()
+    columns = ("iteration", "total", "content", "style", "tv", "elapsed")
+    copied = select(literal(job.id, Uuid), *(getattr(LossPoint, c) for c in columns)).where(
+        LossPoint.job_id == source.id
+    )
+    session.execute(insert(LossPoint).from_select(["job_id", *columns], copied))
+
+
+@bp.post("/api/jobs")
+def submit_job() -> tuple[Response, int, dict[str, str]]:
+    key = _idempotency_key()
+    check_rate("submit", services.settings.submit_limit_per_minute)
+    form = {name: request.form.getlist(name) for name in request.form}
+    uploads = []
+    for field in request.files:
+        for upload in request.files.getlist(field):
+            try:
+                if upload.filename:
+                    uploads.append(Upload(field, upload.filename, upload.read()))
+            finally:
+                upload.close()
+    return _submit(form, uploads, key)
+
+
+def _submit(
+    form: dict[str, list[str]], uploads: list[Upload], key: str | None
+) -> tuple[Response, int, dict[str, str]]:
+    """Check, store and enqueue a submission (or replay or reuse an earlier one)."""
+    workers = live_workers()
+    backbones = {name for worker in workers for name in worker.get("backbones", [])}
+    job_request = parse_request(
+        form, uploads, services.settings, backbones or None, decode_slots=services.decode_slots
+    )
+    fingerprint = job_request.fingerprint()
+    session = services.session
+    if key is not None:
+        existing = session.scalar(select(Job).where(Job.idempotency_key == key))
+        if existing is not None:
+            return _replay(existing, fingerprint)
+    source = None
+    if job_request.reuse and job_request.seed_given:  # a fixed seed: the same image again
+        source = session.scalar(
+            select(Job)
+            .where(
+                Job.request_fingerprint == fingerprint,
+                Job.status == JobStatus.SUCCEEDED,
+                Job.result_key.is_not(None),
+                Job.expired_at.is_(None),
+                # With tokens, only one's own results: reuse must not reveal that someone
+                # else submitted the same images.
+                Job.owner == current_principal().owner
+                if services.settings.require_token
+                else true(),
+            )
+            .order_by(Job.finished_at.desc())
+            .limit(1)
+        )
+    queue, memory_bytes = None, None
+    fast = job_request.mode == JobMode.FAST
+    if source is None and fast:  # the preview workers' queue: no backbone, little memory
+        queue = services.settings.preview_queue
+    elif source is None:  # it will run: somewhere must hold it (before anything is stored)
+        queue, memory_bytes = route(job_request, workers)
+    if source is None:
+        queued = session.scalar(
+            select(func.count()).where(Job.client == client_id(), Job.status == JobStatus.QUEUED)
+        )
+        if (queued or 0) >= services.settings.max_queued_per_client:
+            raise RateLimited(
+                f"{queued} of your jobs are queued already; the limit is "
+                f"{services.settings.max_queued_per_client}",
+                retry_after=30,
+            )
+    job = create_job(session, services.storage, job_request)
+    job.idempotency_key, job.request_fingerprint = key, fingerprint
+    job.client, job.owner = client_id(), current_principal().owner
+    job.queue, job.memory_bytes = queue, memory_bytes
+    if source is not None:
+        _reuse_result(session, job, source)
+    try:
+        session.commit()
+    except IntegrityError:  # the same key, sent twice at once: the first one won
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.idempotency_key == key))
+        if existing is None:
+            raise
+        return _replay(existing, fingerprint)
+    location = {"Location": url_for("api.get_job", job_id=str(job.id))}
+    if source is not None:
+        return jsonify(job_json(job)), 201, location
+    assert queue is not None
+    try:
+        if services.settings.fast_previews and not fast:
+            # First: the preview workers are idle far more often than the job's queue.
+            services.enqueue_preview(str(job.id))
+        services.enqueue(str(job.id), queue)
+        job.enqueued_at = utcnow()
+        session.commit()
+    except Exception:
+        # The broker is away: the job is safe in the database, queued, and the workers'
+        # reconciler sends its message once Redis answers again.
+        current_app.logger.warning("could not enqueue job %s; the reconciler will", job.id)
+    return jsonify(job_json(job)), 202, location
+
+
+@bp.post("/api/jobs/<job_id>/again")
+def run_again(job_id: str) -> tuple[Response, int, dict[str, str]]:
+    """A new job on this job's images and options, with the options in the form changed
+    (e.g. ``style_strength``); answered as a submission is."""
+    key = _idempotency_key()
+    check_rate("submit", services.settings.submit_limit_per_minute)
+    job = load_job(job_id)
+    check_not_expired(job)
+    changes = {name: request.form.getlist(name) for name in request.form}
+    form, uploads = request_again(job, services.storage, changes)
+    return _submit(form, uploads, key)
