@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from engine import IMAGES_HELP, sample_pair  # bench/engine.py (run as a script)
 
-from worker.engine.imaging import to_tensor
 from shared.options import defaults
 from worker.engine.device import AUTOCAST_DTYPES, load_extractor, resolve_precision
+from worker.engine.imaging import to_tensor
 from worker.engine.objective import build_objective
 
 ROOT = Path(__file__).resolve().parents[1]

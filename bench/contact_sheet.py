@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from bench.quality import scores  # noqa: E402
 from bench.report import machine, update_section  # noqa: E402
-from shared.presets import presets  # noqa: E402
 from shared.options import defaults  # noqa: E402
+from shared.presets import presets  # noqa: E402
 from worker.engine import stylize  # noqa: E402
 
 PHOTOS = {"chelsea": REPO / "examples" / "chelsea.jpg", "coffee": REPO / "examples" / "coffee.jpg"}

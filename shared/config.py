@@ -286,9 +286,14 @@ def settings_reference() -> list[str]:
     return rows
 
 
+def rewrite_marked(target: Path, marker: str, lines: list[str]) -> None:
+    """Replace what stands between ``<!-- marker: begin -->`` and ``<!-- marker: end -->``
+    in ``target`` with ``lines`` (the docs' generated tables)."""
+    begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
+    head, rest = target.read_text().split(begin, 1)
+    target.write_text(head + "\n".join([begin, *lines, end]) + rest.split(end, 1)[1])
+
+
 if __name__ == "__main__":
     # python -m shared.config docs/configuration.md: rewrite the file's table.
-    target = Path(sys.argv[1])
-    begin, end = "<!-- settings: begin -->", "<!-- settings: end -->"
-    head, rest = target.read_text().split(begin, 1)
-    target.write_text(head + "\n".join([begin, *settings_reference(), end]) + rest.split(end, 1)[1])
+    rewrite_marked(Path(sys.argv[1]), "settings", settings_reference())

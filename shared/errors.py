@@ -51,3 +51,59 @@ class WeightsError(StylequeueError):
 
     code = "weights_unavailable"
     http_status = 503
+
+
+# The service's refusals (the API answers each with its status; web/api/errors.py).
+
+
+class Unauthorized(StylequeueError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class TooManyFailures(StylequeueError):
+    code = "rate_limited"
+    http_status = 429
+
+
+class Forbidden(StylequeueError):
+    code = "forbidden"
+    http_status = 403
+
+
+class RetryLater(StylequeueError):
+    """Refused for now: the answer says when to come back (``Retry-After``, seconds)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(RetryLater):
+    code = "rate_limited"
+    http_status = 429
+
+
+class StreamsBusy(RetryLater):
+    code = "streams_busy"
+    http_status = 503
+
+
+class NotFound(StylequeueError):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(StylequeueError):
+    code = "not_ready"
+    http_status = 409
+
+
+class Expired(StylequeueError):
+    code = "expired"
+    http_status = 410
+
+
+class IdempotencyConflict(StylequeueError):
+    code = "idempotency_key_reused"
+    http_status = 409

@@ -488,3 +488,45 @@ def check_image_sizes(
             "deepest layer: use fewer scales or a larger size",
             field="scales" if options["scales"] > 1 else "size",
         )
+
+
+def options_reference() -> list[str]:
+    """The Markdown table of every submission field: name, type, default, range or choices,
+    and help (docs/api.md is made from it; a test keeps them equal)."""
+    rows = ["| field | type | default | range or choices | what it does |", "|---|---|---|---|---|"]
+    for name in SUBMISSION_FIELDS:
+        info = Submission.model_fields[name]
+        kind = field_kind(name)
+        if kind == "choice":
+            limits = ", ".join(f"`{choice}`" for choice in choices(name))
+        elif kind in ("int", "float", "numbers"):
+            low, high = bounds(name)
+            number = "{:.0f}" if kind == "int" else "{:g}"
+            limits = f"{number.format(low)} – {number.format(high)}" if math.isfinite(high) else ""
+        else:
+            limits = ""
+        default = info.default
+        shown = (
+            ""
+            if default in (None, ())
+            else ",".join(map(str, default))
+            if isinstance(default, tuple)
+            else str(default).lower()
+            if isinstance(default, bool)
+            else str(default)
+        )
+        unit = (info.json_schema_extra or {}).get("x-unit")  # type: ignore[union-attr]
+        shown = f"{shown} {unit}" if shown and unit else shown
+        kind_text = {"names": "list of names", "numbers": "list of numbers"}.get(kind, kind)
+        rows.append(f"| `{name}` | {kind_text} | {shown} | {limits} | {info.description or ''} |")
+    return rows
+
+
+if __name__ == "__main__":
+    # python -m shared.options docs/api.md: rewrite the file's table of the options.
+    import sys
+    from pathlib import Path
+
+    from shared.config import rewrite_marked
+
+    rewrite_marked(Path(sys.argv[1]), "options", options_reference())

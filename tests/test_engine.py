@@ -16,8 +16,8 @@ from shared.errors import OptionError
 from shared.options import auto_scales, check_options, defaults, normalize_weights, pyramid
 from worker.engine import Checkpoint, Iterate, Result, stylize
 from worker.engine.backbones import FeatureExtractor, load_backbone
-from worker.engine.imaging import rgb_to_yiq, to_tensor
 from worker.engine.device import load_extractor
+from worker.engine.imaging import rgb_to_yiq, to_tensor
 from worker.engine.packed import can_pack, packed_convolutions_available
 from worker.engine.stylize import prepare, stylize_together
 

@@ -10,6 +10,13 @@ import torch
 from PIL import Image
 
 from worker.engine import device as engine_device
+from worker.engine.device import (
+    AUTOCAST_DTYPES,
+    FP16_LOSS_SCALE,
+    load_extractor,
+    loss_scale,
+    scaled_backward,
+)
 from worker.engine.lbfgs import LBFGS, _Gathered, two_loop
 from worker.engine.losses import (
     ContentLoss,
@@ -17,13 +24,6 @@ from worker.engine.losses import (
     TotalVariationLoss,
     blend_grams,
     gram_matrix,
-)
-from worker.engine.device import (
-    AUTOCAST_DTYPES,
-    FP16_LOSS_SCALE,
-    load_extractor,
-    loss_scale,
-    scaled_backward,
 )
 from worker.engine.objective import evaluate
 from worker.engine.optimize import _RunState

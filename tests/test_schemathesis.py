@@ -36,7 +36,8 @@ def test_no_generated_request_gets_a_server_error(
         headers = ["-H", f"Authorization: Bearer {secret}"]
     done = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/api/openapi.json",
-         "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance", "--max-examples", "20", "--seed", "1",
+         "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance",
+         "--max-examples", "20", "--seed", "1",
          "--phases", "examples,coverage,fuzzing,stateful", *headers],
         capture_output=True, text=True, timeout=500, cwd=tmp_path,  # its cache goes there
     )  # fmt: skip

@@ -31,7 +31,7 @@ from flask import Flask, g, request, session
 from sqlalchemy import Row, Select
 
 from shared.config import parse_address
-from shared.errors import StylequeueError
+from shared.errors import Forbidden, TooManyFailures, Unauthorized
 from shared.models import Job
 from shared.tokens import find_token
 from web.extensions import services
@@ -42,21 +42,6 @@ PUBLIC_PATHS = {"/api/openapi.json", "/api/docs", "/api/presets"}
 #: The API page's script and styles (Swagger UI's files).
 PUBLIC_PREFIX = "/api/docs/"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
-
-
-class Unauthorized(StylequeueError):
-    code = "unauthorized"
-    http_status = 401
-
-
-class TooManyFailures(StylequeueError):
-    code = "rate_limited"
-    http_status = 429
-
-
-class Forbidden(StylequeueError):
-    code = "forbidden"
-    http_status = 403
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,12 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
+from shared.backbones import BACKBONES
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
 from shared.logs import configure_logging
 from shared.storage import Storage, storage_from_settings
 from worker.capacity import Capacity, measure
-from shared.backbones import BACKBONES
 
 log = logging.getLogger(__name__)
 

@@ -12,21 +12,21 @@ from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.errors import StylequeueError
 from shared.estimate import RATE_FIELD, job_work, smoothed
 from shared.images import encode_png, upright_rgb
-from shared.options import INIT_FAST, plan_for
 from shared.logs import job_context
 from shared.models import Job, JobStatus, StoredImage, utcnow
+from shared.options import INIT_FAST, plan_for
 from shared.storage import Storage
 from worker import lease
+from worker.batching import claim_partners, run_engine
 from worker.context import Context
-from worker.engine import Checkpoint, Iterate, Result, stylize
-from worker.engine.stylize import PreparedRun, batch_key, prepare, stylize_together
+from worker.engine import Checkpoint, Iterate, Result
 from worker.lease import Claim
 from worker.reporting import JobReporter, forget_points_after, result_key
 from worker.webhooks import deliver_due
@@ -92,7 +92,7 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
     if out_of_attempts(ctx, claim):
         return
     try:
-        leader = _Attempt.begin(ctx, claim, str(device))
+        leader = ActiveRun.begin(ctx, claim, str(device))
     except StylequeueError as error:  # its options cannot run here (init=fast, no model)
         finish(ctx, claim, JobStatus.FAILED, error_code=error.code, error_message=str(error))
         return
@@ -100,24 +100,24 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
         log.exception("job %s: could not start it", job_uuid)
         _release(ctx, claim)
         return
-    attempts = [leader]
+    runs = [leader]
     try:
-        for partner in _claim_partners(ctx, leader):
+        for partner in claim_partners(ctx, leader, _claim_runnable):
             try:
-                attempts.append(_Attempt.begin(ctx, partner, leader.device))
+                runs.append(ActiveRun.begin(ctx, partner, leader.device))
             except Exception:
                 log.exception("job %s: could not start it in this batch", partner.job_id)
                 _release(ctx, partner)
-        for attempt in attempts:
-            attempt.batch = attempts
-        if len(attempts) > 1:
-            log.info("running %d jobs as one batch: %s", len(attempts),
-                     ", ".join(str(a.claim.job_id) for a in attempts))  # fmt: skip
-        _run_engine(ctx, attempts)
+        for active in runs:
+            active.batch = runs
+        if len(runs) > 1:
+            log.info("running %d jobs as one batch: %s", len(runs),
+                     ", ".join(str(a.claim.job_id) for a in runs))  # fmt: skip
+        run_engine(ctx, runs)
     finally:
-        for attempt in attempts:
-            if not attempt.ended:  # an exception got here first
-                attempt.stop()
+        for active in runs:
+            if not active.ended:  # an exception got here first
+                active.stop()
         ctx.activity.update(job=None, iterations_per_second=0.0)
 
 
@@ -126,6 +126,13 @@ def claim_job(ctx: Context, job_id: uuid.UUID, device: str) -> Claim | None:
         ctx.sessions, job_id, f"{ctx.name}/{uuid.uuid4().hex[:8]}", ctx.settings.lease_seconds,
         host=ctx.host, worker=ctx.name, device=device,
     )  # fmt: skip
+
+
+def _claim_runnable(ctx: Context, job_id: uuid.UUID, device: str) -> Claim | None:
+    """Claim a queued job for a batch: None if another worker was quicker or it has run
+    out of attempts (then it is failed)."""
+    claim = claim_job(ctx, job_id, device)
+    return None if claim is None or out_of_attempts(ctx, claim) else claim
 
 
 def out_of_attempts(ctx: Context, claim: Claim) -> bool:
@@ -140,96 +147,6 @@ def out_of_attempts(ctx: Context, claim: Claim) -> bool:
     return True
 
 
-#: Queued jobs looked at when a worker fills a batch.
-BATCH_CANDIDATES = 50
-
-
-def _claim_partners(ctx: Context, leader: _Attempt) -> list[Claim]:
-    """Claim queued jobs that can run in one batch with ``leader``: same batch key (the
-    engine's, from their stored options and content size), on this worker's queues, fresh
-    (no checkpoint), oldest first, while the batch's memory (each job's estimate, as routing
-    made it) fits what the worker offers. On an error midway (the database away, say), the
-    jobs claimed so far (perhaps none: the leader then runs alone)."""
-    settings = ctx.settings
-    if (
-        settings.batch_jobs <= 1
-        or leader.resume_from is not None
-        or leader.params["size"] > settings.batch_size_limit(leader.device)
-    ):
-        return []
-    key = batch_key(leader.params, leader.content.size, leader.device)
-    partners: list[Claim] = []
-    try:
-        _claim_into(ctx, leader, key, partners)
-    except Exception:  # the database away, say: the batch is what was claimed so far
-        log.exception("batch: could not look for more queued jobs")
-    return partners
-
-
-def _claim_into(ctx: Context, leader: _Attempt, key: Any, partners: list[Claim]) -> None:
-    """Append to ``partners`` each job claimed, as it is: a database error midway keeps
-    those claimed before it."""
-    with ctx.sessions() as session:
-        candidates = session.execute(
-            select(Job.id, Job.params, Job.memory_bytes, StoredImage.width, StoredImage.height)
-            .join(StoredImage, StoredImage.sha256 == Job.content_sha256)
-            .where(
-                Job.status == JobStatus.QUEUED,
-                Job.cancel_requested.is_(False),
-                Job.checkpoint_key.is_(None),
-                Job.queue.in_(ctx.capacity.queues),
-                Job.id != leader.claim.job_id,
-            )
-            .order_by(Job.created_at)
-            .limit(BATCH_CANDIDATES)
-        ).all()
-    memory = leader.memory_bytes
-    for job_id, params, memory_bytes, width, height in candidates:
-        if len(partners) + 1 >= ctx.settings.batch_jobs:
-            break
-        if batch_key(params, (width, height), leader.device) != key:
-            continue
-        if memory + (memory_bytes or 0) > ctx.capacity.memory_bytes:
-            break
-        claim = claim_job(ctx, job_id, leader.device)  # None: another worker was quicker
-        if claim is not None and not out_of_attempts(ctx, claim):
-            partners.append(claim)
-            memory += memory_bytes or 0
-
-
-def _run_engine(ctx: Context, attempts: list[_Attempt]) -> None:
-    """Run the attempts' jobs, one alone or several as batches, and end each as soon as
-    its run ends: a job canceled mid-batch is canceled then, not when the batch ends."""
-    if len(attempts) == 1:
-        try:
-            outcome: Result | Exception = stylize(**attempts[0].arguments())
-        except Exception as error:
-            outcome = error
-        attempts[0].settle(ctx, outcome)
-        return
-    groups: dict[Any, list[tuple[_Attempt, PreparedRun]]] = {}
-    for index, attempt in enumerate(attempts):
-        try:
-            run = prepare(**attempt.arguments())
-        except Exception as error:  # this job's own inputs or options: it alone fails
-            attempt.settle(ctx, error)
-            continue
-        # One group unless a run cannot share it: an image decoded to another size than
-        # its row says, or a checkpoint written since the partner was chosen.
-        groups.setdefault(run.batch_key or ("alone", index), []).append((attempt, run))
-    for group in groups.values():
-
-        def on_result(index: int, outcome: Result | Exception, group: Any = group) -> None:
-            group[index][0].settle(ctx, outcome)
-
-        try:
-            stylize_together([run for _, run in group], on_result=on_result)
-        except Exception as error:  # the batch's own failure: every job still in it
-            for attempt, _ in group:
-                if not attempt.ended:
-                    attempt.settle(ctx, error)
-
-
 def _release(ctx: Context, claim: Claim) -> None:
     try:
         lease.release(ctx.sessions, claim)
@@ -238,8 +155,9 @@ def _release(ctx: Context, claim: Claim) -> None:
         log.exception("job %s: could not give it back to the queue", claim.job_id)
 
 
-class _Attempt:
-    """One claimed job on this worker: its inputs, lease, reporter, watchdog and limits."""
+class ActiveRun:
+    """A run of a claimed job on this worker (the worker's side of its
+    :class:`shared.models.JobRun` row): its inputs, lease, reporter, watchdog and limits."""
 
     def __init__(self, ctx: Context, claim: Claim, device: str) -> None:
         self.claim = claim
@@ -286,28 +204,28 @@ class _Attempt:
         self.first_iteration = self.resume_from.iteration if self.resume_from else 0
         self.soft_limit_reached = False
         self.ended = False
-        #: The attempts run with this one (itself included): the worker's speed is theirs.
-        self.batch: list[_Attempt] = [self]
+        #: The runs batched with this one (itself included): the worker's speed is theirs.
+        self.batch: list[ActiveRun] = [self]
 
     @classmethod
-    def begin(cls, ctx: Context, claim: Claim, device: str) -> _Attempt:
+    def begin(cls, ctx: Context, claim: Claim, device: str) -> ActiveRun:
         with job_context(str(claim.job_id)):
-            attempt = cls(ctx, claim, device)
+            active = cls(ctx, claim, device)
             log.info(
                 "attempt %d on %s (%s): %s", claim.attempts, ctx.host, device,
-                f"resumed from iteration {attempt.resume_from.iteration}"
-                if attempt.resume_from else "from the start",
+                f"resumed from iteration {active.resume_from.iteration}"
+                if active.resume_from else "from the start",
             )  # fmt: skip
-        attempt.keeper.start()
-        attempt.watchdog.start()
-        return attempt
+        active.keeper.start()
+        active.watchdog.start()
+        return active
 
     def progress(self, iterate: Iterate) -> bool:
         self.soft_limit_reached = time.monotonic() - self.started > self.settings.soft_time_limit
         if iterate.elapsed > 0:  # for the heartbeat, and so for /metrics
             self.speed = (iterate.iteration - self.first_iteration) / iterate.elapsed
             # A batching worker's speed is that of its jobs together.
-            total = sum(attempt.speed for attempt in self.batch if not attempt.ended)
+            total = sum(other.speed for other in self.batch if not other.ended)
             self.activity.update(job=str(self.claim.job_id), iterations_per_second=round(total, 3))
         return self.reporter.progress(iterate) or self.keeper.lost or self.soft_limit_reached
 
@@ -337,7 +255,7 @@ class _Attempt:
         self.reporter.close()
 
     def settle(self, ctx: Context, outcome: Result | Exception) -> None:
-        """Stop the attempt's threads and record its end; if that fails, give the job back
+        """Stop the run's threads and record its end; if that fails, give the job back
         to the queue rather than leave it running under a lease nobody renews."""
         self.ended = True
         self.stop()
@@ -349,7 +267,7 @@ class _Attempt:
                 _release(ctx, self.claim)
 
     def end(self, ctx: Context, outcome: Result | Exception) -> None:
-        """Record how the attempt ended: failed, lost, time-limited, canceled or succeeded."""
+        """Record how the run ended: failed, lost, time-limited, canceled or succeeded."""
         claim, reporter = self.claim, self.reporter
         if isinstance(outcome, Exception):
             if isinstance(outcome, StylequeueError):

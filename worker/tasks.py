@@ -14,6 +14,7 @@ from celery.signals import setup_logging, worker_ready, worker_shutdown
 from PIL import Image
 
 from shared import broker
+from shared.backbones import OFFLINE_BACKBONE
 from shared.estimate import RATE_FIELD, job_work
 from shared.logs import job_context
 from worker import runner
@@ -27,7 +28,6 @@ from worker.context import (
     start_heartbeat,
     stop_heartbeat,
 )
-from shared.backbones import OFFLINE_BACKBONE
 from worker.engine import Iterate, stylize
 from worker.reconcile import reconcile_once_elected
 

@@ -9,14 +9,9 @@ from flask import (
     request,
 )
 
+from shared.errors import RateLimited
 from web.api import bp
-from web.api.errors import (
-    RateLimited,
-)
-from web.auth import (
-    current_principal,
-    require_access,
-)
+from web.auth import current_principal, require_access
 from web.extensions import services
 
 

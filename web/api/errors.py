@@ -12,11 +12,8 @@ from flask import (
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from shared.errors import StylequeueError
+from shared.errors import RetryLater, StylequeueError, Unauthorized
 from web.api import bp
-from web.auth import (
-    Unauthorized,
-)
 from web.extensions import services
 
 DATABASE_RETRY_AFTER_SECONDS = 5
@@ -55,24 +52,6 @@ def _http_error(error: HTTPException) -> Response | HTTPException:
     return error_response(error.code or 500, code.replace(" ", "_"), error.description or "")
 
 
-class RetryLater(StylequeueError):
-    """Refused for now: the answer says when to come back (``Retry-After``, seconds)."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RateLimited(RetryLater):
-    code = "rate_limited"
-    http_status = 429
-
-
-class StreamsBusy(RetryLater):
-    code = "streams_busy"
-    http_status = 503
-
-
 @bp.app_errorhandler(RetryLater)
 def _retry_later(error: RetryLater) -> Response:
     response = error_response(error.http_status, error.code, error.message)
@@ -85,23 +64,3 @@ def _unauthorized(error: Unauthorized) -> Response:
     response = error_response(401, error.code, error.message)
     response.headers["WWW-Authenticate"] = 'Bearer realm="stylequeue"'
     return response
-
-
-class NotFound(StylequeueError):
-    code = "not_found"
-    http_status = 404
-
-
-class Conflict(StylequeueError):
-    code = "not_ready"
-    http_status = 409
-
-
-class Expired(StylequeueError):
-    code = "expired"
-    http_status = 410
-
-
-class IdempotencyConflict(StylequeueError):
-    code = "idempotency_key_reused"
-    http_status = 409

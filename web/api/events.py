@@ -16,6 +16,7 @@ from flask import (
 )
 from sqlalchemy import select
 
+from shared.errors import RateLimited, StreamsBusy
 from shared.models import (
     PREVIEW_OPTIMIZER,
     Job,
@@ -23,10 +24,6 @@ from shared.models import (
 )
 from web.api import bp
 from web.api.access import client_id
-from web.api.errors import (
-    RateLimited,
-    StreamsBusy,
-)
 from web.api.reads import (
     MAX_LOSS_PAGE,
     load_job,

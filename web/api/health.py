@@ -13,14 +13,11 @@ from flask import (
 from sqlalchemy import text
 
 from shared import broker
-from shared.errors import OptionError
+from shared.errors import OptionError, Unauthorized
 from shared.presets import presets
 from shared.webhooks import owner_secret
 from web.api import bp
-from web.auth import (
-    Unauthorized,
-    current_principal,
-)
+from web.auth import current_principal
 from web.extensions import services
 
 log = logging.getLogger(__name__)

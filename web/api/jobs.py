@@ -15,7 +15,7 @@ from flask import (
 from sqlalchemy import and_, or_, select
 
 from shared import broker
-from shared.errors import OptionError
+from shared.errors import Conflict, Expired, Forbidden, NotFound, OptionError
 from shared.estimate import Speeds, estimate, job_work
 from shared.jobs import (
     queue_ahead,
@@ -30,11 +30,6 @@ from shared.models import (
 )
 from shared.options import DEFAULTS, MAX_SCALES, MIN_SIZE, MODE_CHOICES, plan_for
 from web.api import bp
-from web.api.errors import (
-    Conflict,
-    Expired,
-    NotFound,
-)
 from web.api.reads import (
     MAX_LOSS_PAGE,
     int_arg,
@@ -43,11 +38,7 @@ from web.api.reads import (
     read_job,
 )
 from web.api.serialize import iso, job_json, point_json
-from web.auth import (
-    Forbidden,
-    listed,
-    may_change,
-)
+from web.auth import listed, may_change
 from web.extensions import services
 
 

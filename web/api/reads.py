@@ -15,7 +15,7 @@ from sqlalchemy import Row, bindparam, select
 from sqlalchemy.orm import joinedload
 
 from shared import broker
-from shared.errors import OptionError
+from shared.errors import NotFound, OptionError
 from shared.jobs import (
     queue_ahead,
 )
@@ -25,12 +25,7 @@ from shared.models import (
     JobStatus,
     JobStyle,
 )
-from web.api.errors import (
-    NotFound,
-)
-from web.auth import (
-    may_see,
-)
+from web.auth import may_see
 from web.extensions import services
 
 MAX_LOSS_PAGE = 10_000

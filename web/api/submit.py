@@ -16,7 +16,7 @@ from sqlalchemy import Uuid, func, insert, literal, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.errors import OptionError
+from shared.errors import IdempotencyConflict, OptionError, RateLimited
 from shared.jobs import (
     JobRequest,
     Upload,
@@ -34,19 +34,13 @@ from shared.models import (
 from shared.routing import choose_queue
 from web.api import bp
 from web.api.access import check_rate, client_id
-from web.api.errors import (
-    IdempotencyConflict,
-    RateLimited,
-)
 from web.api.jobs import check_not_expired
 from web.api.reads import (
     live_workers,
     load_job,
 )
 from web.api.serialize import job_json
-from web.auth import (
-    current_principal,
-)
+from web.auth import current_principal
 from web.extensions import services
 
 

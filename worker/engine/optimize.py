@@ -42,6 +42,8 @@ from worker.engine.stylize import Iterate, PreparedRun, Result, ResultCallback
 #: errors than with the relative ones); 0.25 keeps every scale's start falling and
 #: reaches the same final loss (bench/scale_start.py, docs/benchmarks.md "Scale starts").
 LBFGS_MAX_STEP: float | None = 0.25
+
+
 def initial_image(
     options: dict[str, Any],
     content: torch.Tensor,
