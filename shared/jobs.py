@@ -27,6 +27,7 @@ from shared.images import ImageInfo, probe_image
 from shared.models import Job, JobMode, JobStatus, JobStyle, StoredImage, utcnow
 from shared.options import (
     FILE_FIELDS,
+    MIN_SIZE,
     OPTION_NAMES,
     SUBMISSION_FIELDS,
     Submission,
@@ -140,7 +141,9 @@ def parse_request(
     if unknown:
         raise OptionError(f"unknown field {unknown[0]!r}", field=unknown[0])
     fields = {name: values for name, values in form.items() if name in SUBMISSION_FIELDS}
-    submission = validate(Submission, form_values(fields))
+    submission = validate(
+        Submission, form_values(fields), limits={"size": (MIN_SIZE, settings.max_size)}
+    )
     options = {name: getattr(submission, name) for name in OPTION_NAMES}
     mode = JobMode(submission.mode)
     if mode == JobMode.FAST and options["size"] > FAST_MAX_SIZE:

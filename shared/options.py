@@ -250,10 +250,15 @@ def bounds(name: str, model: type[BaseModel] = Submission) -> tuple[float, float
     return float(low), float(high)
 
 
-def _message(error: Mapping[str, Any], field: str | None, model: type[BaseModel]) -> str:
+def _message(
+    error: Mapping[str, Any],
+    field: str | None,
+    model: type[BaseModel],
+    limits: Mapping[str, tuple[float, float]],
+) -> str:
     kind, value = error["type"], error.get("input")
     if field in model.model_fields and kind in ("greater_than_equal", "less_than_equal"):
-        low, high = bounds(field, model)
+        low, high = limits.get(field) or bounds(field, model)
         return f"must be between {low:g} and {high:g}, not {value!r}"
     if kind == "literal_error":
         return f"must be one of {', '.join(choices(str(field), model))}; got {value!r}"
@@ -272,8 +277,14 @@ def _message(error: Mapping[str, Any], field: str | None, model: type[BaseModel]
     return str(error["msg"])
 
 
-def validate(model: type[M], values: Mapping[str, Any]) -> M:
-    """``values`` as ``model``, or the first problem as an :class:`OptionError`."""
+def validate(
+    model: type[M],
+    values: Mapping[str, Any],
+    limits: Mapping[str, tuple[float, float]] | None = None,
+) -> M:
+    """``values`` as ``model``, or the first problem as an :class:`OptionError`.
+    ``limits``: narrower ranges the caller enforces (a service's ``size``), for the
+    message of a value outside both."""
     for name, value in values.items():
         numeric = name in model.model_fields and field_kind(name, model) in ("int", "float")
         if isinstance(value, bool) and numeric:  # pydantic's lax mode reads True as 1
@@ -283,7 +294,7 @@ def validate(model: type[M], values: Mapping[str, Any]) -> M:
     except ValidationError as error:
         first = error.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else None
-        raise OptionError(_message(first, field, model), field=field) from None
+        raise OptionError(_message(first, field, model, limits or {}), field=field) from None
 
 
 def form_values(form: Mapping[str, Sequence[str]]) -> dict[str, Any]:
@@ -294,11 +305,25 @@ def form_values(form: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     for name, given in form.items():
         if not any(value.strip() for value in given):
             continue
-        if name in SUBMISSION_FIELDS and field_kind(name) in ("names", "numbers"):
+        kind = field_kind(name) if name in SUBMISSION_FIELDS else "text"
+        if kind in ("names", "numbers"):
             values[name] = list(given)
+        elif kind in ("int", "float"):
+            values[name] = _number_text(given[-1], int if kind == "int" else float)
         else:
             values[name] = given[-1]
     return values
+
+
+def _number_text(text: str, kind: type) -> Any:
+    """A number field's text as that number, so that an error quotes the number; text
+    that is none ("auto", "abc") as it is, for the schema to judge."""
+    for read in (kind, float):  # 12.5 for an int: "must be a whole number, not 12.5"
+        try:
+            return read(text.strip())
+        except ValueError:
+            continue
+    return text
 
 
 # -- The pyramid and the sizes: what the service and the engine both compute. ----------
