@@ -20,13 +20,19 @@ if TYPE_CHECKING:
 
 wsgi_app = "web:create_app()"
 bind = ["0.0.0.0:8000"]
-worker_class = "gthread"
+# An open event stream (/api/jobs/<id>/events: each job page holds one) lasts as long as
+# its job. Under gevent it is a greenlet waiting on its job's live feed (web/feeds.py): a
+# few kilobytes, not a thread, so a process holds thousands while its polls keep their
+# latency (bench/streams.py). psycopg 3 and redis-py cooperate with gevent's patched
+# sockets. GUNICORN_CMD_ARGS="--worker-class gthread" serves with threads instead: then
+# each stream holds one, and STYLEQUEUE_EVENT_STREAMS (8) must stay below `threads`.
+worker_class = "gevent"
+worker_connections = 10_000
+#: The streams a gevent process serves at once, unless STYLEQUEUE_EVENT_STREAMS says.
+GEVENT_EVENT_STREAMS = 5_000
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# An open event stream (/api/jobs/<id>/events: each job page holds one) keeps its thread
-# for as long as it lasts. A process serves at most STYLEQUEUE_EVENT_STREAMS (8) of them and
-# refuses more, so that the polls always have the other threads.
-threads = 16
-# Event streams last as long as their jobs; gthread's worker timeout would cut them.
+threads = 16  # gthread's
+# Event streams last as long as their jobs; a worker timeout would cut them.
 timeout = 0
 # Each worker process listens on a socket of its own (SO_REUSEPORT), and the kernel spreads
 # new connections across them. On one shared socket, whichever process wakes first takes
@@ -60,6 +66,12 @@ def child_exit(server: Arbiter, worker: Worker) -> None:
     slot = getattr(worker, "slot", None)
     if slot is not None:
         connections_by_slot[slot] = 0
+
+
+def post_fork(server: Arbiter, worker: Worker) -> None:
+    """In the new worker, before it loads the app: under gevent, streams cost no thread."""
+    if "gevent" in worker.cfg.worker_class_str:
+        os.environ.setdefault("STYLEQUEUE_EVENT_STREAMS", str(GEVENT_EVENT_STREAMS))
 
 
 def pre_request(worker: Worker, req: Request) -> None:

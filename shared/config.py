@@ -74,14 +74,20 @@ class Settings:
     #: server process each time).
     database_pool_size: int = 16
     #: Event streams (``/api/jobs/<id>/events``, one per open job page) one web process
-    #: serves at once. Each holds one of the process's threads (gunicorn.conf.py: 16) for as
-    #: long as it lasts, so this stays below them: the rest answer the status polls. A
-    #: stream beyond it is refused at once (503 ``streams_busy``) and the page, like
-    #: ``stylequeue submit --wait``, follows the job by polling instead. 0: no streams.
+    #: serves at once. Under gunicorn's gevent workers (gunicorn.conf.py) a stream is a
+    #: greenlet and gunicorn.conf.py makes this 5000 unless it is set. On a threaded server
+    #: (``stylequeue web``, or gunicorn's gthread) each holds a thread for as long as it
+    #: lasts, so this stays below the threads: the rest answer the status polls. A stream
+    #: beyond it is refused at once (503 ``streams_busy``) and the page, like ``stylequeue
+    #: submit --wait``, follows the job by polling instead. 0: no streams.
     event_streams: int = 8
     #: Of those, the most one client (token, session or address) holds at once: one client
     #: cannot take them all. Beyond it, 429 and the page polls.
     event_streams_per_client: int = 2
+    #: How often each web process reads the status and iteration of the jobs its streams
+    #: watch (one query for all of them), to catch what their live feeds missed: a publish
+    #: lost while Redis was away, a status the reconciler wrote (web/feeds.py).
+    stream_check_seconds: float = 2.0
     #: The Celery broker, and where workers publish their heartbeats and cancel flags.
     redis_url: str = "redis://127.0.0.1:6379/0"
     #: Where local files live: the default file store (``data_dir/files``), the session

@@ -215,6 +215,8 @@ def service_app(settings: Settings) -> Iterator[Any]:
             sorted(set(checker.problems))
         )
     finally:
+        if app.extensions["stylequeue"].get("feeds") is not None:
+            app.extensions["stylequeue"]["feeds"].close()
         app.extensions["stylequeue"]["engine"].dispose()
         app.extensions["stylequeue"]["redis"].close()  # its pooled sockets, not left to GC
 

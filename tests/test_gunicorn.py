@@ -1,6 +1,8 @@
 """The production server's settings (gunicorn.conf.py, the Dockerfile's CMD) load, serve,
 and give each worker process a listening socket of its own, so that the kernel spreads
-connections over the processes; open event streams leave threads for the status polls."""
+connections over the processes. With threads (``--worker-class gthread``, the alternative
+to its gevent workers) open event streams leave threads for the status polls; gevent's
+many streams are tests/test_streams.py's."""
 
 from __future__ import annotations
 
@@ -105,7 +107,9 @@ def two_workers(tmp_path: Path) -> Iterator[TwoWorkers]:
         {}, database_url=f"sqlite:///{tmp_path / 'jobs.db'}", data_dir=tmp_path / "data"
     )
     port = free_port()
-    flags = f"--bind 127.0.0.1:{port} --workers 2 --threads 2 --keep-alive 60"
+    flags = (
+        f"--bind 127.0.0.1:{port} --worker-class gthread --workers 2 --threads 2 --keep-alive 60"
+    )
     running = TwoWorkers(port, start_gunicorn(settings, tmp_path / "gunicorn.log", flags))
     yield running
     for client in running.clients:
@@ -237,7 +241,7 @@ def test_open_event_streams_leave_threads_for_polls(tmp_path: Path, sample_image
             job = submit_preset(app.test_client(), photo, 5)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        flags = f"--bind 127.0.0.1:{port} --workers 1 --threads 4"
+        flags = f"--bind 127.0.0.1:{port} --worker-class gthread --workers 1 --threads 4"
         server = start_gunicorn(settings, tmp_path / "gunicorn.log", flags)
         wait_for(lambda: serves(base), 60, "gunicorn")
         assert "STYLEQUEUE_EVENT_STREAMS" not in (tmp_path / "gunicorn.log").read_text()

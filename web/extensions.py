@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any
 
 import redis
 from celery import Celery
 from flask import Flask, current_app, g
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
+from shared.models import Job
 from shared.storage import Storage, storage_from_settings
+from web.feeds import FeedHub, JobCheck
 from web.ratelimit import RedisWindows, WindowCounts
+
+_FEEDS_LOCK = threading.Lock()
 
 
 class ClientPlaces:
@@ -40,6 +45,20 @@ class ClientPlaces:
                 self._held[client] = left
             else:
                 self._held.pop(client, None)
+
+
+def _job_rows(reader: Engine) -> JobCheck:
+    """The feeds' check (web/feeds.py): the status and iteration of the watched jobs, in
+    one query."""
+    jobs = Job.__table__
+
+    def check(job_ids: list[str]) -> dict[str, tuple[str, int]]:
+        keys = [uuid.UUID(job_id) for job_id in job_ids]
+        query = select(jobs.c.id, jobs.c.status, jobs.c.iteration).where(jobs.c.id.in_(keys))
+        with reader.connect() as connection:
+            return {str(row.id): (row.status, row.iteration) for row in connection.execute(query)}
+
+    return check
 
 
 class Services:
@@ -111,6 +130,22 @@ class Services:
     @property
     def window_counts(self) -> WindowCounts:
         return self._get("window_counts")  # type: ignore[no-any-return]
+
+    @property
+    def feeds(self) -> FeedHub:
+        """This process's job feeds (web/feeds.py), made at the first stream: after a
+        server's fork, each process reads its own."""
+        extensions = current_app.extensions["stylequeue"]
+        with _FEEDS_LOCK:
+            if extensions.get("feeds") is None:
+                settings: Settings = current_app.config["SETTINGS"]
+                # A client of its own: its XREAD blocks one connection at a time.
+                client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                              socket_timeout=30)  # fmt: skip
+                extensions["feeds"] = FeedHub(
+                    client, _job_rows(extensions["reader"]), settings.stream_check_seconds
+                )
+        return extensions["feeds"]  # type: ignore[no-any-return]
 
     @property
     def event_streams(self) -> threading.BoundedSemaphore:

@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 from sqlalchemy import update
 
+from shared import feed
 from shared.errors import StylequeueError
 from shared.estimate import FAST_SECONDS_FIELD, smoothed
 from shared.images import encode_png
@@ -96,6 +97,8 @@ def _store_preview(ctx: Context, job_id: uuid.UUID, picture: Image.Image) -> boo
                 preview_source=PREVIEW_FEEDFORWARD,
             )
         )
+    if stored.rowcount:  # type: ignore[attr-defined]
+        feed.publish(ctx.redis, job_id, preview={"iteration": 0, "source": PREVIEW_FEEDFORWARD})
     return bool(stored.rowcount)  # type: ignore[attr-defined]
 
 

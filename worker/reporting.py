@@ -19,7 +19,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import broker
+from shared import broker, feed
 from shared.db import insert_ignoring_duplicates
 from shared.images import encode_png
 from shared.models import PREVIEW_OPTIMIZER, Job, LossPoint
@@ -213,11 +213,12 @@ class JobReporter:
         preview: tuple[int, Image.Image] | None,
     ) -> None:
         values: dict[str, Any] = {}
+        stored_preview = None
         if preview is not None:
             try:  # a preview is a nicety: storage trouble must not hold up the loss points
                 image = encode_png(preview[1], compress_level=PREVIEW_COMPRESS_LEVEL)
                 self.storage.put(preview_key(self.job_id), image)
-                self.preview_iteration = preview[0]
+                self.preview_iteration = stored_preview = preview[0]
             except Exception as error:
                 log.warning("job %s: preview not stored: %s", self.job_id, error)
         if latest is not None:
@@ -244,6 +245,15 @@ class JobReporter:
             if values:
                 session.execute(update(Job).where(Job.id == self.job_id).values(**values))
         self.flushes += 1
+        # Committed: now the watchers' live feed (shared/feed.py), never before.
+        feed.publish(
+            self.redis,
+            self.job_id,
+            points=[{k: v for k, v in point.items() if k != "job_id"} for point in points],
+            preview=None
+            if stored_preview is None
+            else {"iteration": stored_preview, "source": PREVIEW_OPTIMIZER},
+        )
 
 
 def forget_points_after(session: Session, job_id: uuid.UUID, iteration: int) -> None:

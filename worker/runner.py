@@ -16,6 +16,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from shared import feed
 from shared.errors import StylequeueError
 from shared.estimate import RATE_FIELD, job_work, smoothed
 from shared.images import encode_png, upright_rgb
@@ -61,6 +62,7 @@ def finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> None
         return True
 
     _while_database_away(write)
+    feed.publish(ctx.redis, claim.job_id, status=status.value)  # committed: now its watchers
     log.info("attempt %d ended: %s", claim.attempts, status.value)
     # The callback now, not at the reconciler's next pass (which retries failures), and on
     # a thread of its own: a slow receiver must not hold up the worker's next job.
@@ -122,10 +124,13 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
 
 
 def claim_job(ctx: Context, job_id: uuid.UUID, device: str) -> Claim | None:
-    return lease.claim(
+    claim = lease.claim(
         ctx.sessions, job_id, f"{ctx.name}/{uuid.uuid4().hex[:8]}", ctx.settings.lease_seconds,
         host=ctx.host, worker=ctx.name, device=device,
     )  # fmt: skip
+    if claim is not None:
+        feed.publish(ctx.redis, job_id, status=JobStatus.RUNNING.value)
+    return claim
 
 
 def _claim_runnable(ctx: Context, job_id: uuid.UUID, device: str) -> Claim | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -31,10 +30,6 @@ from web.api.reads import (
 from web.api.serialize import point_json
 from web.extensions import services
 
-#: How often the event stream looks for news in the database.
-EVENT_POLL_SECONDS = 0.25
-
-
 #: An idle event stream sends a comment this often: proxies keep it open, and a client
 #: that has left is noticed (the write fails), which frees its thread.
 KEEP_ALIVE_SECONDS = 5
@@ -54,11 +49,14 @@ def get_events(job_id: str) -> Response:
     """Server-Sent Events: ``status``, ``loss``, ``preview`` and a final ``done``.
 
     Every event's id is the iteration of the latest loss point sent, so a client that
-    reconnects with ``Last-Event-ID: N`` gets the current status and every point after N.
+    reconnects with ``Last-Event-ID: N`` gets the current status and every point after N:
+    read from the database once, then from the job's live feed (web/feeds.py), which
+    costs the database nothing per watcher.
 
-    A stream holds a server thread for as long as it lasts, so a process serves at most
-    ``event_streams`` at once and refuses more at once (503 ``streams_busy``): the threads
-    left answer the polls, with which the client follows the job meanwhile.
+    A process serves at most ``event_streams`` at once and refuses more at once (503
+    ``streams_busy``; the client polls meanwhile): under gunicorn's gevent workers a
+    stream is a greenlet and the limit is in the thousands; on a threaded server each
+    holds a thread, and the limit stays below them so that polls keep theirs.
     """
     job_key = load_job(job_id).id
     client, own_places = client_id(), services.client_streams
@@ -93,6 +91,76 @@ def get_events(job_id: str) -> Response:
     return response
 
 
+class _Replay:
+    """What one stream has sent: the last loss point's iteration (its events' id), the
+    status, the preview and the job's total; read from the database by :meth:`read`."""
+
+    def __init__(self, job_key: uuid.UUID, cursor: int, preview_url: str) -> None:
+        self.job_key, self.cursor, self.preview_url = job_key, cursor, preview_url
+        self.status: str | None = None
+        self.preview_iteration: int | None = None
+        self.total = 0
+        self.finished = False
+        self.gone = False
+
+    def read(self) -> Iterator[str]:
+        """Everything the database has that this stream has not sent: the status, the loss
+        points after the cursor (every page of them), the preview; the job's end."""
+        while True:
+            with services.sessions() as session:
+                current = session.get(Job, self.job_key)
+                if current is None:
+                    self.gone = True
+                    return
+                self.total = current.total
+                points = session.scalars(
+                    select(LossPoint)
+                    .where(LossPoint.job_id == self.job_key, LossPoint.iteration > self.cursor)
+                    .order_by(LossPoint.iteration)
+                    .limit(MAX_LOSS_PAGE)
+                ).all()
+                if current.status != self.status:
+                    self.status = current.status
+                    data = {"status": self.status, "attempts": current.attempts}
+                    yield _sse("status", data, self.cursor)
+                yield from self.points([point_json(point) for point in points])
+                # Iteration 0: the feed-forward picture, before the first iteration.
+                yield from self.preview(current.preview_iteration, current.preview_source)
+                if len(points) < MAX_LOSS_PAGE:
+                    self.finished = current.job_status.finished
+                    return
+
+    def points(self, points: list[dict[str, Any]]) -> Iterator[str]:
+        for point in points:
+            if point["iteration"] > self.cursor:
+                self.cursor = point["iteration"]
+                yield _sse("loss", {**point, "of": self.total}, self.cursor)
+
+    def preview(self, iteration: int | None, source: str | None) -> Iterator[str]:
+        if iteration is not None and iteration != self.preview_iteration:
+            self.preview_iteration = iteration
+            data = {"iteration": iteration, "url": self.preview_url,
+                    "source": source or PREVIEW_OPTIMIZER}  # fmt: skip
+            yield _sse("preview", data, self.cursor)
+
+    def live(self, entry: dict[str, Any]) -> Iterator[str]:
+        """One feed entry: its points and preview as they are; a new status, a gap in the
+        points or a row ahead of them (the reader's check) are read from the database."""
+        points = entry.get("points") or []
+        fresh = [point for point in points if point["iteration"] > self.cursor]
+        check = entry.get("check")
+        if (
+            (fresh and fresh[0]["iteration"] > self.cursor + 1)  # a lost publish
+            or ("status" in entry and entry["status"] != self.status)
+            or (check and (check["status"] != self.status or check["iteration"] > self.cursor))
+        ):
+            yield from self.read()
+            return
+        yield from self.points(fresh)
+        if "preview" in entry:
+            yield from self.preview(entry["preview"]["iteration"], entry["preview"]["source"])
+
+
 def _event_stream(job_key: uuid.UUID) -> Response:
     # The stream reads with short sessions of its own; the request's session would hold a
     # pooled connection (on PostgreSQL, in an open transaction) for the stream's whole life.
@@ -102,51 +170,28 @@ def _event_stream(job_key: uuid.UUID) -> Response:
         cursor = max(0, int(raw_last))
     except ValueError:
         cursor = 0
-    sessions = services.sessions
-    preview_url = url_for("api.get_preview", job_id=str(job_key))
+    state = _Replay(job_key, cursor, url_for("api.get_preview", job_id=str(job_key)))
+    feeds = services.feeds
 
     def stream() -> Iterator[str]:
-        nonlocal cursor
-        status = None
-        preview_iteration = None
-        last_beat = time.monotonic()
-        yield "retry: 1000\n\n"
-        while True:
-            with sessions() as session:
-                current = session.get(Job, job_key)
-                if current is None:
-                    return
-                points = session.scalars(
-                    select(LossPoint)
-                    .where(LossPoint.job_id == job_key, LossPoint.iteration > cursor)
-                    .order_by(LossPoint.iteration)
-                    .limit(MAX_LOSS_PAGE)
-                ).all()
-                if current.status != status:
-                    status = current.status
-                    yield _sse("status", {"status": status, "attempts": current.attempts}, cursor)
-                for point in points:
-                    cursor = point.iteration
-                    yield _sse("loss", {**point_json(point), "of": current.total}, cursor)
-                # Iteration 0: the feed-forward picture, before the first iteration.
-                if (
-                    current.preview_iteration is not None
-                    and current.preview_iteration != preview_iteration
-                ):
-                    preview_iteration = current.preview_iteration
-                    data = {
-                        "iteration": preview_iteration,
-                        "url": preview_url,
-                        "source": current.preview_source or PREVIEW_OPTIMIZER,
-                    }
-                    yield _sse("preview", data, cursor)
-                if current.job_status.finished and len(points) < MAX_LOSS_PAGE:
-                    yield _sse("done", {"status": status}, cursor)
-                    return
-            if time.monotonic() - last_beat > KEEP_ALIVE_SECONDS:
-                last_beat = time.monotonic()
-                yield ": keep-alive\n\n"
-            time.sleep(EVENT_POLL_SECONDS)
+        # Subscribed first, then the database read once: an entry published meanwhile is
+        # in both (sent once, by its iteration), and none is in neither (shared/feed.py).
+        subscriber = feeds.subscribe(str(job_key))
+        try:
+            yield "retry: 1000\n\n"
+            yield from state.read()
+            while not (state.finished or state.gone):
+                entries = subscriber.take(KEEP_ALIVE_SECONDS)
+                if subscriber.lagging:
+                    return  # too slow: it reconnects with Last-Event-ID, from the database
+                if not entries:
+                    yield ": keep-alive\n\n"
+                for entry in entries:
+                    yield from state.live(entry)
+            if state.finished:
+                yield _sse("done", {"status": state.status}, state.cursor)
+        finally:
+            feeds.unsubscribe(subscriber)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(stream_with_context(stream()), mimetype="text/event-stream", headers=headers)

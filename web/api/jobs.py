@@ -14,7 +14,7 @@ from flask import (
 )
 from sqlalchemy import and_, or_, select
 
-from shared import broker
+from shared import broker, feed
 from shared.errors import Conflict, Expired, Forbidden, NotFound, OptionError
 from shared.estimate import Speeds, estimate, job_work
 from shared.jobs import (
@@ -137,9 +137,12 @@ def cancel_job(job_id: str) -> tuple[Response, int]:
         return jsonify(job_json(job)), 200
     broker.request_cancel(services.redis, str(job.id))
     job.cancel_requested = True
-    if job.job_status == JobStatus.QUEUED:
+    canceled = job.job_status == JobStatus.QUEUED
+    if canceled:
         job.status, job.finished_at = JobStatus.CANCELED, utcnow()
     session.commit()
+    if canceled:  # committed: now its watchers (a running job's worker tells them itself)
+        feed.publish(services.redis, job.id, status=JobStatus.CANCELED.value)
     return jsonify(job_json(job)), 202
 
 

@@ -1,0 +1,170 @@
+"""Hundreds of event streams on the production server (gunicorn's gevent workers, its
+gunicorn.conf.py) watching a job that a real worker runs: every stream receives every loss
+point once and in order, and the done event, also those that leave midway and come back
+with ``Last-Event-ID``. The points reach the web through the job's live feed in Redis
+(shared/feed.py, web/feeds.py): the web's own check of the rows is set off here, and a
+stream reads the database only when it connects and when the status changes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from shared.config import Settings
+from shared.feed import feed_key
+from stylequeue.service import free_port
+from tests.conftest import REPO
+from tests.service import RedisServer, WorkerProcess, child_env, service_settings, wait_for
+
+STREAMS = 300
+ITERATIONS = 240
+
+
+@dataclass
+class Follower:
+    """One client: the loss iterations it received, in order, and how it ended."""
+
+    leave_after: int | None  #: leaves after this many points, then comes back
+    iterations: list[int] = field(default_factory=list)
+    done: str | None = None
+    reconnected: bool = False
+
+
+async def read_events(port: int, path: str, last_id: int | None, follower: Follower,
+                      leave_after: int | None) -> int | None:  # fmt: skip
+    """Follow ``path`` (HTTP/1.0: no chunked encoding) and note its events; the last event
+    id seen when it left (after ``leave_after`` points), or None at the end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+    if last_id is not None:
+        head += f"Last-Event-ID: {last_id}\r\n"
+    event, data, event_id, seen = None, None, last_id, 0
+    try:
+        writer.write((head + "\r\n").encode())
+        status = await reader.readline()
+        assert b" 200 " in status, status
+        while (await reader.readline()).strip():  # the headers
+            pass
+        while True:
+            raw = await asyncio.wait_for(reader.readline(), 60)
+            if not raw:  # the server ended the stream
+                break
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+            elif line.startswith("id: "):
+                event_id = int(line[4:])
+            elif line == "" and event is not None:
+                if event == "loss":
+                    follower.iterations.append(data["iteration"])
+                    seen += 1
+                    if leave_after is not None and seen >= leave_after:
+                        return event_id
+                elif event == "done":
+                    follower.done = data["status"]
+                    return None
+                event, data = None, None
+    finally:
+        writer.close()
+    return None
+
+
+async def follow(port: int, path: str, follower: Follower) -> None:
+    left_at = await read_events(port, path, None, follower, follower.leave_after)
+    if left_at is not None:
+        follower.reconnected = True
+        await read_events(port, path, left_at, follower, None)
+
+
+async def follow_all(port: int, path: str, followers: list[Follower]) -> None:
+    await asyncio.wait_for(asyncio.gather(*(follow(port, path, f) for f in followers)), timeout=240)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, int, Settings]]:
+    """Redis, a worker, and gunicorn with one gevent worker process, as in production."""
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    settings = service_settings(
+        tmp_path,
+        redis_server.url,
+        event_streams_per_client=2 * STREAMS,
+        fast_previews=False,
+        # The rows' check out of the way: every point must come through the job's feed.
+        stream_check_seconds=3600,
+    )
+    worker = WorkerProcess(settings, "streams", tmp_path / "worker.log")
+    port = free_port()
+    env = child_env(settings) | {"GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port} --workers 1"}
+    del env["STYLEQUEUE_EVENT_STREAMS"]  # gunicorn.conf.py's, for gevent
+    log = (tmp_path / "gunicorn.log").open("wb")
+    web = subprocess.Popen([sys.executable, "-m", "gunicorn"], cwd=REPO, env=env, stdout=log,
+                           stderr=subprocess.STDOUT)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        worker.start()
+        wait_for(lambda: _answers(base), 60, "gunicorn")
+        yield base, port, settings
+    except BaseException:
+        print((tmp_path / "gunicorn.log").read_text()[-4000:])
+        raise
+    finally:
+        web.terminate()
+        web.wait(30)
+        log.close()
+        worker.stop()
+        redis_server.stop()
+
+
+def _answers(base: str) -> bool:
+    try:
+        return requests.get(base + "/healthz", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+def test_hundreds_of_streams_each_get_every_point_once_across_reconnects(
+    server: tuple[str, int, Settings], sample_images: Path
+) -> None:
+    base, port, settings = server
+    photo = (sample_images / "content" / "photo.jpg").read_bytes()
+    data = {"style_preset": "starry-night", "backbone": "vgg19-random", "size": "96",
+            "scales": "1", "iterations": str(ITERATIONS)}  # fmt: skip
+    response = requests.post(base + "/api/jobs", data=data,
+                             files={"content": ("photo.jpg", photo)}, timeout=30)  # fmt: skip
+    assert response.status_code == 202, response.text
+    job = response.json()
+    # Half follow to the end; the others leave after 1 to 60 points and come back.
+    followers = [Follower(leave_after=None if i % 2 else 1 + i % 60) for i in range(STREAMS)]
+    asyncio.run(follow_all(port, job["links"]["events"], followers))
+
+    final = requests.get(base + job["links"]["self"], timeout=10).json()
+    assert final["status"] == "succeeded", final
+    for follower in followers:
+        assert follower.done == "succeeded"
+        assert follower.iterations == list(range(1, ITERATIONS + 1)), (
+            follower.leave_after,
+            follower.iterations[:5],
+            len(follower.iterations),
+        )
+    assert sum(f.reconnected for f in followers) >= STREAMS // 3  # left and came back
+    # The points went through the job's feed: the worker published its flushes there.
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        entries = client.xrange(feed_key(job["id"]))
+    finally:
+        client.close()
+    published = [p["iteration"] for _, e in entries if b"points" in e
+                 for p in json.loads(e[b"points"])]  # fmt: skip
+    assert published == list(range(1, ITERATIONS + 1))

@@ -1,0 +1,226 @@
+"""The live feeds of the jobs this web process's clients watch (shared/feed.py is the
+worker's side).
+
+One reader per process follows every watched job's feed with one blocking ``XREAD`` over
+all of them, and hands each entry to the subscribers of its job: a job watched by a
+thousand clients costs one subscription, and no client asks the database while it waits.
+Every ``STYLEQUEUE_STREAM_CHECK_SECONDS`` the reader reads the status and iteration of all
+the watched jobs in one query; when the database is ahead of what the feed said (a publish
+lost while Redis was away, a status written by the reconciler), the job's subscribers are
+told to read the difference from the database. So the queries per second depend on neither the
+number of watchers nor the number of jobs.
+
+It runs on threads; under gunicorn's gevent workers (gunicorn.conf.py) those are
+greenlets, and an idle stream costs a few kilobytes, not a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from shared.feed import decode, feed_key
+
+log = logging.getLogger(__name__)
+
+#: How long one ``XREAD`` waits for news before the reader looks at its jobs again (new
+#: subscriptions are read from the next call on, missing nothing: each starts at the id
+#: its feed had when it was subscribed).
+READ_BLOCK_MS = 100
+#: Entries a subscriber may leave unread. A client that reads slower than its job writes
+#: is let go at this many (its stream ends; it reconnects with ``Last-Event-ID`` and
+#: replays from the database), rather than buffered without bound.
+SUBSCRIBER_BACKLOG = 256
+
+#: ``check(job_ids) -> {job_id: (status, iteration)}``: the watched jobs' rows.
+JobCheck = Callable[[list[str]], dict[str, tuple[str, int]]]
+
+
+class Subscriber:
+    """One stream's view of its job's feed: the entries not yet taken."""
+
+    def __init__(self, job_id: str, backlog: int = SUBSCRIBER_BACKLOG) -> None:
+        self.job_id = job_id
+        self.backlog = backlog
+        #: Set when it fell ``backlog`` entries behind: its stream should end.
+        self.lagging = False
+        self._entries: deque[dict[str, Any]] = deque()
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+
+    def deliver(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            if len(self._entries) >= self.backlog:
+                self.lagging = True
+                self._entries.clear()
+            else:
+                self._entries.append(entry)
+        self._ready.set()
+
+    def take(self, timeout: float) -> list[dict[str, Any]]:
+        """The entries delivered since the last take, waiting up to ``timeout`` seconds
+        for one."""
+        self._ready.wait(timeout)
+        with self._lock:
+            entries = list(self._entries)
+            self._entries.clear()
+            self._ready.clear()
+        return entries
+
+
+@dataclass
+class _Feed:
+    job_id: str
+    #: The id of the last entry read; None until the feed's tail is known.
+    last_id: str | bytes | None
+    subscribers: set[Subscriber] = field(default_factory=set)
+    #: What the feed (or the last check) said: the status and the latest iteration.
+    status: str | None = None
+    iteration: int = 0
+
+    def note(self, entry: dict[str, Any]) -> None:
+        if entry.get("points"):
+            self.iteration = max(self.iteration, entry["points"][-1]["iteration"])
+        if "status" in entry:
+            self.status = entry["status"]
+
+
+class FeedHub:
+    """This process's subscriptions to job feeds, and the one thread that reads them."""
+
+    def __init__(self, redis_client: redis.Redis, check: JobCheck, check_seconds: float) -> None:
+        self.redis = redis_client
+        self.check = check
+        self.check_seconds = check_seconds
+        self._feeds: dict[str, _Feed] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Counters for the benchmark and the tests: ``XREAD`` calls, entries read, checks.
+        self.reads = self.entries = self.checks = 0
+
+    def subscribe(self, job_id: str) -> Subscriber:
+        """A subscription to the job's feed, from now on: the caller replays what came
+        before from the database *after* this (the worker publishes after it commits, so
+        nothing falls between the two)."""
+        subscriber = Subscriber(job_id)
+        key = feed_key(job_id)
+        with self._lock:
+            feed = self._feeds.get(key)
+        if feed is None:
+            tail = self._tail(key)
+            with self._lock:
+                feed = self._feeds.setdefault(key, _Feed(job_id, tail))
+        with self._lock:
+            feed.subscribers.add(subscriber)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="feeds", daemon=True)
+                self._thread.start()
+        self._wake.set()
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        key = feed_key(subscriber.job_id)
+        with self._lock:
+            feed = self._feeds.get(key)
+            if feed is not None:
+                feed.subscribers.discard(subscriber)
+                if not feed.subscribers:
+                    del self._feeds[key]
+
+    def close(self) -> None:
+        """Stop reading (the app's end) and close the Redis connections."""
+        self._stopped.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.redis.close()
+
+    def watched(self) -> int:
+        """The jobs this process follows now."""
+        with self._lock:
+            return len(self._feeds)
+
+    def _tail(self, key: str) -> str | None:
+        """The id of the feed's last entry ("0-0" for none yet); None if Redis is away."""
+        try:
+            last = self.redis.xrevrange(key, count=1)
+        except redis.RedisError:
+            return None
+        return last[0][0] if last else "0-0"
+
+    def _run(self) -> None:
+        checked = time.monotonic()
+        while not self._stopped.is_set():
+            with self._lock:
+                feeds = list(self._feeds.items())
+            if not feeds:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            for key, feed in feeds:
+                if feed.last_id is None:
+                    feed.last_id = self._tail(key)
+            streams = {key: feed.last_id for key, feed in feeds if feed.last_id is not None}
+            try:
+                if streams:
+                    self.reads += 1
+                    self._dispatch(self.redis.xread(streams, block=READ_BLOCK_MS))  # type: ignore[arg-type]
+                else:
+                    time.sleep(READ_BLOCK_MS / 1000)
+            except redis.RedisError as error:
+                log.warning("feeds: Redis: %s; the database check carries on", error)
+                time.sleep(0.5)
+            except Exception:
+                log.exception("feeds: reading failed")
+                time.sleep(0.5)
+            if time.monotonic() - checked >= self.check_seconds:
+                checked = time.monotonic()
+                self._check_rows(feed for _, feed in feeds)
+
+    def _dispatch(self, answer: Any) -> None:
+        for key, entries in answer or []:
+            name = key.decode() if isinstance(key, bytes) else key
+            with self._lock:
+                feed = self._feeds.get(name)
+                subscribers = list(feed.subscribers) if feed is not None else []
+            if feed is None:
+                continue
+            for entry_id, fields in entries:
+                feed.last_id = entry_id
+                entry = decode(fields)
+                feed.note(entry)
+                self.entries += 1
+                for subscriber in subscribers:
+                    subscriber.deliver(entry)
+
+    def _check_rows(self, feeds: Iterable[_Feed]) -> None:
+        """One query for every watched job: where the row is ahead of the feed, its
+        subscribers are told to read the database."""
+        feeds = list(feeds)
+        try:
+            rows = self.check([feed.job_id for feed in feeds])
+        except Exception as error:
+            log.warning("feeds: the database check failed: %s", error)
+            return
+        self.checks += 1
+        for feed in feeds:
+            row = rows.get(feed.job_id)
+            if row is None:
+                continue
+            status, iteration = row
+            if status != feed.status or iteration > feed.iteration:
+                feed.status, feed.iteration = status, max(iteration, feed.iteration)
+                entry = {"check": {"status": status, "iteration": iteration}}
+                with self._lock:
+                    subscribers = list(feed.subscribers)
+                for subscriber in subscribers:
+                    subscriber.deliver(entry)
