@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import requests
 from paced import PacedRun, paced  # bench/paced.py
 from PIL import Image
@@ -72,17 +73,22 @@ async def _stream(
     if b" 200 " not in status:
         writer.close()
         return
-    opened[0] += 1
     seen = got.setdefault(index, [])
-    event = None
+    buffer, counted = b"", False
     while True:
-        line = await reader.readline()
-        if not line:
+        chunk = await reader.read(65536)
+        if not chunk:
             break
-        if line.startswith(b"event: "):
-            event = line[7:].strip()
-        elif line.startswith(b"data: ") and event == b"loss":
-            seen.append((json.loads(line[6:])["iteration"], time.time()))
+        buffer += chunk
+        *blocks, buffer = buffer.split(b"\n\n")
+        now = time.time()
+        for block in blocks:
+            if b"event: loss" in block:
+                start = block.index(b'"iteration": ') + 13
+                seen.append((int(block[start : block.index(b",", start)]), now))
+            elif b"event: status" in block and not counted:
+                opened[0] += 1  # its replay from the database is under way: open
+                counted = True
 
 
 async def _client(port: int, jobs: list[str], streams: int, ready: Path, out: Path) -> None:
@@ -97,6 +103,7 @@ async def _client(port: int, jobs: list[str], streams: int, ready: Path, out: Pa
     deadline = time.time() + 60
     while opened[0] < streams and time.time() < deadline:
         await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # the last replays' points, before the measured window
     ready.write_text(str(opened[0]))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -163,8 +170,9 @@ def _publish(
                     elapsed=time.perf_counter() - began,
                 )
             )
-    for reporter in reporters:
+    for reporter in reporters:  # as the worker's run ends: the writer stops, the rest flushed
         reporter.close()
+        reporter.flush()
     out.write_text(json.dumps(published))
     engine.dispose()
 
@@ -219,9 +227,24 @@ def _submit_jobs(base: str, count: int) -> list[str]:
     return jobs
 
 
+def _cpu_seconds(process: psutil.Process | None) -> float:
+    """CPU time of ``process`` and its children so far."""
+    if process is None:
+        return 0.0
+    total = 0.0
+    for each in [process, *process.children(recursive=True)]:
+        try:
+            times = each.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
 def _phase(
     args: argparse.Namespace,
     base: Path,
+    web: psutil.Process,
     port: int,
     jobs: list[str],
     streams: int,
@@ -242,6 +265,8 @@ def _phase(
         wait(lambda: ready.exists(), 120, "the client's streams")
         opened = int(ready.read_text())
     published_file = base / f"published-{streams}.json"
+    watched = psutil.Process(client.pid) if client is not None else None
+    cpu_before = (_cpu_seconds(web), _cpu_seconds(watched))
     before = _transactions(database_url)
     began = time.perf_counter()
     publisher = subprocess.Popen(
@@ -275,12 +300,17 @@ def _phase(
     poller.join()
     seconds = time.perf_counter() - began
     transactions = _transactions(database_url) - before
+    web_cpu = (_cpu_seconds(web) - cpu_before[0]) / seconds
+    client_cpu = (_cpu_seconds(watched) - cpu_before[1]) / seconds
     time.sleep(1.0)  # the last flush reaches the clients
     result: dict[str, Any] = {
         "streams": streams,
         "opened": opened,
         "transactions_per_second": transactions / seconds,
         "polls": polls[0].__dict__,
+        # Cores busy: the web (gunicorn and its workers), the streams' client.
+        "web_cpu": web_cpu,
+        "client_cpu": client_cpu,
     }
     published = json.loads(published_file.read_text())
     result["points_per_second"] = sum(len(p) for p in published.values()) / seconds
@@ -291,9 +321,12 @@ def _phase(
         complete, delays = 0, []
         for index, seen in got.items():
             job = jobs[int(index) % len(jobs)]
-            expected = sorted(int(i) for i in published[job])
+            # The points of the rows before this one come from the database, then these.
+            expected = list(range(1, max(int(i) for i in published[job]) + 1))
             iterations = [i for i, _ in seen]
             complete += iterations == expected
+            if iterations != expected and "example" not in result:
+                result["example"] = {"got": iterations[:40], "expected": len(expected)}
             times = published[job]
             delays += [(t - times[str(i)]) * 1000 for i, t in seen if str(i) in times]
         result["complete"] = complete
@@ -313,6 +346,8 @@ def main() -> None:
         default=DEFAULT_DATABASE,
         help="a PostgreSQL server's URL; the bench makes its own database",
     )
+    parser.add_argument("--stream-check-seconds", type=float, default=2.0)
+    parser.add_argument("--gunicorn-args", default="", help="e.g. --worker-class gthread")
     parser.add_argument("--update", type=Path)
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -325,7 +360,11 @@ def main() -> None:
         web = None
         try:
             settings = bench_settings(
-                base, redis_url, database_url, event_streams_per_client=100_000
+                base,
+                redis_url,
+                database_url,
+                event_streams_per_client=100_000,
+                stream_check_seconds=args.stream_check_seconds,
             )
             settings_file = base / "settings.json"
             settings_file.write_text(json.dumps(settings.environ()))
@@ -333,7 +372,7 @@ def main() -> None:
             env = {
                 **os.environ,
                 **settings.environ(),
-                "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}",
+                "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port} {args.gunicorn_args}",
             }
             del env["STYLEQUEUE_EVENT_STREAMS"]  # gunicorn.conf.py's, for gevent
             web = subprocess.Popen([sys.executable, "-m", "gunicorn"], env=env, cwd=ROOT)
@@ -346,8 +385,18 @@ def main() -> None:
             )
             jobs = _submit_jobs(url, args.jobs)
             rows, start = [], 0
-            for streams in [0, *(int(n) for n in args.streams.split(","))]:
-                row = _phase(args, base, port, jobs, streams, start, database_url, settings_file)
+            for streams in [0, *(int(n) for n in args.streams.split(",") if n)]:
+                row = _phase(
+                    args,
+                    base,
+                    psutil.Process(web.pid),
+                    port,
+                    jobs,
+                    streams,
+                    start,
+                    database_url,
+                    settings_file,
+                )
                 start += int(args.seconds * args.rate)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -367,8 +416,8 @@ def main() -> None:
         "PostgreSQL on the same 2 cores.",
         "",
         "| streams open | every point once, in order | delay p50 / p99 (ms) | "
-        "DB transactions/s | polls answered/s | polls p50 / p99 (ms) |",
-        "|---|---|---|---|---|---|",
+        "DB transactions/s | polls answered/s | polls p50 / p99 (ms) | cores: web / client |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         polls = row["polls"]
@@ -379,7 +428,8 @@ def main() -> None:
         lines.append(
             f"| {row['streams']} | {delivered} | {delay} | "
             f"{row['transactions_per_second']:.0f} | {polls['answered_rate']:.0f} | "
-            f"{polls['latency']['50']:.1f} / {polls['latency']['99']:.1f} |"
+            f"{polls['latency']['50']:.1f} / {polls['latency']['99']:.1f} | "
+            f"{row['web_cpu']:.2f} / {row['client_cpu']:.2f} |"
         )
     print("\n".join(lines))
     if args.update:

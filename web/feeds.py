@@ -5,10 +5,10 @@ One reader per process follows every watched job's feed with one blocking ``XREA
 all of them, and hands each entry to the subscribers of its job: a job watched by a
 thousand clients costs one subscription, and no client asks the database while it waits.
 Every ``STYLEQUEUE_STREAM_CHECK_SECONDS`` the reader reads the status and iteration of all
-the watched jobs in one query; when the database is ahead of what the feed said (a publish
-lost while Redis was away, a status written by the reconciler), the job's subscribers are
-told to read the difference from the database. So the queries per second depend on neither the
-number of watchers nor the number of jobs.
+the watched jobs in one query; when the database was ahead of what the feed said at two
+checks in a row (a publish lost while Redis was away, a status the reconciler wrote), the
+job's subscribers are told to read the difference from the database. So the queries per
+second depend on neither the number of watchers nor the number of jobs.
 
 It runs on threads; under gunicorn's gevent workers (gunicorn.conf.py) those are
 greenlets, and an idle stream costs a few kilobytes, not a thread.
@@ -81,9 +81,11 @@ class _Feed:
     #: The id of the last entry read; None until the feed's tail is known.
     last_id: str | bytes | None
     subscribers: set[Subscriber] = field(default_factory=set)
-    #: What the feed (or the last check) said: the status and the latest iteration.
+    #: What the feed (or the checks) said: the status and the latest iteration.
     status: str | None = None
     iteration: int = 0
+    #: The job's row at the previous check: (status, iteration).
+    checked: tuple[str, int] | None = None
 
     def note(self, entry: dict[str, Any]) -> None:
         if entry.get("points"):
@@ -216,10 +218,17 @@ class FeedHub:
             row = rows.get(feed.job_id)
             if row is None:
                 continue
-            status, iteration = row
-            if status != feed.status or iteration > feed.iteration:
-                feed.status, feed.iteration = status, max(iteration, feed.iteration)
-                entry = {"check": {"status": status, "iteration": iteration}}
+            previous, feed.checked = feed.checked, row
+            if previous is None:  # the first look: its subscribers have just read the row
+                feed.status = feed.status or row[0]
+                continue
+            # The worker publishes right after it commits, so a row may be ahead of the feed
+            # for a moment; ahead at two checks in a row, the feed has missed something.
+            missed_status = row[0] != feed.status and row[0] == previous[0]
+            missed_points = previous[1] > feed.iteration
+            if missed_status or missed_points:
+                feed.status, feed.iteration = row[0], max(previous[1], feed.iteration)
+                entry = {"check": {"status": row[0], "iteration": row[1]}}
                 with self._lock:
                     subscribers = list(feed.subscribers)
                 for subscriber in subscribers:

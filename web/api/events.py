@@ -130,11 +130,22 @@ class _Replay:
                     self.finished = current.job_status.finished
                     return
 
-    def points(self, points: list[dict[str, Any]]) -> Iterator[str]:
+    def points(
+        self, points: list[dict[str, Any]], rendered: dict[int, str] | None = None
+    ) -> Iterator[str]:
+        """The loss events of ``points`` after the cursor; ``rendered``: the texts made for
+        the same feed entry's other watchers (one ``json.dumps`` per point, not per
+        watcher)."""
         for point in points:
-            if point["iteration"] > self.cursor:
-                self.cursor = point["iteration"]
-                yield _sse("loss", {**point, "of": self.total}, self.cursor)
+            iteration = point["iteration"]
+            if iteration > self.cursor:
+                self.cursor = iteration
+                text = rendered.get(iteration) if rendered is not None else None
+                if text is None:
+                    text = _sse("loss", {**point, "of": self.total}, iteration)
+                    if rendered is not None:
+                        rendered[iteration] = text
+                yield text
 
     def preview(self, iteration: int | None, source: str | None) -> Iterator[str]:
         if iteration is not None and iteration != self.preview_iteration:
@@ -156,7 +167,7 @@ class _Replay:
         ):
             yield from self.read()
             return
-        yield from self.points(fresh)
+        yield from self.points(fresh, entry.setdefault("rendered", {}))
         if "preview" in entry:
             yield from self.preview(entry["preview"]["iteration"], entry["preview"]["source"])
 
