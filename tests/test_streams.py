@@ -11,6 +11,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,3 +169,51 @@ def test_hundreds_of_streams_each_get_every_point_once_across_reconnects(
     published = [p["iteration"] for _, e in entries if b"points" in e
                  for p in json.loads(e[b"points"])]  # fmt: skip
     assert published == list(range(1, ITERATIONS + 1))
+
+
+def test_a_feed_reaches_every_subscriber_and_the_check_finds_a_lost_publish(
+    tmp_path: Path, redis_url: str, sample_images: Path
+) -> None:
+    """The hub of one web process: a published entry reaches each subscriber of its job
+    once; points written to the database without a publish (Redis lost it) are announced
+    by the rows' check, and only once they were ahead at two checks in a row."""
+    from sqlalchemy import update
+
+    from shared import feed
+    from shared.db import insert_ignoring_duplicates
+    from shared.models import Job, LossPoint
+    from tests.service import service_app, submit_preset
+
+    settings = service_settings(tmp_path, redis_url, stream_check_seconds=0.2)
+    with service_app(settings) as app, app.app_context():
+        from web.extensions import services
+
+        job = submit_preset(app.test_client(), sample_images / "content" / "photo.jpg", 50)
+        hub = services.feeds
+        first, second = hub.subscribe(job["id"]), hub.subscribe(job["id"])
+        assert hub.watched() == 1  # one subscription for the job, however many watch it
+        client = redis.Redis.from_url(redis_url)
+        try:
+            point = {"iteration": 1, "total": 2.0, "content": 1.0, "style": 1.0, "tv": 0.0,
+                     "elapsed": 0.1}  # fmt: skip
+            assert feed.publish(client, job["id"], points=[point])
+            for subscriber in (first, second):
+                entries = wait_for(lambda s=subscriber: s.take(0.5), 10, "the entry")
+                assert [e.get("points") for e in entries if "points" in e] == [[point]]
+            # Point 2 reaches the database only: the check announces it.
+            with services.sessions.begin() as session:
+                values = {**point, "iteration": 2, "job_id": uuid.UUID(job["id"])}
+                session.execute(insert_ignoring_duplicates(session, LossPoint), [values])
+                session.execute(update(Job).where(Job.id == uuid.UUID(job["id"]))
+                                .values(iteration=2))  # fmt: skip
+
+            def announced() -> dict[str, int] | None:
+                checks = [e["check"] for e in first.take(0.3) if "check" in e]
+                return checks[-1] if checks and checks[-1]["iteration"] == 2 else None
+
+            assert wait_for(announced, 10, "the check's news")["status"] == "queued"
+        finally:
+            client.close()
+            hub.unsubscribe(first)
+            hub.unsubscribe(second)
+        assert hub.watched() == 0
