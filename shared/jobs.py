@@ -33,6 +33,7 @@ from shared.options import (
     Submission,
     check_image_sizes,
     check_options,
+    form_text,
     form_values,
     lbfgs_history_for,
     pyramid,
@@ -228,16 +229,6 @@ def parse_request(
 AGAIN_FIELDS = frozenset({*OPTION_NAMES, "mode"})
 
 
-def _form_value(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return ",".join(str(part) for part in value)
-    return str(value)
-
-
 def request_again(
     job: Job, storage: Storage, changes: Mapping[str, Sequence[str]]
 ) -> tuple[dict[str, list[str]], list[Upload]]:
@@ -247,9 +238,9 @@ def request_again(
     unknown = sorted(set(changes) - AGAIN_FIELDS)
     if unknown:
         raise OptionError("only the options can change, not the images", field=unknown[0])
-    form = {name: [_form_value(job.params.get(name))] for name in OPTION_NAMES}
+    form = {name: [form_text(job.params.get(name))] for name in OPTION_NAMES}
     form["mode"] = [job.mode]
-    form["style_weights"] = [_form_value([style.weight for style in job.styles])]
+    form["style_weights"] = [form_text([style.weight for style in job.styles])]
     if "style_strength" in changes and "style_weight" not in changes:
         form["style_weight"] = [""]
     if "size" in changes and "scales" not in changes:

@@ -297,6 +297,18 @@ def validate(
         raise OptionError(_message(first, field, model, limits or {}), field=field) from None
 
 
+def form_text(value: Any) -> str:
+    """A value as a form (or a flag) writes it: lists comma-separated, booleans as
+    ``true``/``false``, nothing for None; what :func:`form_values` reads back."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(part) for part in value)
+    return str(value)
+
+
 def form_values(form: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """A multipart or urlencoded form (every value of every field) as :class:`Submission`
     takes it: a list field from all its values, any other from its last; a field left
@@ -530,16 +542,7 @@ def options_reference() -> list[str]:
             limits = f"{number.format(low)} – {number.format(high)}" if math.isfinite(high) else ""
         else:
             limits = ""
-        default = info.default
-        shown = (
-            ""
-            if default in (None, ())
-            else ",".join(map(str, default))
-            if isinstance(default, tuple)
-            else str(default).lower()
-            if isinstance(default, bool)
-            else str(default)
-        )
+        shown = form_text(info.default)
         unit = (info.json_schema_extra or {}).get("x-unit")  # type: ignore[union-attr]
         shown = f"{shown} {unit}" if shown and unit else shown
         kind_text = {"names": "list of names", "numbers": "list of numbers"}.get(kind, kind)

@@ -28,6 +28,7 @@ from shared.options import (
     Submission,
     choices,
     field_kind,
+    form_text,
 )
 
 PROG = "stylequeue"
@@ -49,10 +50,6 @@ def _str_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _shown(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
-
-
 def _add_option_flags(
     parser: argparse.ArgumentParser, names: Sequence[str], suppress: bool = False
 ) -> None:
@@ -64,7 +61,7 @@ def _add_option_flags(
         help_text = (info.description or "").replace("%", "%%")
         unit = (info.json_schema_extra or {}).get("x-unit")  # type: ignore[union-attr]
         if default not in (None, ()) and kind != "bool":
-            help_text += f" (default: {_shown(default)}{' ' + str(unit) if unit else ''})"
+            help_text += f" (default: {form_text(default)}{' ' + str(unit) if unit else ''})"
         kwargs: dict[str, Any] = {"default": default, "help": help_text}
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -284,10 +281,7 @@ def command_submit(args: argparse.Namespace) -> int:
     for name in SUBMIT_FIELDS:
         if hasattr(args, name):
             value = getattr(args, name)
-            if isinstance(value, bool):
-                options[name] = "true" if value else "false"
-            else:
-                options[name] = _shown(value)
+            options[name] = form_text(value)
     if args.preset:
         options["style_preset"] = ",".join(args.preset)
     if not args.styles and not args.preset:

@@ -9,7 +9,15 @@ from werkzeug.wrappers import Response
 
 from shared.backbones import BACKBONES, DEFAULT_BACKBONE, OFFLINE_BACKBONE
 from shared.estimate import PREVIEW_KIND
-from shared.options import OPTION_NAMES, Options, bounds, choices, defaults, field_kind
+from shared.options import (
+    OPTION_NAMES,
+    Options,
+    bounds,
+    choices,
+    defaults,
+    field_kind,
+    form_text,
+)
 from shared.presets import presets
 from shared.routing import GIB
 from web.auth import start_browser_session
@@ -34,16 +42,6 @@ SPEEDS = (
 BASIC_OPTIONS = ("size", "iterations", "style_strength")
 
 
-def _shown(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple | list):
-        return ",".join(map(str, value))
-    return str(value)
-
-
 def option_fields() -> list[dict[str, Any]]:
     """The advanced options as the form shows them, each from the option schema: its
     kind, label, help, limits, choices and default."""
@@ -66,7 +64,7 @@ def option_fields() -> list[dict[str, Any]]:
                 "min": "" if low is None else f"{low:g}",
                 "max": "" if high is None or high > 1e9 else f"{high:g}",
                 "choices": choices(name, Options) if kind == "choice" else (),
-                "value": _shown(info.default),
+                "value": form_text(info.default),
             }
         )
     return fields
