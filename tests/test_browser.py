@@ -268,3 +268,28 @@ def test_the_job_page_shows_the_instant_preview_then_the_result_and_runs_again(
             page.wait_for_selector("#result:not([hidden])", timeout=120_000)
         finally:
             browser.close()
+
+
+def test_the_api_page_renders_the_openapi_document(server: str) -> None:
+    """/api/docs: Swagger UI from the service's own files, under the pages' CSP, lists
+    every operation of the document and opens one with its parameters."""
+    import requests
+    from playwright.sync_api import sync_playwright
+
+    document = requests.get(server + "/api/openapi.json", timeout=10).json()
+    operations = sum(len(methods) for methods in document["paths"].values())
+    refused: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("console", lambda message: refused.append(message.text)
+                    if "Content Security Policy" in message.text else None)  # fmt: skip
+            page.goto(server + "/api/docs")
+            page.wait_for_selector(".opblock", timeout=20_000)
+            assert page.locator(".opblock").count() == operations
+            page.locator(".opblock-summary-path", has_text="/api/estimate").click()
+            assert page.locator(".parameters-col_name", has_text="iterations").is_visible()
+        finally:
+            browser.close()
+    assert refused == []
