@@ -95,6 +95,8 @@ def index() -> str:
         available=available,
         chosen_backbone=chosen,
         advanced=option_fields(),
+        # The basic fields' ranges, from the schema (the service narrows the maxima).
+        basic={name: [f"{limit:g}" for limit in bounds(name, Options)] for name in BASIC_OPTIONS},
         speeds=SPEEDS,
         # Workers are up, and none has the ImageNet weights: say what that means.
         offline_only=bool(available) and DEFAULT_BACKBONE not in available,
