@@ -105,30 +105,36 @@ class _Replay:
 
     def read(self) -> Iterator[str]:
         """Everything the database has that this stream has not sent: the status, the loss
-        points after the cursor (every page of them), the preview; the job's end."""
+        points after the cursor (every page of them), the preview; the job's end. Each page
+        is read, and its connection given back, before anything is sent: a slow client
+        holds no pooled connection."""
         while True:
             with services.sessions() as session:
                 current = session.get(Job, self.job_key)
                 if current is None:
                     self.gone = True
                     return
-                self.total = current.total
-                points = session.scalars(
-                    select(LossPoint)
-                    .where(LossPoint.job_id == self.job_key, LossPoint.iteration > self.cursor)
-                    .order_by(LossPoint.iteration)
-                    .limit(MAX_LOSS_PAGE)
-                ).all()
-                if current.status != self.status:
-                    self.status = current.status
-                    data = {"status": self.status, "attempts": current.attempts}
-                    yield _sse("status", data, self.cursor)
-                yield from self.points([point_json(point) for point in points])
-                # Iteration 0: the feed-forward picture, before the first iteration.
-                yield from self.preview(current.preview_iteration, current.preview_source)
-                if len(points) < MAX_LOSS_PAGE:
-                    self.finished = current.job_status.finished
-                    return
+                points = [
+                    point_json(point)
+                    for point in session.scalars(
+                        select(LossPoint)
+                        .where(LossPoint.job_id == self.job_key, LossPoint.iteration > self.cursor)
+                        .order_by(LossPoint.iteration)
+                        .limit(MAX_LOSS_PAGE)
+                    )
+                ]
+                status, attempts, self.total = current.status, current.attempts, current.total
+                preview = (current.preview_iteration, current.preview_source)
+                finished = current.job_status.finished
+            if status != self.status:
+                self.status = status
+                yield _sse("status", {"status": status, "attempts": attempts}, self.cursor)
+            yield from self.points(points)
+            # Iteration 0: the feed-forward picture, before the first iteration.
+            yield from self.preview(*preview)
+            if len(points) < MAX_LOSS_PAGE:
+                self.finished = finished
+                return
 
     def points(
         self, points: list[dict[str, Any]], rendered: dict[int, str] | None = None
