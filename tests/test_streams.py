@@ -176,7 +176,8 @@ def test_a_feed_reaches_every_subscriber_and_the_check_finds_a_lost_publish(
 ) -> None:
     """The hub of one web process: a published entry reaches each subscriber of its job
     once; points written to the database without a publish (Redis lost it) are announced
-    by the rows' check, and only once they were ahead at two checks in a row."""
+    by the rows' check, and only once they were ahead at two checks in a row; so is a
+    status whose publish was lost."""
     from sqlalchemy import update
 
     from shared import feed
@@ -212,6 +213,16 @@ def test_a_feed_reaches_every_subscriber_and_the_check_finds_a_lost_publish(
                 return checks[-1] if checks and checks[-1]["iteration"] == 2 else None
 
             assert wait_for(announced, 10, "the check's news")["status"] == "queued"
+            # A status the feed never heard of (its publish lost): announced too.
+            with services.sessions.begin() as session:
+                session.execute(update(Job).where(Job.id == uuid.UUID(job["id"]))
+                                .values(status="canceled"))  # fmt: skip
+
+            def canceled() -> bool:
+                return any(e.get("check", {}).get("status") == "canceled"
+                           for e in second.take(0.3))  # fmt: skip
+
+            wait_for(canceled, 10, "the lost status")
         finally:
             client.close()
             hub.unsubscribe(first)

@@ -139,9 +139,13 @@ class Services:
         with _FEEDS_LOCK:
             if extensions.get("feeds") is None:
                 settings: Settings = current_app.config["SETTINGS"]
-                # A client of its own: its XREAD blocks one connection at a time.
-                client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
-                                              socket_timeout=30)  # fmt: skip
+                # A client of its own: its XREAD blocks one connection at a time, and a burst
+                # of new subscriptions shares a bounded pool (they wait, not open more).
+                pool = redis.BlockingConnectionPool.from_url(
+                    settings.redis_url, max_connections=16, timeout=10,
+                    socket_connect_timeout=2, socket_timeout=30,
+                )  # fmt: skip
+                client = redis.Redis(connection_pool=pool)
                 extensions["feeds"] = FeedHub(
                     client, _job_rows(extensions["reader"]), settings.stream_check_seconds
                 )

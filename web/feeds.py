@@ -116,12 +116,12 @@ class FeedHub:
         subscriber = Subscriber(job_id)
         key = feed_key(job_id)
         with self._lock:
-            feed = self._feeds.get(key)
-        if feed is None:
-            tail = self._tail(key)
-            with self._lock:
-                feed = self._feeds.setdefault(key, _Feed(job_id, tail))
+            known = key in self._feeds
+        tail = None if known else self._tail(key)  # a Redis round trip: not under the lock
         with self._lock:
+            # One hold: a feed whose last subscriber left meanwhile is made anew, never
+            # joined after its removal (the reader would not read it).
+            feed = self._feeds.setdefault(key, _Feed(job_id, tail))
             feed.subscribers.add(subscriber)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="feeds", daemon=True)
@@ -145,6 +145,7 @@ class FeedHub:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.redis.close()
+        self.redis.connection_pool.disconnect()
 
     def watched(self) -> int:
         """The jobs this process follows now."""
@@ -171,6 +172,8 @@ class FeedHub:
             for key, feed in feeds:
                 if feed.last_id is None:
                     feed.last_id = self._tail(key)
+                    if feed.last_id is None:
+                        break  # Redis is away: the rest wait, the database check does not
             streams = {key: feed.last_id for key, feed in feeds if feed.last_id is not None}
             try:
                 if streams:
@@ -219,17 +222,22 @@ class FeedHub:
             if row is None:
                 continue
             previous, feed.checked = feed.checked, row
-            if previous is None:  # the first look: its subscribers have just read the row
+            if previous is None:
+                # The first look. Its subscribers read the row when they connected, but a
+                # status may have changed since and its publish been lost: each compares
+                # the status with its own (its points are judged at the next check).
                 feed.status = feed.status or row[0]
-                continue
-            # The worker publishes right after it commits, so a row may be ahead of the feed
-            # for a moment; ahead at two checks in a row, the feed has missed something.
-            missed_status = row[0] != feed.status and row[0] == previous[0]
-            missed_points = previous[1] > feed.iteration
-            if missed_status or missed_points:
+                entry = {"check": {"status": row[0], "iteration": 0}}
+            else:
+                # The worker publishes right after it commits, so a row may be ahead of the
+                # feed for a moment; ahead at two checks in a row, the feed missed something.
+                missed_status = row[0] != feed.status and row[0] == previous[0]
+                missed_points = previous[1] > feed.iteration
+                if not (missed_status or missed_points):
+                    continue
                 feed.status, feed.iteration = row[0], max(previous[1], feed.iteration)
                 entry = {"check": {"status": row[0], "iteration": row[1]}}
-                with self._lock:
-                    subscribers = list(feed.subscribers)
-                for subscriber in subscribers:
-                    subscriber.deliver(entry)
+            with self._lock:
+                subscribers = list(feed.subscribers)
+            for subscriber in subscribers:
+                subscriber.deliver(entry)

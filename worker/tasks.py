@@ -70,7 +70,8 @@ def _on_worker_ready(**_: Any) -> None:
     backbone = "vgg19" if "vgg19" in backbones else OFFLINE_BACKBONE
     load_extractor(backbone, device=device, precision=resolve_precision("auto", device))
     try:
-        ctx.activity[RATE_FIELD] = round(measure_speed(backbone, str(device)), 1)
+        speed = measure_speed(backbone, str(device), ctx.settings.cuda_graphs)
+        ctx.activity[RATE_FIELD] = round(speed, 1)
     except Exception:  # the ETAs wait for the first job then
         log.exception("could not measure this worker's speed")
     capacity = ctx.capacity
@@ -94,7 +95,7 @@ def _on_worker_ready(**_: Any) -> None:
 SPEED_RUN = (128, 6)
 
 
-def measure_speed(backbone: str, device: str) -> float:
+def measure_speed(backbone: str, device: str, cuda_graphs: bool) -> float:
     """Work (pixel-iterations) per second of a short run on made-up images. Small images
     use a device less fully than real jobs, so this errs on the slow side; each finished
     job then corrects it (worker/runner.py)."""
@@ -109,7 +110,7 @@ def measure_speed(backbone: str, device: str) -> float:
 
     stylize(
         content=content, styles=[style], size=side, scales=1, iterations=iterations,
-        backbone=backbone, device=device, seed=0, progress=note,
+        backbone=backbone, device=device, cuda_graphs=cuda_graphs, seed=0, progress=note,
     )  # fmt: skip
     return (iterations - 1) * job_work([(side, 1)], side, side) / (elapsed[-1] - elapsed[0])
 
