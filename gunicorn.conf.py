@@ -22,8 +22,8 @@ wsgi_app = "web:create_app()"
 bind = ["0.0.0.0:8000"]
 # An open event stream (/api/jobs/<id>/events: each job page holds one) lasts as long as
 # its job. Under gevent it is a greenlet waiting on its job's live feed (web/feeds.py): a
-# few kilobytes, not a thread, so a process holds thousands while its polls keep their
-# latency (bench/streams.py). psycopg 3 and redis-py cooperate with gevent's patched
+# few kilobytes, not a thread, so a process holds thousands (bench/streams.py measures
+# what they cost the polls). psycopg 3 and redis-py cooperate with gevent's patched
 # sockets. GUNICORN_CMD_ARGS="--worker-class gthread" serves with threads instead: then
 # each stream holds one, and STYLEQUEUE_EVENT_STREAMS (8) must stay below `threads`.
 worker_class = "gevent"
