@@ -58,6 +58,9 @@ def test_kept_memory_is_reused_across_evaluations_and_released_after() -> None:
     kept_faults, held, released = run("keep")
     # Without the setting every 50 MB block is mapped and faulted in again (12,800 pages).
     assert plain_faults > 12_800, plain_faults
-    assert kept_faults < plain_faults / 10, (kept_faults, plain_faults)
+    # Not all: a kernel that pages out cold memory by itself (DAMON's "pageout" scheme is
+    # on where this suite runs) takes some of the kept blocks between two evaluations,
+    # which then fault in again: 0 to 12,288 faults of 77,000 to 217,000 here.
+    assert kept_faults < plain_faults / 4, (kept_faults, plain_faults)
     # What the heap kept goes back to the system once the job is done.
     assert released < held - 100, (held, released)
