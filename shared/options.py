@@ -9,6 +9,7 @@ Schema). The pyramid and size arithmetic that both sides need lives here too.
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import typing
@@ -55,9 +56,6 @@ INIT_CHOICES: tuple[str, ...] = get_args(InitName)
 #: ``init=fast`` starts from the feed-forward picture, which the worker (or the command
 #: line) makes and hands to the engine as an image; the engine itself never makes it.
 INIT_FAST = "fast"
-OPTIMIZER_CHOICES: tuple[str, ...] = get_args(OptimizerName)
-PRECISION_CHOICES: tuple[str, ...] = get_args(PrecisionName)
-POOLING_CHOICES: tuple[str, ...] = get_args(PoolingName)
 MODE_CHOICES: tuple[str, ...] = get_args(ModeName)
 M = TypeVar("M", bound=BaseModel)
 
@@ -217,6 +215,7 @@ def defaults() -> dict[str, Any]:
     return dict(DEFAULTS)
 
 
+@functools.cache
 def field_kind(name: str, model: type[BaseModel] = Submission) -> str:
     """``bool``, ``int``, ``float``, ``choice``, ``names``, ``numbers`` or ``text``: how a
     form, a flag or a page reads and shows the field ``name``."""

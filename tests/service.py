@@ -157,6 +157,28 @@ class WorkerProcess:
         self.process = None
 
 
+def start_gunicorn(
+    settings: Settings, log: Path, flags: str, unset: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """Plain ``gunicorn`` in the repository (it reads gunicorn.conf.py), with ``flags``;
+    the settings named in ``unset`` are left to gunicorn.conf.py."""
+    env = {**os.environ, **settings.environ(), "GUNICORN_CMD_ARGS": flags}
+    for name in unset:
+        env.pop(name, None)
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn"], cwd=REPO, env=env, stdout=out, stderr=out
+        )
+
+
+def serves(base: str) -> bool:
+    """The server at ``base`` answers ``/healthz``."""
+    try:
+        return requests.get(base + "/healthz", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
 @contextlib.contextmanager
 def live_service(base: Path, *, previews: bool = False, **overrides: Any) -> Iterator[str]:
     """Redis, a migrated SQLite database, one worker (and, with ``previews``, one preview
@@ -179,15 +201,8 @@ def live_service(base: Path, *, previews: bool = False, **overrides: Any) -> Ite
             cwd=REPO, env=child_env(settings), stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            return requests.get(url + "/healthz", timeout=1).ok
-        except requests.RequestException:
-            return False
-
     try:
-        wait_for(answers, 60, "the web server")
+        wait_for(lambda: serves(url), 60, "the web server")
         yield url
     finally:
         web.terminate()

@@ -7,12 +7,10 @@ many streams are tests/test_streams.py's."""
 from __future__ import annotations
 
 import gc
-import os
 import re
 import runpy
 import socket
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +24,15 @@ import requests
 from shared.config import Settings
 from stylequeue.service import free_port
 from tests.conftest import REPO
-from tests.service import RedisServer, service_app, service_settings, submit_preset, wait_for
+from tests.service import (
+    RedisServer,
+    serves,
+    service_app,
+    service_settings,
+    start_gunicorn,
+    submit_preset,
+    wait_for,
+)
 
 
 def get_healthz(port: int) -> socket.socket:
@@ -79,15 +85,6 @@ def listening(process: psutil.Process, port: int) -> int:
         for c in process.net_connections(kind="tcp")
         if c.status == psutil.CONN_LISTEN and c.laddr.port == port
     )
-
-
-def start_gunicorn(settings: Settings, log: Path, flags: str) -> subprocess.Popen[bytes]:
-    """Plain ``gunicorn`` in the repository (it reads gunicorn.conf.py), with ``flags``."""
-    env = {**os.environ, **settings.environ(), "GUNICORN_CMD_ARGS": flags}
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gunicorn"], cwd=REPO, env=env, stdout=out, stderr=out
-        )
 
 
 @dataclass
@@ -203,13 +200,6 @@ def test_workers_keep_the_app_out_of_the_garbage_collectors_sight() -> None:
         assert gc.get_freeze_count() >= loaded + len(left_by_requests)
     finally:
         gc.unfreeze()
-
-
-def serves(base: str) -> bool:
-    try:
-        return requests.get(base + "/healthz", timeout=1).ok
-    except requests.RequestException:
-        return False
 
 
 def open_stream(port: int, path: str) -> tuple[socket.socket, bytes]:

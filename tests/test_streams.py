@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,8 +21,14 @@ import requests
 from shared.config import Settings
 from shared.feed import feed_key
 from stylequeue.service import free_port
-from tests.conftest import REPO
-from tests.service import RedisServer, WorkerProcess, child_env, service_settings, wait_for
+from tests.service import (
+    RedisServer,
+    WorkerProcess,
+    serves,
+    service_settings,
+    start_gunicorn,
+    wait_for,
+)
 
 STREAMS = 300
 ITERATIONS = 240
@@ -107,15 +111,14 @@ def server(tmp_path: Path) -> Iterator[tuple[str, int, Settings]]:
     )
     worker = WorkerProcess(settings, "streams", tmp_path / "worker.log")
     port = free_port()
-    env = child_env(settings) | {"GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port} --workers 1"}
-    del env["STYLEQUEUE_EVENT_STREAMS"]  # gunicorn.conf.py's, for gevent
-    log = (tmp_path / "gunicorn.log").open("wb")
-    web = subprocess.Popen([sys.executable, "-m", "gunicorn"], cwd=REPO, env=env, stdout=log,
-                           stderr=subprocess.STDOUT)  # fmt: skip
+    web = start_gunicorn(
+        settings, tmp_path / "gunicorn.log", f"--bind 127.0.0.1:{port} --workers 1",
+        unset=("STYLEQUEUE_EVENT_STREAMS",),  # gunicorn.conf.py's, for gevent
+    )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         worker.start()
-        wait_for(lambda: _answers(base), 60, "gunicorn")
+        wait_for(lambda: serves(base), 60, "gunicorn")
         yield base, port, settings
     except BaseException:
         print((tmp_path / "gunicorn.log").read_text()[-4000:])
@@ -123,16 +126,8 @@ def server(tmp_path: Path) -> Iterator[tuple[str, int, Settings]]:
     finally:
         web.terminate()
         web.wait(30)
-        log.close()
         worker.stop()
         redis_server.stop()
-
-
-def _answers(base: str) -> bool:
-    try:
-        return requests.get(base + "/healthz", timeout=1).ok
-    except requests.RequestException:
-        return False
 
 
 def test_hundreds_of_streams_each_get_every_point_once_across_reconnects(

@@ -106,8 +106,6 @@ class FeedHub:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Counters for the benchmark and the tests: ``XREAD`` calls, entries read, checks.
-        self.reads = self.entries = self.checks = 0
 
     def subscribe(self, job_id: str) -> Subscriber:
         """A subscription to the job's feed, from now on: the caller replays what came
@@ -177,7 +175,6 @@ class FeedHub:
             streams = {key: feed.last_id for key, feed in feeds if feed.last_id is not None}
             try:
                 if streams:
-                    self.reads += 1
                     self._dispatch(self.redis.xread(streams, block=READ_BLOCK_MS))  # type: ignore[arg-type]
                 else:
                     time.sleep(READ_BLOCK_MS / 1000)
@@ -203,7 +200,6 @@ class FeedHub:
                 feed.last_id = entry_id
                 entry = decode(fields)
                 feed.note(entry)
-                self.entries += 1
                 for subscriber in subscribers:
                     subscriber.deliver(entry)
 
@@ -216,7 +212,6 @@ class FeedHub:
         except Exception as error:
             log.warning("feeds: the database check failed: %s", error)
             return
-        self.checks += 1
         for feed in feeds:
             row = rows.get(feed.job_id)
             if row is None:

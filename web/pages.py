@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flask import Blueprint, abort, g, render_template, send_file
@@ -42,6 +43,7 @@ SPEEDS = (
 BASIC_OPTIONS = ("size", "iterations", "style_strength")
 
 
+@functools.cache
 def option_fields() -> list[dict[str, Any]]:
     """The advanced options as the form shows them, each from the option schema: its
     kind, label, help, limits, choices and default."""

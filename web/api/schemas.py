@@ -12,11 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from shared.models import PREVIEW_FEEDFORWARD, PREVIEW_OPTIMIZER, JobMode, JobStatus
-from shared.options import Options
+from shared.models import PREVIEW_FEEDFORWARD, PREVIEW_OPTIMIZER, JobStatus
+from shared.options import ModeName, Options
 
 StatusName = Literal[tuple(status.value for status in JobStatus)]  # type: ignore[valid-type]
-ModeName = Literal[tuple(mode.value for mode in JobMode)]  # type: ignore[valid-type]
 Moment = str | None  # ISO 8601 with its zone, UTC
 
 
