@@ -268,6 +268,24 @@ def submit_and_wait(
     return submitted
 
 
+def fresh_database(base_url: str, name: str) -> str:
+    """A new, empty PostgreSQL database ``name`` on ``base_url``'s server (any of that name
+    dropped first): a test that migrates, drops tables or cuts connections gets its own, so
+    that no other test's worker holds locks in it. Returns its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(base_url)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            connection.execute(text(f"CREATE DATABASE {name}"))
+    finally:
+        admin.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
 def reset_database(url: str) -> None:
     """Drop our tables from a PostgreSQL test database, so that migrations start afresh."""
     from sqlalchemy import text
@@ -275,15 +293,17 @@ def reset_database(url: str) -> None:
     from shared.db import make_engine
 
     engine = make_engine(url)
-    with engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            connection.execute(
-                text(
-                    "DROP TABLE IF EXISTS loss_points, job_styles, job_runs, jobs, images,"
-                    " api_tokens, alembic_version CASCADE"
+    try:
+        with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                connection.execute(
+                    text(
+                        "DROP TABLE IF EXISTS loss_points, job_styles, job_runs, jobs, images,"
+                        " api_tokens, alembic_version CASCADE"
+                    )
                 )
-            )
-    engine.dispose()
+    finally:
+        engine.dispose()
 
 
 def make_token(settings: Settings, name: str = "test", *, admin: bool = False) -> str:

@@ -22,7 +22,14 @@ from sqlalchemy.exc import DBAPIError
 import shared.db
 from shared.db import IDLE_PING_SECONDS, make_engine
 from tests.proxy import TcpProxy
-from tests.service import FAST_RECOVERY, RedisServer, WorkerProcess, service_settings, wait_for
+from tests.service import (
+    FAST_RECOVERY,
+    RedisServer,
+    WorkerProcess,
+    fresh_database,
+    service_settings,
+    wait_for,
+)
 from web import create_app
 
 BASE_URL = os.environ.get("TEST_DATABASE_URL")
@@ -35,12 +42,7 @@ DATABASE = "stylequeue_faults"
 @pytest.fixture(scope="module")
 def proxied_url() -> Iterator[tuple[str, TcpProxy]]:
     assert BASE_URL is not None
-    url = make_url(BASE_URL)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
-        connection.execute(text(f"CREATE DATABASE {DATABASE}"))
-    admin.dispose()
+    url = make_url(fresh_database(BASE_URL, DATABASE))
     proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
     proxy.start()
     through_proxy = url.set(host="127.0.0.1", port=proxy.port, database=DATABASE)

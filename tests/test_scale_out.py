@@ -21,14 +21,13 @@ from typing import Any
 import boto3
 import pytest
 import requests
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from tests.service import (
     FAST_RECOVERY,
     RedisServer,
     WorkerProcess,
     free_port,
+    fresh_database,
     service_app,
     service_settings,
     submit_preset,
@@ -87,13 +86,7 @@ def database_url(tmp_path: Path) -> str:
     base_url = os.environ.get("TEST_DATABASE_URL")
     if not base_url:
         return f"sqlite:///{tmp_path / 'jobs.db'}"
-    url = make_url(base_url)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text("DROP DATABASE IF EXISTS stylequeue_scale WITH (FORCE)"))
-        connection.execute(text("CREATE DATABASE stylequeue_scale"))
-    admin.dispose()
-    return url.set(database="stylequeue_scale").render_as_string(hide_password=False)
+    return fresh_database(base_url, "stylequeue_scale")
 
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
