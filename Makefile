@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# One test process per core, a test file to each (its module fixtures, such as a worker
+# process, stay shared): tests/conftest.py gives each one torch thread.
+PYTEST_ARGS ?= -n auto --dist loadfile
+
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -53,7 +53,11 @@ class Server:
 def start(kind: str, settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {**child_env(settings), "PYTHONPATH": str(REPO)}
     if kind == "gunicorn":
-        env["GUNICORN_CMD_ARGS"] = f"--bind 127.0.0.1:{port} --workers 1 --threads 8"
+        # A stream whose client left is noticed at its next keep-alive; the stop need not
+        # wait for it (gunicorn's default graceful timeout is 30 s).
+        env["GUNICORN_CMD_ARGS"] = (
+            f"--bind 127.0.0.1:{port} --workers 1 --threads 8 --graceful-timeout 3"
+        )
         command = [sys.executable, "-m", "gunicorn"]
     else:
         command = [sys.executable, "-m", "stylequeue", "web", "--port", str(port)]
@@ -90,7 +94,7 @@ def server(
         yield Server(url, port, process, settings)
     finally:
         process.terminate()
-        process.wait(10)
+        process.wait(30)
         redis_server.stop()
 
 
