@@ -94,3 +94,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.start()
     yield server.url
     server.stop()
+
+
+#: The test files that take longest (the CPU's work, or waits for leases and servers), most
+#: first. `make test` hands out whole files to its processes in collection order; starting
+#: the long ones first lets the processes end together instead of one finishing a long file
+#: alone. Files not named keep their order after these.
+LONGEST_FIRST = (
+    "test_crash.py", "test_memory.py", "test_browser.py", "test_pictures.py",
+    "test_engine.py", "test_batching.py", "test_schemathesis.py", "test_streams.py",
+    "test_scale_out.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

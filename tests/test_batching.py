@@ -32,7 +32,7 @@ def service(tmp_path: Path) -> Iterator[tuple[Settings, FlaskClient]]:
 
 
 #: Per job: enough that the batch is still running when one of its jobs is canceled.
-ITERATIONS = 200
+ITERATIONS = 80
 
 
 def test_queued_jobs_of_one_shape_run_in_batches_each_its_own_job(

@@ -69,7 +69,7 @@ def test_submit_watch_the_plot_grow_and_see_the_result(
             page.set_input_files("#content", str(photo))
             page.set_input_files("#style", str(painting))
             page.fill("input[name=size]", "64")
-            page.fill("input[name=iterations]", "120")
+            page.fill("input[name=iterations]", "60")
             # The strength slider: its value shown beside it, and sent with the job.
             assert page.locator("#strength-value").inner_text() == "0.6"
             page.fill("#style_strength", "0.75")
@@ -93,8 +93,8 @@ def test_submit_watch_the_plot_grow_and_see_the_result(
             width = page.eval_on_selector("#result", "img => img.complete && img.naturalWidth")
             assert width == 64
             assert page.locator("#download").get_attribute("href", timeout=5000)
-            assert plotted() == 120
-            assert page.locator("#progress-text").inner_text() == "120 / 120"
+            assert plotted() == 60
+            assert page.locator("#progress-text").inner_text() == "60 / 60"
         finally:
             browser.close()
 
@@ -229,7 +229,7 @@ def test_the_job_page_shows_the_instant_preview_then_the_result_and_runs_again(
             page.check("input[value=starry-night]")
             wait_for(lambda: "about" in page.locator("#estimate").inner_text(), 30, "estimate")
             screenshot(page, "form.png", tmp_path)
-            page.fill("input[name=size]", "160")
+            page.fill("input[name=size]", "128")
             page.fill("input[name=iterations]", "60")
             # Scales sit among the advanced options (closed): set without opening them.
             page.eval_on_selector("input[name=scales]", "input => { input.value = '2'; }")
@@ -248,10 +248,10 @@ def test_the_job_page_shows_the_instant_preview_then_the_result_and_runs_again(
             assert page.locator("#status").inner_text() == "succeeded"
             assert page.locator("#caption").inner_text() == "Result"
             assert page.locator("#download").get_attribute("href")
-            assert "80 px" not in page.locator("#plot-note").inner_text()  # the note, not labels
+            assert "64 px" not in page.locator("#plot-note").inner_text()  # the note, not labels
             assert page.locator("#plot-note").is_visible()
             job = page.request.get(f"{server}/api/jobs/{job_id}").json()
-            assert [s["size"] for s in job["scales"]] == [80, 160]
+            assert [s["size"] for s in job["scales"]] == [64, 128]
             screenshot(page, "job-result.png", tmp_path)
             assert first_caption in ("Instant preview (feed-forward network)", "Iteration 5 of 60")
             # Run it again, stronger: a new job on the same photo, the rest unchanged.
@@ -263,7 +263,7 @@ def test_the_job_page_shows_the_instant_preview_then_the_result_and_runs_again(
                 f"{server}/api/jobs/{page.url.rstrip('/').rsplit('/', 1)[-1]}"
             ).json()
             assert again["params"]["style_strength"] == 0.9
-            assert again["params"]["size"] == 160
+            assert again["params"]["size"] == 128
             assert again["params"]["seed"] == job["params"]["seed"]
             page.wait_for_selector("#result:not([hidden])", timeout=120_000)
         finally:

@@ -53,13 +53,17 @@ def job(client: FlaskClient, job_id: str) -> dict:
     return client.get(f"/api/jobs/{job_id}").get_json()  # type: ignore[no-any-return]
 
 
+#: Long enough that the third kill (at most about 3 × 25 iterations in) is mid-job.
+ITERATIONS = 150
+
+
 def test_sigkill_mid_job_three_times_resumes_from_checkpoints_and_loses_nothing(
     client: FlaskClient, settings: Settings, sample_images: Path, tmp_path: Path
 ) -> None:
     workers = [WorkerProcess(settings, f"crash-{i}", tmp_path / f"w{i}.log") for i in range(2)]
     for worker in workers:
         worker.start()
-    submitted = submit(client, sample_images, iterations=240)
+    submitted = submit(client, sample_images, iterations=ITERATIONS)
     job_id = submitted["id"]
     kills = []
     try:
@@ -114,9 +118,10 @@ def test_sigkill_mid_job_three_times_resumes_from_checkpoints_and_loses_nothing(
             worker.stop()
     assert final["status"] == "succeeded", final
     assert final["attempts"] == 4
-    assert final["progress"] == {"iteration": 240, "total": 240}
+    assert final["progress"] == {"iteration": ITERATIONS, "total": ITERATIONS}
     points = client.get(f"/api/jobs/{job_id}/losses?limit=1000").get_json()["points"]
-    assert [p["iteration"] for p in points] == list(range(1, 241))  # no gap, no duplicate
+    # No gap, no duplicate.
+    assert [p["iteration"] for p in points] == list(range(1, ITERATIONS + 1))
     for _, takeover_seconds, _ in kills:
         assert takeover_seconds < 20  # seconds, not a one-hour visibility timeout
     assert client.get(final["links"]["result"]).status_code == 200

@@ -195,7 +195,8 @@ def test_workers_keep_the_app_out_of_the_garbage_collectors_sight() -> None:
         assert loaded > before
         left_by_requests = [[] for _ in range(1000)]
         hooks["pre_request"](SimpleNamespace(nr=99), None)  # not yet
-        assert gc.get_freeze_count() == loaded
+        # Not equal: a frozen object freed meanwhile (another thread's) leaves the count.
+        assert gc.get_freeze_count() < loaded + len(left_by_requests)
         hooks["pre_request"](SimpleNamespace(nr=100), None)
         assert gc.get_freeze_count() >= loaded + len(left_by_requests)
     finally:

@@ -135,7 +135,7 @@ def test_hundreds_of_streams_each_get_every_point_once_across_reconnects(
 ) -> None:
     base, port, settings = server
     photo = (sample_images / "content" / "photo.jpg").read_bytes()
-    data = {"style_preset": "starry-night", "backbone": "vgg19-random", "size": "96",
+    data = {"style_preset": "starry-night", "backbone": "vgg19-random", "size": "64",
             "scales": "1", "iterations": str(ITERATIONS)}  # fmt: skip
     response = requests.post(base + "/api/jobs", data=data,
                              files={"content": ("photo.jpg", photo)}, timeout=30)  # fmt: skip
