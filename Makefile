@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # One test process per core, a test file to each (its module fixtures, such as a worker
-# process, stay shared): tests/conftest.py gives each one torch thread.
-PYTEST_ARGS ?= -n auto --dist loadfile
+# process, stay shared), in collection order (tests/conftest.py puts the longest files
+# first and gives each process one torch thread).
+PYTEST_ARGS ?= -n auto --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
