@@ -14,9 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # `make test` runs one test process per core (pytest-xdist), and each starts workers and
 # servers of its own. Torch takes as many OpenMP threads as there are cores in every one of
-# them; oversubscribed, those threads spin waiting for each other, and the suite used 1.7×
-# the CPU time. One thread a process (inherited by the processes the tests start) fits.
-# Set before any test module imports torch.
+# them; oversubscribed, those threads spin waiting for each other and the suite's CPU time
+# grows by most of itself (docs/benchmarks.md, "The test suite"). One thread a process
+# (inherited by the processes the tests start) fits. Set before any test imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

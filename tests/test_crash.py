@@ -53,8 +53,9 @@ def job(client: FlaskClient, job_id: str) -> dict:
     return client.get(f"/api/jobs/{job_id}").get_json()  # type: ignore[no-any-return]
 
 
-#: Long enough that the third kill (at most about 3 × 25 iterations in) is mid-job.
-ITERATIONS = 150
+#: Long enough that the third kill is mid-job: the job runs on while each replacement
+#: worker starts, for as long as a loaded machine takes to start one.
+ITERATIONS = 240
 
 
 def test_sigkill_mid_job_three_times_resumes_from_checkpoints_and_loses_nothing(
