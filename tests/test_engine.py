@@ -176,14 +176,18 @@ def test_runs_batched_together_follow_their_own_paths(
     ]
     together = stylize_together(runs)
 
-    # Batched convolutions may sum in another order, so the gradients differ in their last
-    # bits. Until L-BFGS holds a curvature pair (iterations 1 and 2) the losses agree to
-    # rounding; after it, y = g₂ - g₁ over a short first step cancels most digits and the
-    # paths drift apart by up to a few percent by the 8th iteration (1.3 % on an AMD EPYC).
-    # A run mixed up with another would be on another run's path altogether, so each
-    # batched result must also be far nearer its own solo run than any other solo run (within
-    # 10 levels of its own: how far the paths drift apart differs between CPUs).
-    first, later = (1e-6, 5e-2) if precision == "fp32" else (2e-2, 5e-2)
+    # Batched convolutions may sum in another order (oneDNN picks its kernels by batch size
+    # and instruction set), so the gradients differ in their last bits. The first losses
+    # agree to rounding. The second may differ by parts in 10⁴: Adam's first step is about
+    # lr·sign(g), so a gradient component near zero can step either way (seen with oneDNN
+    # held to AVX2). Once L-BFGS holds a curvature pair, y = g₂ - g₁ over a short first step
+    # cancels most digits and the paths drift apart by up to a few percent by the 8th
+    # iteration (1.3 % on an AMD EPYC). A run mixed up with another would be on another
+    # run's path altogether, so each batched result must also be far nearer its own solo run
+    # than any other solo run (within 10 levels of its own: how far the paths drift apart
+    # differs between CPUs).
+    fp32 = precision == "fp32"
+    tolerances = {1: 1e-6 if fp32 else 2e-2, 2: 1e-3 if fp32 else 2e-2}
     images = [np.asarray(result.image, dtype=float) for result, _ in alone]
     for index, ((result, seen), batched, (batched_seen, _)) in enumerate(
         zip(alone, together, batch_seen, strict=True)
@@ -191,7 +195,7 @@ def test_runs_batched_together_follow_their_own_paths(
         assert [it.iteration for it in batched_seen] == [it.iteration for it in seen]
         assert [it.preview is None for it in batched_seen] == [it.preview is None for it in seen]
         for it, batched_it in zip(seen, batched_seen, strict=True):
-            tolerance = first if it.iteration <= 2 else later
+            tolerance = tolerances.get(it.iteration, 5e-2)
             assert batched_it.loss == pytest.approx(it.loss, rel=tolerance)
         assert (batched.iterations, batched.stopped) == (result.iterations, result.stopped)
         assert batched.seed == result.seed and batched.image.size == result.image.size

@@ -39,13 +39,15 @@ status = Path("/proc/self/status").read_text()
 print(int(re.search(r"^VmHWM:\\s+(\\d+) kB", status, re.M).group(1)) * 1024)
 """
 
-# (content size, style sizes, options): each extreme in one direction.
+# (content size, style sizes, options): each extreme in one direction. The sizes are the
+# smallest at which the style's share of the peak is still most of what torch itself does
+# not take: the peaks sit as close under their estimates as at twice the sizes.
 CASES = {
-    "square style at 4x scale": ((384, 288), [(2200, 2200)], {"size": "384", "style_scale": "4"}),
-    "strip style at 4x scale": ((512, 512), [(4000, 400)], {"size": "512", "style_scale": "4"}),
-    "strip content and style": ((2000, 200), [(200, 2000)], {"size": "1024", "style_scale": "4"}),
+    "square style at 4x scale": ((256, 192), [(1100, 1100)], {"size": "256", "style_scale": "4"}),
+    "strip style at 4x scale": ((256, 256), [(2000, 200)], {"size": "256", "style_scale": "4"}),
+    "strip content and style": ((1000, 100), [(100, 1000)], {"size": "512", "style_scale": "4"}),
     "large inputs, small output": ((6000, 4000), [(6000, 4000)], {"size": "128"}),
-    "eight styles": ((512, 512), [(1000, 1000)] * 8, {"size": "256", "style_scale": "2"}),
+    "eight styles": ((256, 256), [(500, 500)] * 8, {"size": "128", "style_scale": "2"}),
 }
 
 
