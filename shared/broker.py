@@ -7,6 +7,9 @@
   each worker refreshes, its name in the ``stylequeue:workers`` registry; ``/readyz`` and
   the web form read them (live workers, and which backbones they can run). Nothing here
   scans the keyspace.
+- Remembered speeds: ``stylequeue:speed:<host>:<device>:...``, the last speed a worker
+  measured on that host and device; the next worker there starts from it instead of
+  measuring again (worker/tasks.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ WORKER_PREFIX = "stylequeue:worker:"
 #: A sorted set: each worker's name, scored by when its heartbeat lapses.
 WORKERS_KEY = "stylequeue:workers"
 HEARTBEAT_TTL_SECONDS = 15
+SPEED_PREFIX = "stylequeue:speed:"
+#: How long a measured speed is trusted without a worker refreshing it: a host whose
+#: workers stayed away a week may have changed (drivers, neighbours, its torch).
+SPEED_TTL_SECONDS = 7 * 24 * 3600
 #: Task name the web sends jobs under; the worker registers its task with it.
 RUN_JOB_TASK = "stylequeue.run_job"
 #: The instant preview of an optimization job: its feed-forward picture, made by a preview
@@ -75,6 +82,15 @@ def remove_heartbeat(client: redis.Redis, name: str) -> None:
     pipe.delete(WORKER_PREFIX + name)
     pipe.zrem(WORKERS_KEY, name)
     pipe.execute()
+
+
+def remember_speed(client: redis.Redis, key: str, work_per_second: float) -> None:
+    client.set(SPEED_PREFIX + key, repr(work_per_second), ex=SPEED_TTL_SECONDS)
+
+
+def remembered_speed(client: redis.Redis, key: str) -> float | None:
+    raw = client.get(SPEED_PREFIX + key)
+    return float(raw) if raw else None
 
 
 def worker_alive(client: redis.Redis, name: str) -> bool:

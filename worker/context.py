@@ -9,12 +9,14 @@ import threading
 from functools import cache, cached_property
 from typing import Any
 
+import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
 from shared.backbones import BACKBONES
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
+from shared.estimate import RATE_FIELD
 from shared.logs import configure_logging
 from shared.storage import Storage, storage_from_settings
 from worker.capacity import Capacity, measure
@@ -36,10 +38,23 @@ class Context:
         self.host = self.settings.host_name or socket.gethostname()
         self.name = self.settings.worker_name or f"{self.host}:{os.getpid()}"
         self.activity: dict[str, Any] = {"job": None, "iterations_per_second": 0.0}
+        #: What the speed is remembered under in Redis (set when the worker is ready).
+        self.speed_key: str | None = None
 
     @cached_property
     def capacity(self) -> Capacity:
         return measure(self.settings)
+
+    def note_speed(self, work_per_second: float) -> None:
+        """The worker's speed for the ETAs (shared/estimate.py): into its heartbeat, and
+        remembered for the next worker on this host and device."""
+        self.activity[RATE_FIELD] = round(work_per_second, 1)
+        if self.speed_key is None:
+            return
+        try:
+            broker.remember_speed(self.redis, self.speed_key, self.activity[RATE_FIELD])
+        except redis.RedisError as error:  # the heartbeat carries it all the same
+            log.warning("could not remember the speed: %s", error)
 
 
 @cache

@@ -302,9 +302,7 @@ class ActiveRun:
         if self.resume_from is None and len(self.batch) == 1 and outcome.elapsed > 0:
             # The worker's speed for the ETAs (shared/estimate.py), from a whole run.
             work = job_work(plan_for(**self.plan_options()), *self.content.size)
-            ctx.activity[RATE_FIELD] = round(
-                smoothed(ctx.activity.get(RATE_FIELD), work / outcome.elapsed), 1
-            )
+            ctx.note_speed(smoothed(ctx.activity.get(RATE_FIELD), work / outcome.elapsed))
 
 
 def _hard_time_limit(ctx: Context, claim: Claim) -> None:

@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+import redis
 from celery.signals import setup_logging, worker_ready, worker_shutdown
 from PIL import Image
 
@@ -58,6 +59,8 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
 
 @worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
+    import torch
+
     from worker.engine.device import load_extractor, resolve_device, resolve_precision
 
     ctx = context()
@@ -68,13 +71,29 @@ def _on_worker_ready(**_: Any) -> None:
         log.info("freed memory stays in the heap for reuse (worker/allocator.py)")
     # Load the backbone jobs will most likely use now, once, not in the first job.
     backbone = "vgg19" if "vgg19" in backbones else OFFLINE_BACKBONE
-    load_extractor(backbone, device=device, precision=resolve_precision("auto", device))
-    try:
-        speed = measure_speed(backbone, str(device), ctx.settings.cuda_graphs)
-        ctx.activity[RATE_FIELD] = round(speed, 1)
-    except Exception:  # the ETAs wait for the first job then
-        log.exception("could not measure this worker's speed")
+    precision = resolve_precision("auto", device)
+    load_extractor(backbone, device=device, precision=precision)
     capacity = ctx.capacity
+    # A worker that follows another on this host and device (a restart, a replacement after
+    # a crash) starts from the speed its predecessor measured, most often over whole jobs,
+    # and is ready without a speed run of its own.
+    ctx.speed_key = ":".join(
+        [ctx.host, str(device), capacity.device_name, backbone, precision,
+         str(torch.get_num_threads())]
+    )  # fmt: skip
+    try:
+        remembered = broker.remembered_speed(ctx.redis, ctx.speed_key)
+    except redis.RedisError:
+        remembered = None
+    if remembered:
+        ctx.activity[RATE_FIELD] = remembered
+        log.info("speed: %.1f work/s, remembered from this host's last worker", remembered)
+    else:
+        try:
+            ctx.note_speed(measure_speed(backbone, str(device), ctx.settings.cuda_graphs))
+            log.info("speed: %.1f work/s, measured", ctx.activity[RATE_FIELD])
+        except Exception:  # the ETAs wait for the first job then
+            log.exception("could not measure this worker's speed")
     record = {
         "name": ctx.name,
         "host": capacity.host,
