@@ -97,13 +97,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 #: The test files that take longest (the CPU's work, or waits for leases and servers), most
-#: first. `make test` hands out whole files to its processes in collection order; starting
-#: the long ones first lets the processes end together instead of one finishing a long file
-#: alone. Files not named keep their order after these.
+#: first: every file over about 5 s. `make test` hands out whole files to its processes in
+#: collection order; with the long ones first and only short ones left at the end, the
+#: processes end together instead of one finishing a long file alone. Files not named keep
+#: their order after these.
 LONGEST_FIRST = (
-    "test_crash.py", "test_memory.py", "test_browser.py", "test_pictures.py",
-    "test_engine.py", "test_batching.py", "test_schemathesis.py", "test_streams.py",
-    "test_scale_out.py",
+    "test_crash.py", "test_pictures.py", "test_engine.py", "test_browser.py",
+    "test_memory.py", "test_scale_out.py", "test_schemathesis.py", "test_streams.py",
+    "test_batching.py", "test_service.py", "test_streams_busy.py", "test_broker_faults.py",
+    "test_instant.py", "test_make_run.py", "test_access.py", "test_weights.py",
+    "test_cli.py", "test_allocator.py", "test_gunicorn.py", "test_hostile.py",
+    "test_load.py", "test_bench_paced.py",
 )  # fmt: skip
 
 

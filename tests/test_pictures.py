@@ -32,7 +32,7 @@ def test_the_defaults_keep_the_scene_and_carry_every_preset(photo: str) -> None:
     for name, preset in presets().items():
         painting = thumbnail(preset.path, 256)
         result = stylize(
-            content=content, styles=[painting], size=128, iterations=40, seed=0,
+            content=content, styles=[painting], size=128, iterations=30, seed=0,
             backbone="vgg19-random", device="cpu",
         )  # fmt: skip
         score = scores(result.image, content, painting)
