@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -223,3 +225,36 @@ def test_a_feed_reaches_every_subscriber_and_the_check_finds_a_lost_publish(
             hub.unsubscribe(first)
             hub.unsubscribe(second)
         assert hub.watched() == 0
+
+
+def test_a_feed_keeps_each_entry_once_for_all_its_subscribers() -> None:
+    """A watched job's entries are kept once, in a ring every subscriber reads at its own
+    place: each takes every entry after it subscribed, once and in order; a delivery wakes
+    a waiting take at once; one that fell a ring's length behind is told it lags."""
+    from web.feeds import SUBSCRIBER_BACKLOG, Subscriber, _Feed
+
+    feed = _Feed("job", "0-0")
+    early = Subscriber(feed)
+    feed.deliver({"n": 1})
+    late = Subscriber(feed)
+    for n in (2, 3):
+        feed.deliver({"n": n})
+    assert [e["n"] for e in early.take(0)] == [1, 2, 3]
+    assert [e["n"] for e in late.take(0)] == [2, 3]
+    assert early.take(0) == [] and late.take(0) == []
+    assert len(feed.entries) == 3  # one copy, not one per subscriber
+
+    timer = threading.Timer(0.1, feed.deliver, [{"n": 4}])
+    started = time.monotonic()
+    timer.start()
+    assert [e["n"] for e in early.take(10)] == [4]
+    assert time.monotonic() - started < 5
+    timer.join()
+    assert [e["n"] for e in late.take(0)] == [4]
+
+    for n in range(5, 5 + SUBSCRIBER_BACKLOG):  # a whole ring's length: still all there
+        feed.deliver({"n": n})
+    assert [e["n"] for e in late.take(0)] == list(range(5, 5 + SUBSCRIBER_BACKLOG))
+    assert not late.lagging
+    feed.deliver({"n": 0})
+    assert early.take(0) == [] and early.lagging  # one more behind: its stream ends

@@ -2,8 +2,9 @@
 worker's side).
 
 One reader per process follows every watched job's feed with one blocking ``XREAD`` over
-all of them, and hands each entry to the subscribers of its job: a job watched by a
-thousand clients costs one subscription, and no client asks the database while it waits.
+all of them, and keeps each entry once for all the subscribers of its job, who take it
+from there: a job watched by a thousand clients costs one subscription and one copy of
+each entry, and no client asks the database while it waits.
 Every ``STYLEQUEUE_STREAM_CHECK_SECONDS`` the reader reads the status and iteration of all
 the watched jobs in one query; when the database was ahead of what the feed said at two
 checks in a row (a publish lost while Redis was away, a status the reconciler wrote), the
@@ -21,7 +22,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -43,55 +43,70 @@ SUBSCRIBER_BACKLOG = 256
 JobCheck = Callable[[list[str]], dict[str, tuple[str, int]]]
 
 
-class Subscriber:
-    """One stream's view of its job's feed: the entries not yet taken."""
-
-    def __init__(self, job_id: str, backlog: int = SUBSCRIBER_BACKLOG) -> None:
-        self.job_id = job_id
-        self.backlog = backlog
-        #: Set when it fell ``backlog`` entries behind: its stream should end.
-        self.lagging = False
-        self._entries: deque[dict[str, Any]] = deque()
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-
-    def deliver(self, entry: dict[str, Any]) -> None:
-        with self._lock:
-            if len(self._entries) >= self.backlog:
-                self.lagging = True
-                self._entries.clear()
-            else:
-                self._entries.append(entry)
-        self._ready.set()
-
-    def take(self, timeout: float) -> list[dict[str, Any]]:
-        """The entries delivered since the last take, waiting up to ``timeout`` seconds
-        for one."""
-        self._ready.wait(timeout)
-        with self._lock:
-            entries = list(self._entries)
-            self._entries.clear()
-            self._ready.clear()
-        return entries
-
-
-@dataclass
 class _Feed:
-    job_id: str
-    #: The id of the last entry read; None until the feed's tail is known.
-    last_id: str | bytes | None
-    subscribers: set[Subscriber] = field(default_factory=set)
-    #: What the feed (or the checks) said: the status and the latest iteration.
-    status: str | None = None
-    iteration: int = 0
-    #: The job's row at the previous check: (status, iteration).
-    checked: tuple[str, int] | None = None
+    """One watched job: the entries read from its feed, kept once for all its subscribers
+    (the last ``SUBSCRIBER_BACKLOG``, numbered), and what the reader knows of the job. An
+    entry costs one append and one wake-up however many watch, not a copy per watcher."""
+
+    def __init__(self, job_id: str, last_id: str | bytes | None) -> None:
+        self.job_id = job_id
+        #: The id of the last entry read; None until the feed's tail is known.
+        self.last_id = last_id
+        self.subscribers: set[Subscriber] = set()
+        #: What the feed (or the checks) said: the status and the latest iteration.
+        self.status: str | None = None
+        self.iteration = 0
+        #: The job's row at the previous check: (status, iteration).
+        self.checked: tuple[str, int] | None = None
+        #: The entries delivered so far, counted; the latest of them with their numbers.
+        self.delivered = 0
+        self.entries: deque[tuple[int, dict[str, Any]]] = deque(maxlen=SUBSCRIBER_BACKLOG)
+        #: Set (and replaced) at each delivery: what the subscribers wait on.
+        self.news = threading.Event()
+        self._lock = threading.Lock()
 
     def note(self, entry: dict[str, Any]) -> None:
         if entry.get("points"):
             self.iteration = max(self.iteration, entry["points"][-1]["iteration"])
         if "status" in entry:
             self.status = entry["status"]
+
+    def deliver(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self.delivered += 1
+            self.entries.append((self.delivered, entry))
+            news, self.news = self.news, threading.Event()
+        news.set()
+
+    def since(self, seen: int) -> tuple[list[dict[str, Any]], int, bool]:
+        """The entries after number ``seen``; the number of the last; whether some after
+        ``seen`` were dropped before they were read (a reader ``SUBSCRIBER_BACKLOG``
+        behind)."""
+        with self._lock:
+            missed = self.delivered - seen > len(self.entries)
+            fresh = [entry for number, entry in self.entries if number > seen]
+            return fresh, self.delivered, missed
+
+
+class Subscriber:
+    """One stream's place in its job's feed: the entries it has taken."""
+
+    def __init__(self, feed: _Feed) -> None:
+        self.job_id = feed.job_id
+        self._feed = feed
+        #: Set when it fell ``SUBSCRIBER_BACKLOG`` entries behind: its stream should end.
+        self.lagging = False
+        self._seen = feed.delivered
+
+    def take(self, timeout: float) -> list[dict[str, Any]]:
+        """The entries delivered since the last take, waiting up to ``timeout`` seconds
+        for one."""
+        feed = self._feed
+        news = feed.news  # before the count: a delivery in between sets this one
+        if feed.delivered == self._seen:
+            news.wait(timeout)
+        entries, self._seen, self.lagging = feed.since(self._seen)
+        return [] if self.lagging else entries
 
 
 class FeedHub:
@@ -111,7 +126,6 @@ class FeedHub:
         """A subscription to the job's feed, from now on: the caller replays what came
         before from the database *after* this (the worker publishes after it commits, so
         nothing falls between the two)."""
-        subscriber = Subscriber(job_id)
         key = feed_key(job_id)
         with self._lock:
             known = key in self._feeds
@@ -119,7 +133,10 @@ class FeedHub:
         with self._lock:
             # One hold: a feed whose last subscriber left meanwhile is made anew, never
             # joined after its removal (the reader would not read it).
-            feed = self._feeds.setdefault(key, _Feed(job_id, tail))
+            feed = self._feeds.get(key)
+            if feed is None:
+                feed = self._feeds[key] = _Feed(job_id, tail)
+            subscriber = Subscriber(feed)
             feed.subscribers.add(subscriber)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="feeds", daemon=True)
@@ -193,15 +210,13 @@ class FeedHub:
             name = key.decode() if isinstance(key, bytes) else key
             with self._lock:
                 feed = self._feeds.get(name)
-                subscribers = list(feed.subscribers) if feed is not None else []
             if feed is None:
                 continue
             for entry_id, fields in entries:
                 feed.last_id = entry_id
                 entry = decode(fields)
                 feed.note(entry)
-                for subscriber in subscribers:
-                    subscriber.deliver(entry)
+                feed.deliver(entry)
 
     def _check_rows(self, feeds: Iterable[_Feed]) -> None:
         """One query for every watched job: where the row is ahead of the feed, its
@@ -232,7 +247,4 @@ class FeedHub:
                     continue
                 feed.status, feed.iteration = row[0], max(previous[1], feed.iteration)
                 entry = {"check": {"status": row[0], "iteration": row[1]}}
-            with self._lock:
-                subscribers = list(feed.subscribers)
-            for subscriber in subscribers:
-                subscriber.deliver(entry)
+            feed.deliver(entry)

@@ -203,8 +203,10 @@ def _event_stream(job_key: uuid.UUID) -> Response:
                     return  # too slow: it reconnects with Last-Event-ID, from the database
                 if not entries:
                     yield ": keep-alive\n\n"
-                for entry in entries:
-                    yield from state.live(entry)
+                # One write for what one wake-up brings, not one per event.
+                texts = "".join(text for entry in entries for text in state.live(entry))
+                if texts:
+                    yield texts
             if state.finished:
                 yield _sse("done", {"status": state.status}, state.cursor)
         finally:
