@@ -578,6 +578,28 @@ def test_auto_precision_takes_bf16_on_a_gpu_only_where_it_is_native(
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
 
 
+def test_auto_precision_keeps_fp32_where_onednn_is_held_below_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An operator who holds oneDNN to AVX2 gets fp32 on any CPU: its bf16 would be
+    emulated there, slower than fp32."""
+    from worker.engine.device import cpu_has_fast_bf16, resolve_precision
+
+    try:
+        for cap in ("AVX2", "avx512_core"):
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+            cpu_has_fast_bf16.cache_clear()  # read once a process
+            assert not cpu_has_fast_bf16()
+            assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+        cpu_has_fast_bf16.cache_clear()
+        flags = Path("/proc/cpuinfo").read_text().split()
+        assert cpu_has_fast_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+    finally:
+        monkeypatch.undo()
+        cpu_has_fast_bf16.cache_clear()
+
+
 def test_every_pyramid_scale_starts_falling() -> None:
     """L-BFGS's first steps at a scale (its history empty) must not throw the pixels about:
     the loss of each scale's first 10 iterations never rises above its first, from the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,12 +73,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+#: oneDNN's instruction-set caps (``ONEDNN_MAX_CPU_ISA``) below native bf16.
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+
+
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 matrix instructions (AMX-BF16 or AVX512-BF16).
+    """True on CPUs with native bf16 matrix instructions (AMX-BF16 or AVX512-BF16), unless
+    oneDNN is held below them (``ONEDNN_MAX_CPU_ISA=AVX2``, say).
 
     Elsewhere oneDNN emulates bf16, which is slower than fp32.
     """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.upper() in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
