@@ -60,7 +60,8 @@ def test_kept_memory_is_reused_across_evaluations_and_released_after() -> None:
     assert plain_faults > 12_800, plain_faults
     # Not all: a kernel that pages out cold memory by itself (DAMON's "pageout" scheme is
     # on where this suite runs) takes some of the kept blocks between two evaluations,
-    # which then fault in again: 0 to 12,288 faults of 77,000 to 217,000 here.
-    assert kept_faults < plain_faults / 4, (kept_faults, plain_faults)
+    # which then fault in again: 0 to 24,576 faults of 77,000 to 217,000 here, the most
+    # while the rest of the suite runs beside it.
+    assert kept_faults < plain_faults / 2, (kept_faults, plain_faults)
     # What the heap kept goes back to the system once the job is done.
     assert released < held - 100, (held, released)
