@@ -10,6 +10,7 @@ import hashlib
 import json
 import secrets
 import uuid
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -366,6 +367,49 @@ def queue_ahead(db: Session | Connection, created_at: datetime) -> tuple[int, fl
     poll, the Core connection that read the job."""
     count, work = db.execute(QUEUE_AHEAD, {"created_at": created_at}).one()
     return int(count) + 1, float(work)
+
+
+_RUNNING_LEFT = select(
+    func.coalesce(
+        func.sum(func.coalesce(_jobs.work, 0) * (_jobs.total - _jobs.iteration) / _jobs.total), 0
+    )
+).where(_jobs.status == JobStatus.RUNNING.value, _jobs.total > 0)
+_QUEUED_IN_ORDER = (
+    select(_jobs.created_at, func.coalesce(_jobs.work, 0))
+    .where(_jobs.status == JobStatus.QUEUED.value)
+    .order_by(_jobs.created_at)
+    .limit(bindparam("limit"))
+)
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """The queue as read at one moment: each queued job's creation time, in order, with the
+    work queued before it; the running jobs' work left. It answers :func:`queue_ahead` for
+    any queued job without a query (the status poll's, when many poll at once)."""
+
+    created: list[datetime]
+    #: ``work_before[i]``: the work of the queued jobs before the i-th (one entry more).
+    work_before: list[float]
+    running_left: float
+    #: Whether every queued job was read (else only the first ``limit``).
+    whole: bool
+
+    @classmethod
+    def read(cls, db: Session | Connection, limit: int) -> QueueSnapshot:
+        rows = db.execute(_QUEUED_IN_ORDER, {"limit": limit + 1}).all()
+        running_left = float(db.execute(_RUNNING_LEFT).scalar_one())
+        work_before = [0.0]
+        for _, work in rows[:limit]:
+            work_before.append(work_before[-1] + float(work))
+        return cls([row[0] for row in rows[:limit]], work_before, running_left, len(rows) <= limit)
+
+    def ahead(self, created_at: datetime) -> tuple[int, float] | None:
+        """As :func:`queue_ahead`; None where the jobs ahead were not all read."""
+        index = bisect_left(self.created, created_at)
+        if index == len(self.created) and not self.whole:
+            return None
+        return index + 1, self.work_before[index] + self.running_left
 
 
 def queue_position(db: Session | Connection, created_at: datetime) -> int:

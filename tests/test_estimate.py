@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 from shared.estimate import (
@@ -85,3 +88,28 @@ def test_the_estimate_says_when_it_knows_nothing() -> None:
     }
     fast = estimate(measured, work=0, work_ahead=500, fast=True)
     assert fast["basis"] == "none" and "preview worker" in fast["message"]
+
+
+def test_a_web_process_reads_the_workers_speeds_at_most_once_a_second(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A status poll's ETA takes the workers' speeds from a read at most SPEEDS_SECONDS
+    old: a thousand polls a second cost one read of the heartbeats, not a thousand."""
+    from shared import broker
+    from tests.service import service_app, service_settings
+
+    with service_app(service_settings(tmp_path, redis_url)) as app, app.app_context():
+        from web.api.reads import SPEEDS_SECONDS, worker_speeds
+
+        client = broker.connect(redis_url)
+        try:
+            before = worker_speeds()
+            assert before.workers == 0
+            broker.publish_heartbeat(client, "fast", {"kind": "cpu", RATE_FIELD: 1000.0})
+            assert worker_speeds() is before  # within the second: no read
+            time.sleep(SPEEDS_SECONDS)
+            after = worker_speeds()
+            assert (after.workers, after.rates) == (1, (1000.0,))
+        finally:
+            broker.remove_heartbeat(client, "fast")
+            client.close()

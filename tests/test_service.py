@@ -600,6 +600,9 @@ def test_the_status_poll_reads_what_the_orm_loads(
 
     for job_id in (succeeded, queued, failed):
         expected = from_the_orm(job_id)
+        # The poll's view of the queue may be a second old (web/api/reads.py); this compares
+        # the statement with the ORM, so both read it now.
+        app.extensions["stylequeue"].pop("queue", None)
         polled = client.get(f"/api/jobs/{job_id}").get_json()
         after = from_the_orm(job_id)
         # Jobs that earlier tests left queued may start meanwhile (this module's worker
@@ -613,6 +616,60 @@ def test_the_status_poll_reads_what_the_orm_loads(
     waiting = client.get(f"/api/jobs/{queued}").get_json()
     assert waiting["runs"] == [] and waiting["queue_position"] >= 1
     assert client.get(f"/api/jobs/{failed}").get_json()["error"]["message"] == "boom"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_queue_snapshot_answers_as_the_queue_query_does(tmp_path: Path, backend: str) -> None:
+    """The status polls' snapshot of the queue (one read a second per web process) gives
+    every queued job the position and work ahead that its own query gives; past the
+    snapshot's length it does not answer (the poll queries then)."""
+    from datetime import timedelta
+
+    from shared.jobs import QueueSnapshot, queue_ahead
+    from tests.service import fresh_database
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'queue.db'}"
+    elif os.environ.get("TEST_DATABASE_URL"):
+        url = fresh_database(os.environ["TEST_DATABASE_URL"], "stylequeue_queue_snapshot")
+    else:
+        pytest.skip("PostgreSQL runs when TEST_DATABASE_URL is set (.ci/run sets it)")
+    upgrade(url)
+    engine = make_engine(url)
+    image = uuid.uuid4().hex * 2
+    start = utcnow()
+    try:
+        with make_sessionmaker(engine)() as session:
+            session.add(StoredImage(sha256=image, storage_key="k", width=4, height=3,
+                                    size_bytes=9))  # fmt: skip
+            session.flush()
+            jobs = [
+                Job(id=uuid.uuid4(), status=status, params={}, content_sha256=image,
+                    created_at=start + timedelta(seconds=second), work=work, total=total,
+                    iteration=iteration)
+                for second, (status, work, total, iteration) in enumerate([
+                    ("running", 1000, 100, 40), ("queued", 300, 10, 0),
+                    ("succeeded", 5000, 10, 10), ("queued", 200, 10, 0),
+                    ("queued", 0, 10, 0), ("running", 500, 50, 10), ("queued", 700, 10, 0),
+                ])
+            ]  # fmt: skip
+            session.add_all(jobs)
+            session.commit()
+            # As the poll has them: read back (SQLite's come without their time zone).
+            queued = session.scalars(
+                select(Job.created_at).where(Job.status == "queued").order_by(Job.created_at)
+            ).all()
+            snapshot = QueueSnapshot.read(session, limit=10)
+            assert snapshot.whole
+            answers = [snapshot.ahead(created) for created in queued]
+            assert answers == [queue_ahead(session, created) for created in queued]
+            assert [position for position, _ in answers] == [1, 2, 3, 4]
+            short = QueueSnapshot.read(session, limit=2)
+            assert not short.whole
+            assert [short.ahead(created) for created in queued[:2]] == answers[:2]
+            assert short.ahead(queued[3]) is None
+    finally:
+        engine.dispose()
 
 
 def test_the_web_pools_a_connection_per_thread_and_reads_polls_in_autocommit_on_postgresql(

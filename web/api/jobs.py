@@ -16,7 +16,7 @@ from sqlalchemy import and_, or_, select
 
 from shared import broker, feed
 from shared.errors import Conflict, Expired, Forbidden, NotFound, OptionError
-from shared.estimate import Speeds, estimate, job_work
+from shared.estimate import estimate, job_work
 from shared.jobs import (
     queue_ahead,
 )
@@ -33,9 +33,9 @@ from web.api import bp
 from web.api.reads import (
     MAX_LOSS_PAGE,
     int_arg,
-    live_workers,
     load_job,
     read_job,
+    worker_speeds,
 )
 from web.api.serialize import iso, job_json, point_json
 from web.auth import listed, may_change
@@ -205,7 +205,7 @@ def get_estimate() -> Response:
     with services.reader.connect() as connection:
         _, work_ahead = queue_ahead(connection, utcnow())
     expected = estimate(
-        Speeds.from_heartbeats(live_workers()),
+        worker_speeds(),
         work=job_work(plan, width, height),
         work_ahead=work_ahead,
         fast=mode == JobMode.FAST,

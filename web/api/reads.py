@@ -1,22 +1,26 @@
 """Reading jobs for the API: the ORM load for views that change a job, and the status
-poll's one cached Core statement; the live workers; query arguments."""
+poll's one cached Core statement; the live workers and their speeds; query arguments."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
 from flask import (
+    current_app,
     request,
 )
-from sqlalchemy import Row, bindparam, select
+from sqlalchemy import Connection, Row, bindparam, select
 from sqlalchemy.orm import joinedload
 
 from shared import broker
 from shared.errors import NotFound, OptionError
+from shared.estimate import Speeds
 from shared.jobs import (
+    QueueSnapshot,
     queue_ahead,
 )
 from shared.models import (
@@ -103,7 +107,9 @@ def read_job(
         job = rows[0]
         ahead = None
         if job.status == JobStatus.QUEUED:
-            ahead = queue_ahead(connection, job.created_at)
+            ahead = queue_snapshot(connection).ahead(job.created_at)
+            if ahead is None:  # behind the snapshot's first QUEUE_SNAPSHOT_JOBS
+                ahead = queue_ahead(connection, job.created_at)
     return (
         job,
         _distinct_parts(rows, "style_", STYLE_FIELDS, "position"),
@@ -118,6 +124,42 @@ def live_workers() -> list[dict[str, Any]]:
         return broker.live_workers(services.redis)
     except Exception:
         return []
+
+
+#: How long a web process reuses the queue as it read it for the status polls of queued
+#: jobs, and how many queued jobs it reads: one read a second, however many poll, instead
+#: of a query per poll (the largest share of a queued job's poll); positions further back
+#: are counted by a query of their own.
+QUEUE_SECONDS = 1.0
+QUEUE_SNAPSHOT_JOBS = 1000
+
+
+def queue_snapshot(connection: Connection) -> QueueSnapshot:
+    """The queue as this process read it at most ``QUEUE_SECONDS`` ago."""
+    store = current_app.extensions["stylequeue"]
+    now = time.monotonic()
+    cached: tuple[float, QueueSnapshot] | None = store.get("queue")
+    if cached is None or cached[0] <= now:
+        snapshot = QueueSnapshot.read(connection, QUEUE_SNAPSHOT_JOBS)
+        cached = store["queue"] = (now + QUEUE_SECONDS, snapshot)
+    return cached[1]
+
+
+#: How long a web process reuses the workers' speeds for its estimates (a queued job's ETA
+#: in its status poll, ``/api/estimate``). A worker refreshes its heartbeat every few
+#: seconds and the figure is an estimate, while reading the heartbeats costs three Redis
+#: round trips: per poll, the largest cost after the database (bench/streams.py).
+SPEEDS_SECONDS = 1.0
+
+
+def worker_speeds() -> Speeds:
+    """The live workers' measured speeds, read at most once a ``SPEEDS_SECONDS``."""
+    store = current_app.extensions["stylequeue"]
+    now = time.monotonic()
+    cached: tuple[float, Speeds] | None = store.get("speeds")
+    if cached is None or cached[0] <= now:
+        cached = store["speeds"] = (now + SPEEDS_SECONDS, Speeds.from_heartbeats(live_workers()))
+    return cached[1]
 
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:

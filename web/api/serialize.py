@@ -15,7 +15,7 @@ from flask import (
 from sqlalchemy import Row
 
 from shared import broker
-from shared.estimate import RATE_FIELD, Speeds, estimate, remaining_fraction
+from shared.estimate import RATE_FIELD, estimate, remaining_fraction
 from shared.jobs import (
     queue_ahead,
     scale_plan,
@@ -30,7 +30,7 @@ from shared.models import (
     LossPoint,
 )
 from web.api.reads import (
-    live_workers,
+    worker_speeds,
 )
 from web.extensions import services
 
@@ -84,10 +84,7 @@ def job_json(
     if status == JobStatus.QUEUED and with_position:
         if ahead is None:
             ahead = queue_ahead(services.session, job.created_at)
-        expected = estimate(
-            Speeds.from_heartbeats(live_workers()), work=job.work or 0, work_ahead=ahead[1],
-            fast=fast,
-        )  # fmt: skip
+        expected = estimate(worker_speeds(), work=job.work or 0, work_ahead=ahead[1], fast=fast)
         eta, wait = expected["total_seconds"], expected["wait_seconds"]
     body: dict[str, Any] = {
         "id": str(job.id),
