@@ -9,23 +9,25 @@ from typing import Any
 
 from flask import (
     Response,
+    g,
     request,
     stream_with_context,
     url_for,
 )
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from shared.errors import RateLimited, StreamsBusy
 from shared.models import (
     PREVIEW_OPTIMIZER,
     Job,
+    JobStatus,
     LossPoint,
 )
 from web.api import bp
 from web.api.access import client_id
 from web.api.reads import (
     MAX_LOSS_PAGE,
-    load_job,
+    load_job_row,
 )
 from web.api.serialize import point_json
 from web.extensions import services
@@ -58,7 +60,7 @@ def get_events(job_id: str) -> Response:
     stream is a greenlet and the limit is in the thousands; on a threaded server each
     holds a thread, and the limit stays below them so that polls keep theirs.
     """
-    job_key = load_job(job_id).id
+    job_key = load_job_row(job_id).id
     client, own_places = client_id(), services.client_streams
     if not own_places.acquire(client):
         raise RateLimited(
@@ -91,6 +93,22 @@ def get_events(job_id: str) -> Response:
     return response
 
 
+# A stream's reads of the database, in Core on the reader's pooled connections: a thousand
+# streams connecting at once (a web process restarted) load no ORM objects, and the job's
+# styles and runs, which a stream never sends, are not read.
+_jobs, _points = Job.__table__.c, LossPoint.__table__.c
+_REPLAY_JOB = select(
+    _jobs.status, _jobs.attempts, _jobs.total, _jobs.preview_iteration, _jobs.preview_source
+).where(_jobs.id == bindparam("job_id"))
+_REPLAY_POINTS = (
+    select(_points.iteration, _points.total, _points.content, _points.style, _points.tv,
+           _points.elapsed)
+    .where(_points.job_id == bindparam("job_id"), _points.iteration > bindparam("after"))
+    .order_by(_points.iteration)
+    .limit(MAX_LOSS_PAGE)
+)  # fmt: skip
+
+
 class _Replay:
     """What one stream has sent: the last loss point's iteration (its events' id), the
     status, the preview and the job's total; read from the database by :meth:`read`."""
@@ -109,23 +127,16 @@ class _Replay:
         is read, and its connection given back, before anything is sent: a slow client
         holds no pooled connection."""
         while True:
-            with services.sessions() as session:
-                current = session.get(Job, self.job_key)
+            with services.reader.connect() as connection:
+                current = connection.execute(_REPLAY_JOB, {"job_id": self.job_key}).first()
                 if current is None:
                     self.gone = True
                     return
-                points = [
-                    point_json(point)
-                    for point in session.scalars(
-                        select(LossPoint)
-                        .where(LossPoint.job_id == self.job_key, LossPoint.iteration > self.cursor)
-                        .order_by(LossPoint.iteration)
-                        .limit(MAX_LOSS_PAGE)
-                    )
-                ]
-                status, attempts, self.total = current.status, current.attempts, current.total
-                preview = (current.preview_iteration, current.preview_source)
-                finished = current.job_status.finished
+                after = {"job_id": self.job_key, "after": self.cursor}
+                points = [point_json(row) for row in connection.execute(_REPLAY_POINTS, after)]
+            status, attempts, self.total = current.status, current.attempts, current.total
+            preview = (current.preview_iteration, current.preview_source)
+            finished = JobStatus(status).finished
             if status != self.status:
                 self.status = status
                 yield _sse("status", {"status": status, "attempts": attempts}, self.cursor)
@@ -179,9 +190,11 @@ class _Replay:
 
 
 def _event_stream(job_key: uuid.UUID) -> Response:
-    # The stream reads with short sessions of its own; the request's session would hold a
-    # pooled connection (on PostgreSQL, in an open transaction) for the stream's whole life.
-    services.session.close()
+    # The stream reads on short connections of its own; a session the request opened (a
+    # token's check) would hold a pooled connection (on PostgreSQL, in an open
+    # transaction) for the stream's whole life.
+    if "db_session" in g:
+        services.session.close()
     raw_last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
     try:
         cursor = max(0, int(raw_last))

@@ -54,6 +54,15 @@ def load_job(job_id: str) -> Job:
     return job
 
 
+def load_job_row(job_id: str) -> Row[Any]:
+    """As :func:`load_job`, the job's row alone, read with Core (no styles, no runs)."""
+    with services.reader.connect() as connection:
+        job = connection.execute(JOB_ROW, {"job_id": parse_job_id(job_id)}).first()
+    if job is None or not may_see(job):
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
 # The status poll reads with Core: one cached statement on a pooled connection, no Session
 # and no ORM objects. The ORM load above is a large share of a poll's CPU time under
 # gunicorn (py-spy; bench/api.py). The job's row comes once per pair of its styles and
@@ -62,6 +71,7 @@ def load_job(job_id: str) -> Job:
 jobs_table, styles_table, runs_table = Job.__table__, JobStyle.__table__, JobRun.__table__
 
 
+JOB_ROW = select(jobs_table).where(jobs_table.c.id == bindparam("job_id"))
 STYLE_FIELDS = [c.name for c in styles_table.c if c.name != "job_id"]
 
 

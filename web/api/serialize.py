@@ -172,7 +172,7 @@ def _running_eta(job: Job | Row[Any]) -> float:
     return round(job.elapsed / job.iteration * (job.total - job.iteration), 1)
 
 
-def point_json(point: LossPoint) -> dict[str, Any]:
+def point_json(point: LossPoint | Row[Any]) -> dict[str, Any]:
     return {
         "iteration": point.iteration,
         "total": point.total,
