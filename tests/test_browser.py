@@ -289,7 +289,10 @@ def test_the_api_page_renders_the_openapi_document(server: str) -> None:
             page.wait_for_selector(".opblock", timeout=20_000)
             assert page.locator(".opblock").count() == operations
             page.locator(".opblock-summary-path", has_text="/api/estimate").click()
-            assert page.locator(".parameters-col_name", has_text="iterations").is_visible()
+            # The operation opens as Swagger UI renders it, a moment after the click.
+            parameter = page.locator(".parameters-col_name", has_text="iterations")
+            parameter.wait_for(state="visible", timeout=10_000)
+            assert parameter.is_visible()
         finally:
             browser.close()
     assert refused == []
