@@ -340,6 +340,9 @@ _jobs = Job.__table__.c
 _queued_before = and_(
     _jobs.status == JobStatus.QUEUED.value, _jobs.created_at < bindparam("created_at")
 )
+_running = and_(_jobs.status == JobStatus.RUNNING.value, _jobs.total > 0)
+#: A running job's work still to do.
+_work_left = func.coalesce(_jobs.work, 0) * (_jobs.total - _jobs.iteration) / _jobs.total
 # Built once (SQLAlchemy compiles it once and caches that): building the ORM expression
 # anew is a large share of a queued job's status poll (cProfile). One statement
 # counts the jobs ahead and sums their work: the queued ones whole, the running ones' rest.
@@ -349,10 +352,7 @@ QUEUE_AHEAD = select(
         func.sum(
             case(
                 (_queued_before, func.coalesce(_jobs.work, 0)),
-                (
-                    and_(_jobs.status == JobStatus.RUNNING.value, _jobs.total > 0),
-                    func.coalesce(_jobs.work, 0) * (_jobs.total - _jobs.iteration) / _jobs.total,
-                ),
+                (_running, _work_left),
                 else_=0,
             )
         ),
@@ -369,11 +369,7 @@ def queue_ahead(db: Session | Connection, created_at: datetime) -> tuple[int, fl
     return int(count) + 1, float(work)
 
 
-_RUNNING_LEFT = select(
-    func.coalesce(
-        func.sum(func.coalesce(_jobs.work, 0) * (_jobs.total - _jobs.iteration) / _jobs.total), 0
-    )
-).where(_jobs.status == JobStatus.RUNNING.value, _jobs.total > 0)
+_RUNNING_LEFT = select(func.coalesce(func.sum(_work_left), 0)).where(_running)
 _QUEUED_IN_ORDER = (
     select(_jobs.created_at, func.coalesce(_jobs.work, 0))
     .where(_jobs.status == JobStatus.QUEUED.value)
@@ -398,11 +394,12 @@ class QueueSnapshot:
     @classmethod
     def read(cls, db: Session | Connection, limit: int) -> QueueSnapshot:
         rows = db.execute(_QUEUED_IN_ORDER, {"limit": limit + 1}).all()
+        whole, rows = len(rows) <= limit, rows[:limit]
         running_left = float(db.execute(_RUNNING_LEFT).scalar_one())
         work_before = [0.0]
-        for _, work in rows[:limit]:
+        for _, work in rows:
             work_before.append(work_before[-1] + float(work))
-        return cls([row[0] for row in rows[:limit]], work_before, running_left, len(rows) <= limit)
+        return cls([created for created, _ in rows], work_before, running_left, whole)
 
     def ahead(self, created_at: datetime) -> tuple[int, float] | None:
         """As :func:`queue_ahead`; None where the jobs ahead were not all read."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import (
     current_app,
@@ -33,6 +33,8 @@ from web.auth import may_see
 from web.extensions import services
 
 MAX_LOSS_PAGE = 10_000
+
+T = TypeVar("T")
 
 
 JOB_WITH_STYLES_AND_RUNS = (joinedload(Job.styles), joinedload(Job.runs))
@@ -146,13 +148,9 @@ QUEUE_SNAPSHOT_JOBS = 1000
 
 def queue_snapshot(connection: Connection) -> QueueSnapshot:
     """The queue as this process read it at most ``QUEUE_SECONDS`` ago."""
-    store = current_app.extensions["stylequeue"]
-    now = time.monotonic()
-    cached: tuple[float, QueueSnapshot] | None = store.get("queue")
-    if cached is None or cached[0] <= now:
-        snapshot = QueueSnapshot.read(connection, QUEUE_SNAPSHOT_JOBS)
-        cached = store["queue"] = (now + QUEUE_SECONDS, snapshot)
-    return cached[1]
+    return _kept(
+        "queue", QUEUE_SECONDS, lambda: QueueSnapshot.read(connection, QUEUE_SNAPSHOT_JOBS)
+    )
 
 
 #: How long a web process reuses the workers' speeds for its estimates (a queued job's ETA
@@ -164,12 +162,17 @@ SPEEDS_SECONDS = 1.0
 
 def worker_speeds() -> Speeds:
     """The live workers' measured speeds, read at most once a ``SPEEDS_SECONDS``."""
+    return _kept("speeds", SPEEDS_SECONDS, lambda: Speeds.from_heartbeats(live_workers()))
+
+
+def _kept(name: str, seconds: float, read: Callable[[], T]) -> T:
+    """What ``read`` gave this process (app) at most ``seconds`` ago, kept under ``name``."""
     store = current_app.extensions["stylequeue"]
     now = time.monotonic()
-    cached: tuple[float, Speeds] | None = store.get("speeds")
-    if cached is None or cached[0] <= now:
-        cached = store["speeds"] = (now + SPEEDS_SECONDS, Speeds.from_heartbeats(live_workers()))
-    return cached[1]
+    kept: tuple[float, T] | None = store.get(name)
+    if kept is None or kept[0] <= now:
+        kept = store[name] = (now + seconds, read())
+    return kept[1]
 
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:
