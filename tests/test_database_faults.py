@@ -147,3 +147,25 @@ def test_a_pooled_connection_killed_while_idle_is_replaced_unseen(
     finally:
         engine.dispose()
         admin.dispose()
+
+
+def test_a_light_load_reuses_one_pooled_connection_after_a_burst() -> None:
+    """After a burst fills the pool (event streams connecting), reads one at a time keep
+    taking the same connection (last in, first out), not each pooled one in turn: each
+    of those would have sat idle past IDLE_PING_SECONDS and cost a ping, a transaction."""
+    assert BASE_URL is not None
+    engine = make_engine(BASE_URL, pool_size=4)
+    try:
+        burst = [engine.connect() for _ in range(4)]
+        for connection in burst:
+            connection.execute(text("SELECT 1"))
+        for connection in burst:
+            connection.close()
+        pids = set()
+        for _ in range(8):
+            with engine.connect() as connection:
+                pids.add(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        assert len(pids) == 1
+        assert engine.pool.checkedin() == 4  # the burst's connections stay pooled
+    finally:
+        engine.dispose()
