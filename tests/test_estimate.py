@@ -113,3 +113,43 @@ def test_a_web_process_reads_the_workers_speeds_at_most_once_a_second(
         finally:
             broker.remove_heartbeat(client, "fast")
             client.close()
+
+
+def test_a_due_read_is_made_once_while_the_other_requests_keep_the_old_value(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """When a kept value is due, the first request reads it afresh and the requests that
+    arrive meanwhile take the old one: one read, not one per waiting request."""
+    import threading
+
+    from tests.service import service_app, service_settings
+    from web.api.reads import _kept
+
+    reads: list[int] = []
+    release = threading.Event()
+
+    def slow_read() -> int:
+        reads.append(len(reads))
+        if len(reads) > 1:
+            release.wait(2)  # the fresh read lasts until the others have asked
+        return len(reads)
+
+    with service_app(service_settings(tmp_path, redis_url)) as app:
+
+        def ask() -> int:
+            with app.app_context():
+                return _kept("test", 0.05, slow_read)
+
+        assert ask() == 1
+        time.sleep(0.1)  # due
+        answers: list[int] = []
+        fresh = threading.Thread(target=lambda: answers.append(ask()))
+        fresh.start()
+        while len(reads) < 2:
+            time.sleep(0.01)
+        others = [ask() for _ in range(5)]  # while the fresh read is under way
+        release.set()
+        fresh.join(10)
+        assert others == [1] * 5
+        assert answers == [2]
+        assert len(reads) == 2

@@ -166,12 +166,19 @@ def worker_speeds() -> Speeds:
 
 
 def _kept(name: str, seconds: float, read: Callable[[], T]) -> T:
-    """What ``read`` gave this process (app) at most ``seconds`` ago, kept under ``name``."""
+    """What ``read`` gave this process (app) at most ``seconds`` ago, kept under ``name``.
+
+    One request reads it afresh when it is due; the others take the old value until that
+    read is done. Else every request arriving during the read (a database round trip, on
+    which other greenlets or threads run) would read too, and the busier the process, the
+    longer the read and the more of them."""
     store = current_app.extensions["stylequeue"]
     now = time.monotonic()
     kept: tuple[float, T] | None = store.get(name)
     if kept is None or kept[0] <= now:
-        kept = store[name] = (now + seconds, read())
+        if kept is not None:
+            store[name] = (now + seconds, kept[1])  # taken: the rest keep the old value
+        kept = store[name] = (time.monotonic() + seconds, read())
     return kept[1]
 
 
