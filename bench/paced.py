@@ -52,7 +52,15 @@ async def _connection(
             if delay > 0:
                 await asyncio.sleep(delay)
             writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                # The server closed the idle connection (gunicorn's keep-alive: 2 s): as a
+                # client does, a new one, the same request, its wait counted.
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
             headers = {}
             for line in head.split(b"\r\n")[1:]:

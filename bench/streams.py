@@ -12,14 +12,17 @@ Then, side by side in one run, for each count of open streams in ``0,--streams``
 2. a publisher process does what a worker's reporter does (worker/reporting.py's
    ``JobReporter``, the real one): ``--rate`` loss points a second per job, written to the
    database every ``loss_flush_seconds`` and published to each job's feed after the
-   commit; it notes when each point was published;
+   commit, the jobs' flushes spread over the period as independent workers' are; it notes
+   when each point was published;
 3. meanwhile this process polls a job's status at ``--poll-rate`` a second
    (bench/paced.py, open loop) and reads PostgreSQL's transaction count before and after.
 
 For each count it reports: the streams that received every point of their job once and
-in order, the delay from the publish to the client (p50, p99), the database's transactions
-a second (the publisher's and the polls' included: the same in every row), and the polls'
-latency.
+in order, the delay from the publish to the client (p50, p99), the loss events the
+streams received a second, the database's transactions a second (counted from 11 s after
+the streams opened, once their replays are in PostgreSQL's statistics; the publisher's
+and the polls' included: the same in every row), the polls' latency, and the cores the web
+and the client used.
 
 Usage: ``python bench/streams.py [--streams 1000,5000] [--jobs 50] [--rate 2]
 [--seconds 20] [--poll-rate 1000] [--database-url URL] [--update docs/benchmarks.md]``
@@ -54,6 +57,8 @@ from stylequeue.service import free_port, start_embedded_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+#: PostgreSQL's PGSTAT_IDLE_INTERVAL (10 s), and a second more.
+STATS_IDLE_SECONDS = 11.0
 
 
 # --- The client: many streams, every event noted --------------------------------------------
@@ -144,12 +149,18 @@ def _publish(
     sessions = make_sessionmaker(engine)
     storage = storage_from_settings(settings)
     redis_client = redis.Redis.from_url(settings.redis_url)
-    reporters = [
-        reporting.JobReporter(
-            uuid.UUID(job), sessions, storage, redis_client, settings.loss_flush_seconds
+    # Each reporter flushes on its own clock from its start. Workers on other machines run
+    # their jobs out of step; started together here, all jobs would flush at once, and every
+    # stream's event would come in one burst twice a second. So they start spread over one
+    # flush period.
+    reporters = []
+    for job in jobs:
+        reporters.append(
+            reporting.JobReporter(
+                uuid.UUID(job), sessions, storage, redis_client, settings.loss_flush_seconds
+            )
         )
-        for job in jobs
-    ]
+        time.sleep(settings.loss_flush_seconds / len(jobs))
     began = time.perf_counter()
     steps = int(seconds * rate)
     for step in range(1, steps + 1):
@@ -264,6 +275,11 @@ def _phase(
         )
         wait(lambda: ready.exists(), 120, "the client's streams")
         opened = int(ready.read_text())
+        # PostgreSQL counts a backend's transactions when the backend reports them: at a
+        # transaction's end once a second has passed since its last report, else within 10 s
+        # of falling idle (PGSTAT_IDLE_INTERVAL). The streams' replays would otherwise be
+        # counted in the window below.
+        time.sleep(STATS_IDLE_SECONDS)
     published_file = base / f"published-{streams}.json"
     watched = psutil.Process(client.pid) if client is not None else None
     cpu_before = (_cpu_seconds(web), _cpu_seconds(watched))
@@ -330,6 +346,7 @@ def _phase(
             times = published[job]
             delays += [(t - times[str(i)]) * 1000 for i, t in seen if str(i) in times]
         result["complete"] = complete
+        result["events_per_second"] = len(delays) / seconds
         result["delay_ms"] = {q: float(np.percentile(delays, int(q))) for q in ("50", "99")}
     return result
 
@@ -416,8 +433,9 @@ def main() -> None:
         "PostgreSQL on the same 2 cores.",
         "",
         "| streams open | every point once, in order | delay p50 / p99 (ms) | "
-        "DB transactions/s | polls answered/s | polls p50 / p99 (ms) | cores: web / client |",
-        "|---|---|---|---|---|---|---|",
+        "loss events delivered/s | DB transactions/s | polls answered/s | polls p50 / p99 (ms) | "
+        "cores: web / client |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         polls = row["polls"]
@@ -425,8 +443,9 @@ def main() -> None:
         delay = (
             f"{row['delay_ms']['50']:.0f} / {row['delay_ms']['99']:.0f}" if row["streams"] else "–"
         )
+        events = f"{row['events_per_second']:,.0f}" if row["streams"] else "–"
         lines.append(
-            f"| {row['streams']} | {delivered} | {delay} | "
+            f"| {row['streams']} | {delivered} | {delay} | {events} | "
             f"{row['transactions_per_second']:.0f} | {polls['answered_rate']:.0f} | "
             f"{polls['latency']['50']:.1f} / {polls['latency']['99']:.1f} | "
             f"{row['web_cpu']:.2f} / {row['client_cpu']:.2f} |"
