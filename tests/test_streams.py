@@ -258,3 +258,49 @@ def test_a_feed_keeps_each_entry_once_for_all_its_subscribers() -> None:
     assert not late.lagging
     feed.deliver({"n": 0})
     assert early.take(0) == [] and early.lagging  # one more behind: its stream ends
+
+
+def test_the_reader_reads_redis_at_most_once_a_gap_however_busy_the_feeds(
+    redis_url: str,
+) -> None:
+    """Twenty watched jobs writing every 5 ms (4,000 entries a second): the process's one
+    reader asks Redis at most once every READ_GAP_SECONDS, each read taking what gathered,
+    and every subscriber still gets every entry of its job once and in order."""
+    from shared import feed
+    from web.feeds import READ_GAP_SECONDS, FeedHub, Subscriber
+
+    class Counted(redis.Redis):  # a real client that counts its XREADs
+        reads = 0
+
+        def xread(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+            Counted.reads += 1
+            return super().xread(*args, **kwargs)  # type: ignore[arg-type]
+
+    hub = FeedHub(Counted.from_url(redis_url), lambda ids: {}, check_seconds=60)
+    jobs = [str(uuid.uuid4()) for _ in range(20)]
+    subscribers = [hub.subscribe(job) for job in jobs]
+    writer = redis.Redis.from_url(redis_url)
+    try:
+        time.sleep(0.3)  # the reader is waiting on the feeds
+        before, began = Counted.reads, time.monotonic()
+        for n in range(1, 201):
+            for job in jobs:
+                feed.publish(writer, job, status=str(n))
+            time.sleep(max(0.0, began + n * 0.005 - time.monotonic()))
+        reads, seconds = Counted.reads - before, time.monotonic() - began
+
+        def received(subscriber: Subscriber, got: list[str]) -> bool:
+            got += [entry["status"] for entry in subscriber.take(0.1)]
+            return len(got) >= 200
+
+        for subscriber in subscribers:
+            got: list[str] = []
+            wait_for(lambda s=subscriber, g=got: received(s, g), 10, "every entry")
+            assert got == [str(n) for n in range(1, 201)]
+        assert reads <= seconds / READ_GAP_SECONDS + 2, (reads, seconds)
+    finally:
+        for subscriber in subscribers:
+            hub.unsubscribe(subscriber)
+        hub.close()
+        writer.delete(*(feed_key(job) for job in jobs))
+        writer.close()
