@@ -275,11 +275,11 @@ def _phase(
         )
         wait(lambda: ready.exists(), 120, "the client's streams")
         opened = int(ready.read_text())
-        # PostgreSQL counts a backend's transactions when the backend reports them: at a
-        # transaction's end once a second has passed since its last report, else within 10 s
-        # of falling idle (PGSTAT_IDLE_INTERVAL). The streams' replays would otherwise be
-        # counted in the window below.
-        time.sleep(STATS_IDLE_SECONDS)
+    # PostgreSQL counts a backend's transactions when the backend reports them: at a
+    # transaction's end once a second has passed since its last report, else within 10 s of
+    # falling idle (PGSTAT_IDLE_INTERVAL). The streams' replays (the jobs' submissions, before
+    # the first row) would otherwise be counted in the window below.
+    time.sleep(STATS_IDLE_SECONDS)
     published_file = base / f"published-{streams}.json"
     watched = psutil.Process(client.pid) if client is not None else None
     cpu_before = (_cpu_seconds(web), _cpu_seconds(watched))

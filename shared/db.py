@@ -49,8 +49,9 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     # Last in, first out: the connection given back last is handed out next, so a light load
     # keeps reusing the same few and the rest sit idle. First in, first out (the default)
     # would rotate every pooled connection: once a burst (thousands of event streams
-    # connecting) fills the pool, a poll a second would find each one idle for longer than
-    # IDLE_PING_SECONDS, and ping it, a transaction more per read.
+    # connecting) filled the pool, reads at a few to a few dozen a second (fewer than
+    # pool_size / IDLE_PING_SECONDS) would find each connection idle past IDLE_PING_SECONDS
+    # and ping it, a transaction more per read.
     engine = create_engine(url, pool_size=pool_size, pool_use_lifo=True)
     _ping_when_idle(engine)
     return engine

@@ -166,19 +166,24 @@ def worker_speeds() -> Speeds:
 
 
 def _kept(name: str, seconds: float, read: Callable[[], T]) -> T:
-    """What ``read`` gave this process (app) at most ``seconds`` ago, kept under ``name``.
+    """What ``read`` gave this process (app), kept under ``name`` for ``seconds`` from the
+    end of that read.
 
-    One request reads it afresh when it is due; the others take the old value until that
-    read is done. Else every request arriving during the read (a database round trip, on
-    which other greenlets or threads run) would read too, and the busier the process, the
-    longer the read and the more of them."""
+    When it is due, the request that finds it so reads it afresh, and the others take the
+    old value meanwhile. Else every request arriving during the read (a database round
+    trip, on which other greenlets or threads run) would read too, and the busier the
+    process, the longer the read and the more of them. Under gevent exactly one reads;
+    threads that find it due at the same instant may each read. A read that fails leaves
+    the old value for another ``seconds`` (that request gets the error): an outage costs
+    one failing read per period, not one per request."""
     store = current_app.extensions["stylequeue"]
     now = time.monotonic()
     kept: tuple[float, T] | None = store.get(name)
     if kept is None or kept[0] <= now:
         if kept is not None:
             store[name] = (now + seconds, kept[1])  # taken: the rest keep the old value
-        kept = store[name] = (time.monotonic() + seconds, read())
+        value = read()
+        kept = store[name] = (time.monotonic() + seconds, value)
     return kept[1]
 
 
