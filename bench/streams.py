@@ -277,8 +277,8 @@ def _phase(
         opened = int(ready.read_text())
     # PostgreSQL counts a backend's transactions when the backend reports them: at a
     # transaction's end once a second has passed since its last report, else within 10 s of
-    # falling idle (PGSTAT_IDLE_INTERVAL). The streams' replays (the jobs' submissions, before
-    # the first row) would otherwise be counted in the window below.
+    # falling idle (PGSTAT_IDLE_INTERVAL). The streams' replays, and before the first row the
+    # jobs' submissions, would otherwise be counted in the window below.
     time.sleep(STATS_IDLE_SECONDS)
     published_file = base / f"published-{streams}.json"
     watched = psutil.Process(client.pid) if client is not None else None
