@@ -35,6 +35,7 @@ from web.extensions import services
 MAX_LOSS_PAGE = 10_000
 
 T = TypeVar("T")
+J = TypeVar("J", Job, Row[Any])
 
 
 JOB_WITH_STYLES_AND_RUNS = (joinedload(Job.styles), joinedload(Job.runs))
@@ -47,22 +48,24 @@ def parse_job_id(job_id: str) -> uuid.UUID:
         raise NotFound(f"no job {job_id!r}") from None
 
 
+def visible(job: J | None, job_id: str) -> J:
+    """``job`` if the caller may see it; another's job answers as if it did not exist."""
+    if job is None or not may_see(job):
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
 def load_job(job_id: str) -> Job:
     key = parse_job_id(job_id)
     # One statement for the job, its styles and its runs, not three separate ORM loads.
-    job = services.session.get(Job, key, options=JOB_WITH_STYLES_AND_RUNS)
-    if job is None or not may_see(job):  # another's job: as if it did not exist
-        raise NotFound(f"no job {job_id!r}")
-    return job
+    return visible(services.session.get(Job, key, options=JOB_WITH_STYLES_AND_RUNS), job_id)
 
 
 def load_job_row(job_id: str) -> Row[Any]:
     """As :func:`load_job`, the job's row alone, read with Core (no styles, no runs)."""
     with services.reader.connect() as connection:
         job = connection.execute(JOB_ROW, {"job_id": parse_job_id(job_id)}).first()
-    if job is None or not may_see(job):
-        raise NotFound(f"no job {job_id!r}")
-    return job
+    return visible(job, job_id)
 
 
 # The status poll reads with Core: one cached statement on a pooled connection, no Session
@@ -114,9 +117,7 @@ def read_job(
     with services.reader.connect() as connection:
         rows = connection.execute(JOB_STYLE_RUN_ROWS, {"job_id": parse_job_id(job_id)}).all()
         # may_see reads no database here: the caller was authenticated before the view.
-        if not rows or not may_see(rows[0]):
-            raise NotFound(f"no job {job_id!r}")
-        job = rows[0]
+        job = visible(rows[0] if rows else None, job_id)
         ahead = None
         if job.status == JobStatus.QUEUED:
             ahead = queue_snapshot(connection).ahead(job.created_at)
