@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, case, func, select
 from sqlalchemy.orm import Session
 
+from shared.backbones import DEFAULT_BACKBONE, OFFLINE_BACKBONE
 from shared.config import Settings
 from shared.db import insert_ignoring_duplicates
 from shared.errors import OptionError
@@ -125,6 +126,16 @@ class JobRequest:
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
+def _default_runs(settings: Settings, runnable_backbones: set[str] | None) -> bool:
+    """Whether the default backbone can run: not on a service set offline (its weights
+    missing), nor where the live workers name the offline backbone and not the default."""
+    if settings.offline:
+        return False
+    if runnable_backbones is None:
+        return True  # not known yet: the default, as asked
+    return DEFAULT_BACKBONE in runnable_backbones or OFFLINE_BACKBONE not in runnable_backbones
+
+
 def parse_request(
     form: Mapping[str, Sequence[str]],
     uploads: Sequence[Upload],
@@ -155,6 +166,11 @@ def parse_request(
             field="size",
         )
 
+    if "backbone" not in fields and not _default_runs(settings, runnable_backbones):
+        # As the form does: where no worker has the default's weights (an offline machine,
+        # `stylequeue serve` without them), a job that names no backbone takes the one
+        # without weights instead of failing or being refused.
+        options["backbone"] = OFFLINE_BACKBONE
     if runnable_backbones is not None and options["backbone"] not in runnable_backbones:
         raise OptionError(
             f"no worker can run {options['backbone']!r} (its weights are missing there); "

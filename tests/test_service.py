@@ -27,6 +27,7 @@ from werkzeug.test import encode_multipart
 from shared import broker
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
+from shared.errors import OptionError
 from shared.jobs import Upload, create_job, parse_request
 from shared.migrate import downgrade, upgrade
 from shared.models import Job, JobRun, JobStyle, LossPoint, StoredImage, utcnow
@@ -413,6 +414,30 @@ def test_presets_status_pages_and_listing(
         broker.remove_heartbeat(redis_client, "with-weights")
     assert client.get(f"/jobs/{job['id']}").status_code == 200
     assert client.get("/jobs").status_code == 200
+
+
+def test_a_job_naming_no_backbone_takes_the_offline_one_where_the_default_cannot_run(
+    settings: Settings, photo: bytes, painting: bytes
+) -> None:
+    """As the form does: the README's curl submission (no backbone) runs on a machine
+    without the VGG19 weights instead of failing there; a backbone asked for by name is
+    never swapped."""
+    from dataclasses import replace
+
+    uploads = [Upload("content", "c.png", photo), Upload("style", "s.png", painting)]
+    online = replace(settings, offline=False)
+    both, offline_only = {"vgg19", "vgg19-random"}, {"vgg19-random"}
+
+    def backbone(config: Settings, runnable: set[str] | None, form: dict) -> str:
+        return str(parse_request(form, uploads, config, runnable).options["backbone"])
+
+    assert backbone(replace(settings, offline=True), None, {}) == "vgg19-random"
+    assert backbone(online, offline_only, {}) == "vgg19-random"
+    assert backbone(online, both, {}) == "vgg19"
+    assert backbone(online, None, {}) == "vgg19"  # no worker seen yet: as asked
+    assert backbone(online, both, {"backbone": ["vgg19-random"]}) == "vgg19-random"
+    with pytest.raises(OptionError, match="no worker can run 'vgg19'"):
+        backbone(online, offline_only, {"backbone": ["vgg19"]})
 
 
 def job_reporter(
