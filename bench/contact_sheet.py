@@ -26,11 +26,12 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from bench.quality import scores  # noqa: E402
 from bench.report import machine, update_section  # noqa: E402
-from shared.options import defaults  # noqa: E402
+from shared.options import DEFAULTS, defaults  # noqa: E402
 from shared.presets import presets  # noqa: E402
 from worker.engine import stylize  # noqa: E402
 
-PHOTOS = {"chelsea": REPO / "examples" / "chelsea.jpg", "coffee": REPO / "examples" / "coffee.jpg"}
+#: Every shipped photo (examples/, licences in its SOURCES.md).
+PHOTOS = {path.stem: path for path in sorted((REPO / "examples").glob("*.jpg"))}
 SWEEP = ("chelsea", "starry-night", (0.0, 0.3, 0.6, 0.8, 1.0))
 #: Pass marks of the criteria (bench/quality.py): the scene's layout kept, and at least
 #: half of the way to the painting's texture statistics and a third to its colours.
@@ -83,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=defaults()["iterations"])
-    parser.add_argument("--backbone", default="vgg19-random")
+    parser.add_argument("--backbone", default=DEFAULTS.backbone)
     parser.add_argument("--cell", type=int, default=200, help="px per picture on the sheet")
     parser.add_argument("--update", type=Path, help="replace the section in this Markdown file")
     parser.add_argument("--sweep-only", action="store_true", help="only the strength sweep")

@@ -149,10 +149,15 @@ class Settings:
     reconcile_seconds: float = 10.0
     #: A job that has been started this many times without finishing fails.
     max_attempts: int = 3
-    #: Never download weights: ``stylequeue serve`` and ``stylequeue worker`` fetch
-    #: torchvision's VGG19 weights at start when they are missing, unless this is set (then,
-    #: or when the fetch fails, jobs use the offline backbone ``vgg19-random``).
+    #: Never download weights. ``stylequeue serve`` and ``stylequeue worker`` make the default
+    #: backbone's weights ready at start: converted from the installed package that ships them
+    #: (no download), else fetched, unless this is set. Where neither gives them, jobs that
+    #: name no backbone use the offline backbone ``vgg19-random``.
     offline: bool = False
+    #: The backbones a worker offers in its heartbeat, comma-separated (``vgg16-caffe,vgg19``);
+    #: empty: every backbone whose weights it has. The form and the API choose a job's default
+    #: backbone from what the live workers offer, and refuse one that none offers.
+    backbones: str = ""
     #: The torch device a worker runs jobs on (``auto``: cuda, then mps, then cpu).
     device: str = "auto"
     #: On CUDA the engine replays captured CUDA graphs instead of launching each kernel,

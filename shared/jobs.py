@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, case, func, select
 from sqlalchemy.orm import Session
 
-from shared.backbones import DEFAULT_BACKBONE, OFFLINE_BACKBONE
+from shared.backbones import OFFLINE_BACKBONE, default_backbone
 from shared.config import Settings
 from shared.db import insert_ignoring_duplicates
 from shared.errors import OptionError
@@ -126,14 +126,13 @@ class JobRequest:
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
-def _default_runs(settings: Settings, runnable_backbones: set[str] | None) -> bool:
-    """Whether the default backbone can run: not on a service set offline (its weights
-    missing), nor where the live workers name the offline backbone and not the default."""
-    if settings.offline:
-        return False
-    if runnable_backbones is None:
-        return True  # not known yet: the default, as asked
-    return DEFAULT_BACKBONE in runnable_backbones or OFFLINE_BACKBONE not in runnable_backbones
+def _default_for(settings: Settings, runnable_backbones: set[str] | None) -> str:
+    """The backbone of a job that names none: the first of shared.backbones.PREFERENCE the
+    live workers can run; before any worker is known, the default, unless the service was
+    started without its weights (``settings.offline``)."""
+    if runnable_backbones is None and settings.offline:
+        return OFFLINE_BACKBONE
+    return default_backbone(runnable_backbones)
 
 
 def parse_request(
@@ -166,11 +165,10 @@ def parse_request(
             field="size",
         )
 
-    if "backbone" not in fields and not _default_runs(settings, runnable_backbones):
-        # As the form does: where no worker has the default's weights (an offline machine,
-        # `stylequeue serve` without them), a job that names no backbone takes the one
-        # without weights instead of failing or being refused.
-        options["backbone"] = OFFLINE_BACKBONE
+    if "backbone" not in fields:
+        # As the form does: where no worker has the default's weights, a job that names no
+        # backbone takes the best one they have instead of failing or being refused.
+        options["backbone"] = _default_for(settings, runnable_backbones)
     if runnable_backbones is not None and options["backbone"] not in runnable_backbones:
         raise OptionError(
             f"no worker can run {options['backbone']!r} (its weights are missing there); "

@@ -429,7 +429,7 @@ def _run_fast(args: argparse.Namespace, content: Any, styles: list[Any]) -> int:
 
 
 def command_weights(args: argparse.Namespace) -> int:
-    from worker.engine.weights import WeightsLocations, fetch_weights
+    from worker.engine.weights import WeightsLocations, fetch_weights, packaged_file
 
     locations = WeightsLocations.from_env()
     if args.weights_command == "fetch":
@@ -442,6 +442,8 @@ def command_weights(args: argparse.Namespace) -> int:
             continue
         found = locations.find(spec)
         where = found or locations.candidates(spec)[0]
+        if found is not None and found == packaged_file(spec):
+            where = f"{found} (converted on first use)"
         state = "available" if found else "missing  "
         print(f"{name:14} {state}  {where}  {spec.description}")
     return 0

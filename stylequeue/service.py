@@ -34,43 +34,49 @@ def run_web(host: str, port: int) -> None:
     run_simple(host, port, app, threaded=True, use_reloader=False)
 
 
-#: The backbone whose weights ``serve`` and ``worker`` fetch at start.
-DEFAULT_WEIGHTS = "vgg19"
 OFFLINE_MEANS = (
     "jobs use the offline backbone vgg19-random (seeded random filters, no ImageNet "
     "weights: the pictures keep the scene and the painting's colours, with rougher strokes)"
 )
 
 
-def fetch_default_weights(settings: Settings) -> bool:
-    """Make sure the VGG19 weights are here: found, or fetched now (progress bar, checksum),
-    unless ``settings.offline``. True if they are; else says why in one line."""
-    from shared.backbones import BACKBONES
-    from shared.errors import WeightsError
-    from worker.engine.weights import WeightsLocations, fetch_weights
+def _say(text: str) -> None:
+    print(f"stylequeue: {text}", file=sys.stderr, flush=True)
 
-    spec = BACKBONES[DEFAULT_WEIGHTS]
-    locations = WeightsLocations.from_env()
-    if locations.find(spec) is not None:
-        return True
-    if settings.offline:
-        print(f"stylequeue: offline, and the {spec.name} weights are missing: {OFFLINE_MEANS}",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return False
-    print(
-        f"stylequeue: fetching the {spec.name} weights ({spec.weights_file}, about 550 MB) "
-        f"from {locations.url(spec)}; STYLEQUEUE_OFFLINE=true skips this",
-        file=sys.stderr,
-        flush=True,
+
+def fetch_default_weights(settings: Settings, name: str | None = None) -> bool:
+    """Make sure the weights of backbone ``name`` (default: the default backbone) are here:
+    found, converted now from the installed package that ships them (once, no download),
+    or fetched now (progress bar, checksum) unless ``settings.offline``. True if they are;
+    else says why in one line."""
+    from shared.backbones import BACKBONES, DEFAULT_BACKBONE
+    from shared.errors import WeightsError
+    from worker.engine.weights import (
+        WeightsLocations,
+        convert_packaged,
+        fetch_weights,
+        packaged_file,
     )
+
+    spec = BACKBONES[name or DEFAULT_BACKBONE]
+    locations = WeightsLocations.from_env()
+    found = locations.find(spec)
     try:
+        if found is not None and found == packaged_file(spec):
+            converted = convert_packaged(spec, found, locations)
+            _say(f"converted the {spec.name} weights from {found.name} into {converted} (once)")
+        if found is not None:
+            return True
+        if settings.offline:
+            _say(f"offline, and the {spec.name} weights are missing: {OFFLINE_MEANS}")
+            return False
+        _say(f"fetching the {spec.name} weights ({spec.weights_file}, several hundred MB) "
+             f"from {locations.url(spec)}; STYLEQUEUE_OFFLINE=true skips this")  # fmt: skip
         path = fetch_weights(spec, locations)
     except WeightsError as error:
-        print(f"stylequeue: could not fetch the {spec.name} weights ({error.message}); "
-              f"{OFFLINE_MEANS}", file=sys.stderr, flush=True)  # fmt: skip
+        _say(f"could not get the {spec.name} weights ({error.message}); {OFFLINE_MEANS}")
         return False
-    print(f"stylequeue: the {spec.name} weights are at {path} (checksum verified)",
-          file=sys.stderr, flush=True)  # fmt: skip
+    _say(f"the {spec.name} weights are at {path} (checksum verified)")
     return True
 
 

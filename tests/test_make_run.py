@@ -47,7 +47,7 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
         "STYLEQUEUE_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'stylequeue.db'}",
         "STYLEQUEUE_REDIS_URL": f"redis://127.0.0.1:{unused_redis_port}/0",
         "STYLEQUEUE_QUEUE": f"make-run-{uuid.uuid4().hex[:8]}",
-        # Online, but the weights' server does not answer: it says so and goes on.
+        # Online, but the weights' server does not answer: no download is needed.
         "STYLEQUEUE_WEIGHTS_DIR": str(tmp_path / "weights"),
         "STYLEQUEUE_WEIGHTS_MIRROR": f"http://127.0.0.1:{free_port()}/",
         "STYLEQUEUE_OFFLINE": "false",
@@ -72,21 +72,18 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
         wait_for(ready, 180, "make run to be ready", every=0.5)
         output = (tmp_path / "make-run.log").read_text()
         assert "started an embedded Redis" in output
-        assert "stylequeue: fetching the vgg19 weights" in output
-        assert "stylequeue: could not fetch the vgg19 weights" in output
-        # Said once, by serve; its worker is told not to try again.
-        assert output.count("could not fetch") == 1
+        # The default backbone's real weights come with the install: converted once, by
+        # serve, with no download.
+        assert output.count("stylequeue: converted the vgg16-caffe weights") == 1
+        assert "fetching" not in output and "could not" not in output
+        page = requests.get(url + "/", timeout=10).text
+        assert 'value="vgg16-caffe" selected' in page and 'id="offline-banner"' not in page
 
         with (sample_images / "content" / "photo.jpg").open("rb") as photo:
             response = requests.post(
                 url + "/api/jobs",
                 files={"content": ("photo.jpg", photo)},
-                data={
-                    "style_preset": "starry-night",
-                    "backbone": "vgg19-random",
-                    "size": "64",
-                    "iterations": "10",
-                },
+                data={"style_preset": "starry-night", "size": "64", "iterations": "10"},
                 timeout=30,
             )
         assert response.status_code == 202, response.text
@@ -98,6 +95,7 @@ def test_make_run_serves_a_job_and_stops_on_ctrl_c(tmp_path: Path, sample_images
 
         final = wait_for(finished, 120, "the job", every=0.2)
         assert final["status"] == "succeeded", final
+        assert final["params"]["backbone"] == "vgg16-caffe"
         assert (
             requests.get(url + final["links"]["result"], timeout=5)
             .headers["Content-Type"]

@@ -398,35 +398,39 @@ def test_presets_status_pages_and_listing(
                  "/readyz"):  # fmt: skip
         assert path in spec["paths"]
     page = client.get("/").get_data(as_text=True)
-    assert 'value="vgg19-random" selected' in page  # the workers have no vgg19 weights
+    assert 'value="vgg19-random" selected' in page  # the worker offers it alone
     assert "weights missing on the workers" in page
+    assert "vgg19-random (random filters, no trained weights)" in page
     # The banner says what the offline backbone means for the pictures...
     assert 'id="offline-banner"' in page and "rougher" in page
-    # ...until a worker with the ImageNet weights is up.
+    # ...until a worker with trained weights is up; the default comes first among them.
     redis_client = broker.connect(settings.redis_url)
-    beat = {"name": "with-weights", "kind": "cpu", "queues": [settings.queue],
-            "backbones": ["vgg19", "vgg19-random"]}  # fmt: skip
-    broker.publish_heartbeat(redis_client, "with-weights", beat, ttl=30)
-    try:
-        page = client.get("/").get_data(as_text=True)
-        assert 'id="offline-banner"' not in page and 'value="vgg19" selected' in page
-    finally:
-        broker.remove_heartbeat(redis_client, "with-weights")
+    for offered, chosen in ((["vgg19", "vgg19-random"], "vgg19"),
+                            (["vgg19", "vgg16-caffe"], "vgg16-caffe")):  # fmt: skip
+        beat = {"name": "with-weights", "kind": "cpu", "queues": [settings.queue],
+                "backbones": offered}  # fmt: skip
+        broker.publish_heartbeat(redis_client, "with-weights", beat, ttl=30)
+        try:
+            page = client.get("/").get_data(as_text=True)
+            assert 'id="offline-banner"' not in page and f'value="{chosen}" selected' in page
+        finally:
+            broker.remove_heartbeat(redis_client, "with-weights")
     assert client.get(f"/jobs/{job['id']}").status_code == 200
     assert client.get("/jobs").status_code == 200
 
 
-def test_a_job_naming_no_backbone_takes_the_offline_one_where_the_default_cannot_run(
+def test_a_job_naming_no_backbone_takes_the_best_one_the_workers_offer(
     settings: Settings, photo: bytes, painting: bytes
 ) -> None:
-    """As the form does: the README's curl submission (no backbone) runs on a machine
-    without the VGG19 weights instead of failing there; a backbone asked for by name is
-    never swapped."""
+    """As the form does: the README's curl submission (no backbone) runs on the default
+    where a worker offers it, else on another trained one, else on the offline one, instead
+    of failing; a backbone asked for by name is never swapped."""
     from dataclasses import replace
 
     uploads = [Upload("content", "c.png", photo), Upload("style", "s.png", painting)]
     online = replace(settings, offline=False)
     both, offline_only = {"vgg19", "vgg19-random"}, {"vgg19-random"}
+    every = {"vgg16-caffe", "vgg19", "vgg19-random"}
 
     def backbone(config: Settings, runnable: set[str] | None, form: dict) -> str:
         return str(parse_request(form, uploads, config, runnable).options["backbone"])
@@ -434,7 +438,8 @@ def test_a_job_naming_no_backbone_takes_the_offline_one_where_the_default_cannot
     assert backbone(replace(settings, offline=True), None, {}) == "vgg19-random"
     assert backbone(online, offline_only, {}) == "vgg19-random"
     assert backbone(online, both, {}) == "vgg19"
-    assert backbone(online, None, {}) == "vgg19"  # no worker seen yet: as asked
+    assert backbone(online, every, {}) == "vgg16-caffe"
+    assert backbone(online, None, {}) == "vgg16-caffe"  # no worker seen yet: the default
     assert backbone(online, both, {"backbone": ["vgg19-random"]}) == "vgg19-random"
     with pytest.raises(OptionError, match="no worker can run 'vgg19'"):
         backbone(online, offline_only, {"backbone": ["vgg19"]})

@@ -250,34 +250,34 @@ def test_serve_and_worker_fetch_the_weights_at_start_and_check_them(
     online, offline = Settings.from_env({}), Settings.from_env({}, offline=True)
 
     # Offline: not a single request, one line saying what it means.
-    assert not fetch_default_weights(offline)
+    assert not fetch_default_weights(offline, "vgg19")
     assert asked == []
     said = capfd.readouterr().err.strip().splitlines()
     assert len(said) == 1 and "offline" in said[0] and "vgg19-random" in said[0]
 
     # A file that is not the one expected is refused and not kept.
     monkeypatch.setenv("STYLEQUEUE_WEIGHTS_VGG19_SHA256", "0" * 64)
-    assert not fetch_default_weights(online)
+    assert not fetch_default_weights(online, "vgg19")
     assert asked == [f"/{VGG19.weights_file}"]
     last = capfd.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("stylequeue: could not fetch the vgg19 weights (checksum mismatch")
+    assert last.startswith("stylequeue: could not get the vgg19 weights (checksum mismatch")
     assert not (weights_dir / VGG19.weights_file).exists()
 
     # The right one: fetched with a progress bar, checked, then found and loadable.
     monkeypatch.setenv("STYLEQUEUE_WEIGHTS_VGG19_SHA256", torchvision_file[1])
-    assert fetch_default_weights(online)
+    assert fetch_default_weights(online, "vgg19")
     err = capfd.readouterr().err
     assert "fetching the vgg19 weights" in err and "100%" in err
     assert "checksum verified" in err
     assert sha256_of(weights_dir / VGG19.weights_file) == torchvision_file[1]
-    assert fetch_default_weights(online) and len(asked) == 2  # found: no third request
+    assert fetch_default_weights(online, "vgg19") and len(asked) == 2  # found: no third request
     load_backbone("vgg19", device=CPU)
 
     # Nobody answers: one line, and the service goes on offline.
     monkeypatch.setenv("STYLEQUEUE_WEIGHTS_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("STYLEQUEUE_WEIGHTS_MIRROR", "http://127.0.0.1:9/")
     capfd.readouterr()
-    assert not fetch_default_weights(online)
+    assert not fetch_default_weights(online, "vgg19")
     said = capfd.readouterr().err.strip().splitlines()
-    assert said[-1].startswith("stylequeue: could not fetch the vgg19 weights (could not download")
+    assert said[-1].startswith("stylequeue: could not get the vgg19 weights (could not download")
     assert "vgg19-random" in said[-1]

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, abort, g, render_template, send_file
 from werkzeug.wrappers import Response
 
-from shared.backbones import BACKBONES, DEFAULT_BACKBONE, OFFLINE_BACKBONE
+from shared.backbones import BACKBONES, default_backbone
 from shared.estimate import PREVIEW_KIND
 from shared.options import (
     OPTION_NAMES,
@@ -85,10 +85,7 @@ def index() -> str:
     everyone = sorted(live_workers(), key=lambda worker: str(worker.get("name")))
     workers = [worker for worker in everyone if worker.get("kind") != PREVIEW_KIND]
     available = sorted({name for worker in workers for name in worker.get("backbones", [])})
-    if DEFAULT_BACKBONE in available or not available:
-        chosen = DEFAULT_BACKBONE if DEFAULT_BACKBONE in available else OFFLINE_BACKBONE
-    else:
-        chosen = available[0]
+    chosen = default_backbone(available or None)
     return render_template(
         "index.html",
         defaults=defaults(),
@@ -100,8 +97,8 @@ def index() -> str:
         # The basic fields' ranges, from the schema (the service narrows the maxima).
         basic={name: [f"{limit:g}" for limit in bounds(name, Options)] for name in BASIC_OPTIONS},
         speeds=SPEEDS,
-        # Workers are up, and none has the ImageNet weights: say what that means.
-        offline_only=bool(available) and DEFAULT_BACKBONE not in available,
+        # Workers are up, and none has trained weights: say what that means.
+        offline_only=bool(available) and not any(BACKBONES[name].real for name in available),
         preview_workers=len(everyone) - len(workers),
         max_size=services.settings.max_size,
         max_iterations=services.settings.max_iterations,

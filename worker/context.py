@@ -63,11 +63,15 @@ def context() -> Context:
 
 
 def available_backbones() -> list[str]:
+    """The backbones this worker can run and offers (the ``backbones`` setting)."""
     from worker.engine.weights import WeightsLocations
 
     locations = WeightsLocations.from_env()
+    offered = {name.strip() for name in context().settings.backbones.split(",") if name.strip()}
     return [
-        name for name, spec in BACKBONES.items() if not spec.needs_weights or locations.find(spec)
+        name
+        for name, spec in BACKBONES.items()
+        if (not offered or name in offered) and (not spec.needs_weights or locations.find(spec))
     ]
 
 

@@ -15,7 +15,7 @@ from celery.signals import setup_logging, worker_ready, worker_shutdown
 from PIL import Image
 
 from shared import broker
-from shared.backbones import OFFLINE_BACKBONE
+from shared.backbones import default_backbone
 from shared.estimate import RATE_FIELD, job_work
 from shared.logs import job_context
 from worker import runner
@@ -70,7 +70,7 @@ def _on_worker_ready(**_: Any) -> None:
     if device.type == "cpu" and keep_freed_memory():
         log.info("freed memory stays in the heap for reuse (worker/allocator.py)")
     # Load the backbone jobs will most likely use now, once, not in the first job.
-    backbone = "vgg19" if "vgg19" in backbones else OFFLINE_BACKBONE
+    backbone = default_backbone(backbones)
     precision = resolve_precision("auto", device)
     load_extractor(backbone, device=device, precision=precision)
     capacity = ctx.capacity

