@@ -21,6 +21,12 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from shared.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+#: Formats people send that are refused, named from their first bytes in the refusal (their
+#: parsers never run: Image.open is given ACCEPTED_FORMATS alone).
+_OTHER_FORMATS = (
+    (b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"8BPS", "PSD"),
+)  # fmt: skip
 ImageSource = str | os.PathLike[str] | bytes | BinaryIO
 
 
@@ -70,6 +76,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+#: The most scans a JPEG may have. libjpeg decodes each scan of a progressive JPEG over the
+#: whole image and sets no limit of its own, so a small file of thousands of tiny scans costs
+#: minutes of CPU per decode. Encoders write about ten (libjpeg's progressive script: 10 for
+#: colour), and an EXIF thumbnail's are not counted.
+MAX_JPEG_SCANS = 32
+_RESTART_MARKERS = range(0xD0, 0xD8)
+
+
+def jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
+    """The number of scans (SOS markers) of the JPEG ``data``, read from its markers and
+    nothing decoded; counting stops past ``stop_after``. Each segment's length skips its
+    contents (an EXIF thumbnail's markers are inside one), and the entropy-coded data after
+    a scan's header is skipped to the next marker: a 0xFF there is followed by 0x00
+    (stuffing) or a restart marker."""
+    count, at, end = 0, 2, len(data)
+    while at + 4 <= end and count <= stop_after:
+        if data[at] != 0xFF:
+            return count  # not a marker: corrupt, which the decoder reports
+        marker = data[at + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            at += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return count
+        if marker in _RESTART_MARKERS or marker in (0x01, 0xD8):  # no length field
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker != 0xDA:
+            continue
+        count += 1
+        while True:  # the scan's entropy-coded data, to the next real marker
+            found = data.find(b"\xff", at)
+            if found < 0 or found + 1 >= end:
+                return count
+            following = data[found + 1]
+            if following == 0x00 or following in _RESTART_MARKERS:
+                at = found + 2
+            elif following == 0xFF:
+                at = found + 1
+            else:
+                at = found
+                break
+    return count
+
+
 #: Longest side over shortest side an image may have (content and styles): a style is
 #: resized to the output's scale from its aspect, so a 20000×1 strip would become a huge
 #: tensor however small its file.
@@ -98,16 +150,28 @@ def _open_checked(data: bytes, *, max_pixels: int, max_aspect: float, name: str)
             # Our own pixel limit applies; Pillow's decompression-bomb warning would only
             # duplicate it (and pytest turns warnings into errors).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # Only our formats' parsers ever run on an upload.
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError as exc:
+        known = next((fmt for magic, fmt in _OTHER_FORMATS if data.startswith(magic)), None)
+        if known is not None:
+            raise UnsupportedImageFormat(
+                f"{known} images are not accepted; use JPEG, PNG or WebP", field=name
+            ) from exc
         raise UnsupportedImageFormat(
-            "not an image Pillow can read; use JPEG, PNG or WebP", field=name
+            "not a JPEG, PNG or WebP image; use one of those", field=name
         ) from exc
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc), field=name) from exc
     if image.format not in ACCEPTED_FORMATS:
         raise UnsupportedImageFormat(
             f"{image.format} images are not accepted; use JPEG, PNG or WebP", field=name
+        )
+    if image.format == "JPEG" and jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise ImageError(
+            f"the JPEG has more than {MAX_JPEG_SCANS} scans, and each one costs a decode of the "
+            "whole image; save it again as a baseline or standard progressive JPEG",
+            field=name,
         )
     if getattr(image, "is_animated", False):
         raise UnsupportedImageFormat(

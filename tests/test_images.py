@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from shared.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
-from shared.images import decode_image, encode_png
+from shared.images import MAX_JPEG_SCANS, decode_image, encode_png, jpeg_scans, probe_image
+from tests.jpeg_bomb import progressive_bomb
 
 LIMITS = {"max_bytes": 5 * 1024 * 1024, "max_pixels": 4_000_000}
 
@@ -110,6 +111,42 @@ def test_too_many_pixels_is_rejected_before_decoding() -> None:
     data = encoded(Image.new("L", (3000, 2000)), "PNG")  # 6 MP, a few KB compressed
     with pytest.raises(ImageTooLarge, match="6,000,000 pixels; the limit is 4,000,000"):
         decode_image(data, **LIMITS)
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_decoding() -> None:
+    # 4000² (16 MP) of flat grey in 249 KB: the last of its 10 scans 5,000 times more.
+    bomb = progressive_bomb(4000, 5000)
+    assert len(bomb) < 300_000 and jpeg_scans(bomb, stop_after=10**6) == 5010
+    limits = {"max_bytes": 1 << 20, "max_pixels": 20_000_000}
+    for check in (decode_image, probe_image):
+        with pytest.raises(ImageError, match=f"more than {MAX_JPEG_SCANS} scans"):
+            check(bomb, **limits)
+    # Cut off mid-scan, it would fail as corrupt if it were decoded: it is refused for its
+    # scans, so they were counted first.
+    with pytest.raises(ImageError, match="scans"):
+        decode_image(bomb[: len(bomb) // 2], **limits)
+
+
+def test_ordinary_jpegs_have_few_scans() -> None:
+    photo = Image.open(Path(__file__).resolve().parents[1] / "examples" / "chelsea.jpg")
+    assert jpeg_scans(encoded(photo, "JPEG")) == 1
+    progressive = encoded(photo, "JPEG", progressive=True)
+    assert jpeg_scans(progressive) == 10
+    # An EXIF block holding marker-like bytes (as a thumbnail does) is skipped whole.
+    exif = Image.Exif()
+    exif[0x010E] = "\xff\xda" * 50  # ImageDescription
+    assert jpeg_scans(encoded(photo, "JPEG", progressive=True, exif=exif)) == 10
+    assert decode_image(progressive, **LIMITS).size == photo.size
+
+
+def test_only_our_formats_parsers_run() -> None:
+    # A TGA has no magic number: Pillow's TGA parser would read it and name it; with only
+    # our formats' parsers allowed, nothing names it.
+    tga = encoded(Image.new("RGB", (8, 8)), "TGA")
+    assert Image.open(io.BytesIO(tga)).format == "TGA"
+    with pytest.raises(UnsupportedImageFormat, match="not a JPEG, PNG or WebP") as caught:
+        decode_image(tga, **LIMITS)
+    assert "TGA" not in str(caught.value)
 
 
 def test_too_large_file_is_rejected(tmp_path: Path) -> None:

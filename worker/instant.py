@@ -74,7 +74,8 @@ def fast_picture(
     else made here and stored as the job's preview, as a preview worker would have."""
     key = fast_preview_key(job_id)
     if ctx.storage.exists(key):
-        with Image.open(io.BytesIO(ctx.storage.get(key))) as image:
+        # Our own PNG: only its parser runs.
+        with Image.open(io.BytesIO(ctx.storage.get(key)), formats=("PNG",)) as image:
             return image.convert("RGB")
     picture = _timed_picture(ctx, content, styles, weights, size)
     _store_preview(ctx, job_id, picture)

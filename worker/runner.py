@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session
 from shared import feed
 from shared.errors import StylequeueError
 from shared.estimate import RATE_FIELD, job_work, smoothed
-from shared.images import encode_png, upright_rgb
+from shared.images import decode_image, encode_png
 from shared.logs import job_context
 from shared.models import Job, JobStatus, StoredImage, utcnow
 from shared.options import INIT_FAST, plan_for
@@ -38,12 +37,13 @@ log = logging.getLogger(__name__)
 def load_image(session: Session, storage: Storage, sha256: str) -> Image.Image:
     stored = session.get(StoredImage, sha256)
     assert stored is not None, sha256
-    image = Image.open(io.BytesIO(storage.get(stored.storage_key)))
-    image.load()
-    # Upright, as the web read it when it checked the upload (shared.images.probe_image):
-    # a phone photo is stored as taken, with its orientation in EXIF. 16-bit and
-    # transparent images are scaled and composited as the CLI's decode does.
-    return upright_rgb(image)
+    data = storage.get(stored.storage_key)
+    # Checked again as the web checked the upload (shared.images.probe_image): the formats,
+    # the pixels (the stored size's) and a JPEG's scans, before any pixel is decoded, so
+    # that storage written by other means cannot cost more. Upright: a phone photo is
+    # stored as taken, with its orientation in EXIF; 16-bit and transparent images are
+    # scaled and composited as the CLI's decode does.
+    return decode_image(data, max_bytes=len(data), max_pixels=stored.width * stored.height)
 
 
 def finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> None:
