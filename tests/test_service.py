@@ -714,6 +714,24 @@ def test_the_web_pools_a_connection_per_thread_and_reads_polls_in_autocommit_on_
     assert reader_isolation == ("AUTOCOMMIT" if postgresql else None)
 
 
+def test_readyz_tells_strangers_only_whether_it_is_ready(
+    app: Flask, settings: Settings
+) -> None:
+    # Outside the metrics networks and without an admin token: ready or not, nothing else.
+    outside = dataclasses.replace(settings, metrics_networks="192.0.2.0/24")
+    other = create_app({"SETTINGS": outside})
+    try:
+        client = other.test_client()
+        stranger = client.get("/readyz")
+        status = "ready" if stranger.status_code == 200 else "not ready"
+        assert stranger.get_json() == {"status": status}
+        inside = client.get("/readyz", environ_base={"REMOTE_ADDR": "192.0.2.7"}).get_json()
+        assert inside["database"] == "ok" and inside["redis"] == "ok"
+        assert "capacity" in inside and "workers" in inside
+    finally:
+        other.extensions["stylequeue"]["engine"].dispose()
+
+
 def test_readyz_without_workers(app: Flask, settings: Settings) -> None:
     nowhere = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
     other = create_app({"SETTINGS": nowhere})

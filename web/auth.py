@@ -30,7 +30,7 @@ import redis
 from flask import Flask, g, request, session
 from sqlalchemy import Row, Select
 
-from shared.config import parse_address
+from shared.config import address_in, parse_address, parse_networks
 from shared.errors import Forbidden, TooManyFailures, Unauthorized
 from shared.models import Job
 from shared.tokens import find_token
@@ -155,6 +155,14 @@ def _authenticate() -> Principal:
                 raise Forbidden(f"missing or wrong {CSRF_HEADER}; reload the form")
         return Principal(owner=f"session:{session['sid']}", bucket=address)
     return Principal(owner=None, bucket=address)
+
+
+def may_see_internals() -> bool:
+    """Whether the caller may see how the service runs (``/metrics``, the detail of
+    ``/readyz``): an admin token, or a client inside ``metrics_networks`` (Settings)."""
+    if current_principal().admin:
+        return True
+    return address_in(request.remote_addr, parse_networks(services.settings.metrics_networks))
 
 
 def require_access() -> None:

@@ -9,18 +9,17 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from shared import broker
-from shared.config import address_in, parse_networks
 from shared.errors import StylequeueError
 from shared.models import Job, JobStatus, utcnow
 from shared.routing import all_queues
-from web.auth import current_principal
+from web.auth import may_see_internals
 from web.extensions import services
 
 bp = Blueprint("metrics", __name__)
@@ -116,16 +115,9 @@ class MetricsForbidden(StylequeueError):
     http_status = 403
 
 
-def _may_scrape() -> bool:
-    """An admin token, or a client inside ``metrics_networks`` (Settings)."""
-    if current_principal().admin:
-        return True
-    return address_in(request.remote_addr, parse_networks(services.settings.metrics_networks))
-
-
 @bp.get("/metrics")
 def metrics() -> Response:
-    if not _may_scrape():
+    if not may_see_internals():
         raise MetricsForbidden(
             "/metrics answers clients in STYLEQUEUE_METRICS_NETWORKS or an admin token"
         )

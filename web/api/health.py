@@ -17,7 +17,7 @@ from shared.errors import OptionError, Unauthorized
 from shared.presets import presets
 from shared.webhooks import owner_secret
 from web.api import bp
-from web.auth import current_principal
+from web.auth import current_principal, may_see_internals
 from web.extensions import services
 
 log = logging.getLogger(__name__)
@@ -101,4 +101,8 @@ def readyz() -> tuple[Response, int]:
         for worker in workers
     ]  # fmt: skip
     ready = checks["database"] == "ok" and checks["redis"] == "ok" and checks["workers"] > 0
-    return jsonify({"status": "ready" if ready else "not ready", **checks}), 200 if ready else 503
+    status = {"status": "ready" if ready else "not ready"}
+    # Strangers learn ready or not; the hosts, workers, devices and queues are for admins
+    # and the metrics networks (an orchestrator's probe runs from one).
+    shown = {**status, **checks} if may_see_internals() else status
+    return jsonify(shown), 200 if ready else 503
