@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import socket
 import time
@@ -110,9 +111,37 @@ def owner_secret(secret: str, owner: str | None) -> str:
     return hmac.new(secret.encode(), label.encode(), hashlib.sha256).hexdigest()
 
 
+#: Neither public nor an address of a host of its own, though ``ipaddress`` calls them
+#: global: NAT64's local-use prefix (RFC 8215) and the IPv4 dummy address (RFC 7600).
+_NOT_GLOBAL = parse_networks("64:ff9b:1::/48,192.0.0.8/32")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: NAT64's (RFC 6052), 6to4's and an
+    IPv4-compatible one's (``::a.b.c.d``). A 6to4 or NAT64 address of a private IPv4 one
+    reaches that host through a relay or translator."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found = []
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    return found
+
+
 def _address_allowed(address: str, networks: list[IPNetwork]) -> bool:
     ip = parse_address(address)
-    return ip is not None and (ip.is_global or address_in(address, networks))
+    if ip is None:
+        return False
+    if address_in(address, networks):
+        return True
+    leads_to = [ip, *_embedded_ipv4(ip)]
+    return all(each.is_global and not any(each in net for net in _NOT_GLOBAL) for each in leads_to)
 
 
 def resolve_checked(host: str, port: int, settings: Settings) -> str:

@@ -316,6 +316,16 @@ def test_callbacks_reach_only_listed_ports_and_public_addresses(tmp_path: Path) 
         assert not webhooks._address_allowed(address, [])
     assert webhooks._address_allowed("93.184.215.14", [])
     assert webhooks._address_allowed("127.0.0.1", parse_networks("127.0.0.0/8"))
+    # IPv6 addresses that lead to a private IPv4 host, though ipaddress calls them global:
+    # NAT64 (well-known and local-use prefixes), 6to4, IPv4-compatible; and the IPv4
+    # dummy address.
+    for address in ("64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1",
+                    "2002:7f00:1::", "2002:c0a8:101::1", "::127.0.0.1", "::10.0.0.1",
+                    "192.0.0.8"):  # fmt: skip
+        assert not webhooks._address_allowed(address, [])
+    # The same forms of a public IPv4 address are public.
+    for address in ("64:ff9b::5db8:d70e", "2002:5db8:d70e::1", "2606:2800:220:1::1"):
+        assert webhooks._address_allowed(address, [])
 
 
 def test_a_refused_connection_shows_the_submitter_no_details(tmp_path: Path) -> None:
