@@ -249,9 +249,11 @@ def test_a_queued_job_is_canceled_at_once_and_never_runs(
 def read_events(client: FlaskClient, url: str, last_event_id: str | None = None) -> list[dict]:
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     response = client.get(url, headers=headers, buffered=False)
-    assert response.mimetype == "text/event-stream"
+    assert response.mimetype == "text/event-stream", response.get_data(as_text=True)
     events, current = [], {}
-    for line in b"".join(response.response).decode().splitlines():  # type: ignore[arg-type]
+    body = b"".join(response.response)  # type: ignore[arg-type]
+    response.close()  # gives the client's stream back
+    for line in body.decode().splitlines():
         if not line:
             if "event" in current:
                 events.append(current)
@@ -278,6 +280,12 @@ def test_event_stream_delivers_losses_and_resumes_from_last_event_id(
     resumed_losses = [int(e["id"]) for e in resumed if e["event"] == "loss"]
     assert resumed_losses == list(range(21, 31))
     assert resumed[-1]["event"] == "done"
+    # An id past any job's points, even past a 64-bit integer: nothing more to replay, and
+    # the stream ends as the finished job's does, with no error mid-stream.
+    for huge in ("99999999999999999999", "9" * 5000):
+        beyond = read_events(client, job["links"]["events"], last_event_id=huge)
+        kinds = [e["event"] for e in beyond]
+        assert kinds[0] == "status" and kinds[-1] == "done" and "loss" not in kinds, beyond
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from shared.models import (
     JobStatus,
     LossPoint,
 )
+from shared.options import MAX_ITERATIONS
 from web.api import bp
 from web.api.access import client_id
 from web.api.reads import (
@@ -197,7 +198,9 @@ def _event_stream(job_key: uuid.UUID) -> Response:
         services.session.close()
     raw_last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
     try:
-        cursor = max(0, int(raw_last))
+        # No job has more than MAX_ITERATIONS points: a larger id (up to any length of
+        # digits, which SQLite's 64-bit integers would overflow on) means "after the last".
+        cursor = min(max(0, int(raw_last[:32])), MAX_ITERATIONS)
     except ValueError:
         cursor = 0
     state = _Replay(job_key, cursor, url_for("api.get_preview", job_id=str(job_key)))
