@@ -1,6 +1,6 @@
 """Errors a user can cause, each with a stable machine-readable code.
 
-The command line prints ``str(error)`` as a one-line message; the API (issue 2/5) turns
+The command line prints ``str(error)`` as a one-line message; the API turns
 ``code``, ``field`` and ``http_status`` into its ``{"error": {...}}`` body.
 """
 
@@ -20,6 +20,12 @@ class StylequeueError(Exception):
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}" if self.field else self.message
+
+    @property
+    def public(self) -> str:
+        """What a job's submitter is told: the message, unless it names what only the
+        operators should see (then they find it in the worker's log)."""
+        return str(self)
 
 
 class OptionError(StylequeueError):
@@ -51,6 +57,12 @@ class WeightsError(StylequeueError):
 
     code = "weights_unavailable"
     http_status = 503
+
+    @property
+    def public(self) -> str:
+        # The message names the server's files and directories: for the log only.
+        what = "the model weights" if self.field is None else f"the {self.field}'s weights"
+        return f"{what} cannot be loaded on the worker; the operators' log says why"
 
 
 # The service's refusals (the API answers each with its status; web/api/errors.py).

@@ -472,6 +472,25 @@ def job_reporter(
     return engine, sessions, job_id, reporter
 
 
+def test_a_job_whose_weights_are_missing_fails_without_naming_server_paths(
+    client: FlaskClient, worker: WorkerProcess, settings: Settings, photo: bytes, painting: bytes
+) -> None:
+    # A row no message announces: the module's worker (no vgg19 weights) finds it and
+    # fails it at once; its submitter learns what failed, not where the files are looked for.
+    uploads = [Upload("content", "c.png", photo), Upload("style", "s.png", painting)]
+    request = parse_request({"backbone": ["vgg19"]}, uploads, settings)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            job_id = str(create_job(session, storage_from_settings(settings), request).id)
+    finally:
+        engine.dispose()
+    body = wait_status(client, job_id, {"failed"})
+    error = body["error"]
+    assert error["code"] == "weights_unavailable" and "weights" in error["message"]
+    assert "/" not in error["message"] and "vgg19-dcbb9e9d" not in error["message"]
+
+
 def test_loss_points_are_written_in_batches_not_per_iteration(
     settings: Settings, photo: bytes, painting: bytes, redis_server: RedisServer
 ) -> None:

@@ -137,7 +137,8 @@ def run_fast(ctx: Context, job_id: uuid.UUID) -> None:
         picture = _timed_picture(ctx, content, styles, weights, size)
         ctx.storage.put(result_key(job_id), encode_png(picture))
     except StylequeueError as error:
-        finish(ctx, claim, JobStatus.FAILED, error_code=error.code, error_message=str(error))
+        log.warning("fast job %s failed: %s", job_id, error)
+        finish(ctx, claim, JobStatus.FAILED, error_code=error.code, error_message=error.public)
         return
     except Exception:
         log.exception("fast job %s failed", job_id)

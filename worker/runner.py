@@ -96,7 +96,8 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
     try:
         leader = ActiveRun.begin(ctx, claim, str(device))
     except StylequeueError as error:  # its options cannot run here (init=fast, no model)
-        finish(ctx, claim, JobStatus.FAILED, error_code=error.code, error_message=str(error))
+        log.warning("job %s cannot run: %s", job_uuid, error)
+        finish(ctx, claim, JobStatus.FAILED, error_code=error.code, error_message=error.public)
         return
     except Exception:  # its inputs unreadable, say: back to the queue, a limited number of times
         log.exception("job %s: could not start it", job_uuid)
@@ -276,7 +277,8 @@ class ActiveRun:
         claim, reporter = self.claim, self.reporter
         if isinstance(outcome, Exception):
             if isinstance(outcome, StylequeueError):
-                code, message = outcome.code, str(outcome)
+                log.warning("job %s failed: %s", claim.job_id, outcome)
+                code, message = outcome.code, outcome.public
             else:
                 log.error("job %s failed", claim.job_id, exc_info=outcome)
                 # The details (paths, hosts) are for the log, not for the submitter.
