@@ -21,7 +21,8 @@ def test_docker_compose_config_passes() -> None:
         )  # fmt: skip
 
     secrets = {"STYLEQUEUE_SECRET_KEY": "0123456789abcdef", "MINIO_ROOT_PASSWORD": "m" * 16,
-               "FLOWER_BASIC_AUTH": "ops:pw"}  # fmt: skip
+               "MINIO_APP_PASSWORD": "a" * 16, "POSTGRES_PASSWORD": "p" * 16,
+               "REDIS_PASSWORD": "r" * 16, "FLOWER_BASIC_AUTH": "ops:pw"}  # fmt: skip
     for missing in secrets:  # production refuses to start without each of its secrets
         refused = config(**{k: v for k, v in secrets.items() if k != missing})
         assert refused.returncode != 0 and missing in refused.stderr
@@ -33,3 +34,14 @@ def test_docker_compose_config_passes() -> None:
                     "bucket:", "flower:"):  # fmt: skip
         assert f"  {service}" in done.stdout
     assert "appendonly" in done.stdout and "nvidia" in done.stdout
+    # Redis asks for its password, and every client sends it.
+    assert "--requirepass" in done.stdout
+    assert done.stdout.count(f"redis://:{'r' * 16}@redis:6379/0") >= 4
+    # The apps use their own MinIO user, never the root account.
+    assert f"AWS_SECRET_ACCESS_KEY: {'a' * 16}" in done.stdout
+    assert f"AWS_SECRET_ACCESS_KEY: {'m' * 16}" not in done.stdout
+    # Nothing is published on every interface: the web only for a proxy on this machine.
+    published = [line.strip() for line in done.stdout.splitlines() if line.strip()[:2] == "- "
+                 and line.strip().endswith("/tcp")]  # fmt: skip
+    assert published and all(line.startswith("- 127.0.0.1:") for line in published), published
+    assert "- 127.0.0.1:8000:8000/tcp" in published
