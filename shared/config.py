@@ -191,6 +191,10 @@ class Settings:
     #: Whether the web form's browser sessions act as tokens (off: with tokens required,
     #: only token holders can use the API; the form then cannot submit).
     form_sessions: bool = True
+    #: With tokens required, let whoever loads the form submit through its session, as in
+    #: open mode. Off (the default), the form first asks for a token, and the browser's
+    #: session then acts for that token's holder until the token is revoked or it signs out.
+    open_form_sessions: bool = False
     #: Send the session cookie only over HTTPS (its ``Secure`` flag): set it where the
     #: service is served by TLS, directly or behind a proxy.
     secure_cookies: bool = False

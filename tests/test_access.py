@@ -141,16 +141,30 @@ def csrf_token(client: FlaskClient) -> str:
     return found.group(1)
 
 
+def sign_in(browser: FlaskClient, secret: str) -> Any:
+    return browser.post("/sign-in", data={"csrf_token": csrf_token(browser), "token": secret})
+
+
 def test_the_form_session_is_a_token_and_needs_its_csrf_token(
     settings: Settings, sample_images: Path
 ) -> None:
     photo = sample_images / "content" / "photo.jpg"
-    alice = make_token(settings, "alice")
+    alice, carol = make_token(settings, "alice"), make_token(settings, "carol")
     with service_app(settings) as app:
         browser = app.test_client()
         token = csrf_token(browser)
         cookie = browser.get_cookie("stylequeue_session")
         assert cookie is not None and cookie.http_only and cookie.same_site == "Lax"
+        # Tokens required: whoever loads the form is asked for a token, and its session
+        # alone submits nothing (before, any stranger's session could spend the GPUs).
+        page = browser.get("/").get_data(as_text=True)
+        assert 'id="sign-in"' in page and '<form id="job-form"' in page
+        assert submit(browser, photo, {"X-CSRF-Token": token}).status_code == 401
+        assert sign_in(browser, "sq_wrong").status_code == 401
+        refused = browser.post("/sign-in", data={"csrf_token": "guess", "token": carol})
+        assert refused.status_code == 403
+        assert sign_in(browser, carol).status_code == 303
+        assert "Signed in as <strong>carol</strong>" in browser.get("/").get_data(as_text=True)
         # The cookie alone (what another site can make a browser send) is not enough.
         forged = submit(browser, photo, {})
         assert forged.status_code == 403
@@ -161,16 +175,31 @@ def test_the_form_session_is_a_token_and_needs_its_csrf_token(
         job = response.get_json()
         assert browser.get(job["links"]["self"]).status_code == 200
         assert browser.get(job["links"]["page"]).status_code == 200
+        assert app.test_client().get(job["links"]["self"], headers=bearer(carol)).status_code == 200
         # Another browser (another session) and another token do not see it.
         stranger = app.test_client()
         csrf_token(stranger)
-        assert stranger.get(job["links"]["self"]).status_code == 404
+        assert stranger.get(job["links"]["self"]).status_code == 401
         assert stranger.get(job["links"]["page"]).status_code == 404
         assert app.test_client().get(job["links"]["self"], headers=bearer(alice)).status_code == 404
         # The session id is signed: a tampered cookie is no session at all.
         tampered = app.test_client()
         tampered.set_cookie("stylequeue_session", cookie.value[:-4] + "AAAA")
         assert tampered.get(job["links"]["self"]).status_code == 401
+        # Revoked, the token no longer speaks through the session; signed out, neither.
+        assert token_command(settings, "revoke", "carol").returncode == 0
+        assert submit(browser, photo, {"X-CSRF-Token": token}).status_code == 401
+        assert 'id="sign-in"' in browser.get("/").get_data(as_text=True)
+        sign_in(browser, alice)
+        assert submit(browser, photo, {"X-CSRF-Token": token}).status_code == 202
+        browser.post("/sign-out", data={"csrf_token": token})
+        assert submit(browser, photo, {"X-CSRF-Token": token}).status_code == 401
+    # The operator's opt-in: sessions of whoever loads the form, as in open mode.
+    with service_app(dataclasses.replace(settings, open_form_sessions=True)) as app:
+        browser = app.test_client()
+        token = csrf_token(browser)
+        assert 'id="sign-in"' not in browser.get("/").get_data(as_text=True)
+        assert submit(browser, photo, {"X-CSRF-Token": token}).status_code == 202
     # With form sessions off, tokens required means token holders only.
     with service_app(dataclasses.replace(settings, form_sessions=False)) as app:
         browser = app.test_client()

@@ -3,9 +3,10 @@
 - ``Authorization: Bearer <token>``: a token made with ``stylequeue token create``. A token
   sent but unknown or revoked is refused (``401``), whatever the settings.
 - The web form's session: the pages give each browser a signed session cookie holding a
-  random session id (its "session-bound token") and a CSRF token. Anyone who can load the
-  form gets one: with tokens required, set ``form_sessions`` off (or put the pages behind
-  your own sign-in) to keep the service to token holders. Requests that
+  random session id (its "session-bound token") and a CSRF token. In open mode the session
+  is a principal of its own. With tokens required it acts only for a token its browser
+  signed in with (the form asks for one, ``/sign-in``), until that token is revoked;
+  ``open_form_sessions`` opts back in to sessions for whoever loads the form. Requests that
   authenticate by that cookie must echo the CSRF token in ``X-CSRF-Token`` on every POST:
   another site can make a browser send the cookie, but cannot read the token.
 - Nobody: allowed when ``require_token`` is off (the default for one machine), where a
@@ -22,6 +23,7 @@ import ipaddress
 import os
 import secrets
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from sqlalchemy import Row, Select
 
 from shared.config import address_in, parse_address, parse_networks
 from shared.errors import Forbidden, TooManyFailures, Unauthorized
-from shared.models import Job
+from shared.models import ApiToken, Job
 from shared.tokens import find_token
 from web.extensions import services
 
@@ -150,11 +152,58 @@ def _authenticate() -> Principal:
         return principal
     if "sid" in session and services.settings.form_sessions:
         if request.method not in SAFE_METHODS:
-            sent = request.headers.get(CSRF_HEADER, "").encode("utf-8", "replace")
-            if not hmac.compare_digest(sent, str(session.get("csrf", "")).encode()):
+            sent = request.headers.get(CSRF_HEADER, "")
+            if not csrf_matches(sent):
                 raise Forbidden(f"missing or wrong {CSRF_HEADER}; reload the form")
-        return Principal(owner=f"session:{session['sid']}", bucket=address)
+        if not session_needs_token():
+            return Principal(owner=f"session:{session['sid']}", bucket=address)
+        token = signed_in_token()
+        if token is not None:
+            return Principal(owner=token.owner, admin=token.admin, bucket=token.owner)
     return Principal(owner=None, bucket=address)
+
+
+def csrf_matches(sent: str) -> bool:
+    """Whether ``sent`` is this browser session's CSRF token."""
+    expected = str(session.get("csrf", "")).encode()
+    return bool(expected) and hmac.compare_digest(sent.encode("utf-8", "replace"), expected)
+
+
+def session_needs_token() -> bool:
+    """Whether a browser session acts only for a token it signed in with."""
+    settings = services.settings
+    return settings.require_token and not settings.open_form_sessions
+
+
+def signed_in_token() -> ApiToken | None:
+    """The live token this browser session signed in with, if any."""
+    token_id = session.get("token")
+    if not token_id:
+        return None
+    try:
+        token = services.session.get(ApiToken, uuid.UUID(str(token_id)))
+    except ValueError:
+        return None
+    # The lookup's transaction ends here, as a bearer token's does.
+    services.session.rollback()
+    if token is None or token.revoked_at is not None:
+        return None
+    return token
+
+
+def sign_in(secret: str) -> None:
+    """Let this browser session act for the token ``secret`` (a wrong one is counted as a
+    wrong bearer token is)."""
+    token = find_token(services.session, secret.strip())
+    if token is None:
+        _count_failed_auth(client_address())
+        raise Unauthorized("unknown or revoked token")
+    session["token"] = str(token.id)
+    services.session.rollback()
+
+
+def sign_out() -> None:
+    session.pop("token", None)
 
 
 def may_see_internals() -> bool:

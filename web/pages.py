@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from flask import Blueprint, abort, g, render_template, send_file
+from flask import Blueprint, abort, g, redirect, render_template, request, send_file, url_for
 from werkzeug.wrappers import Response
 
 from shared.backbones import BACKBONES, default_backbone
+from shared.errors import StylequeueError
 from shared.estimate import PREVIEW_KIND
 from shared.options import (
     OPTION_NAMES,
@@ -21,7 +22,14 @@ from shared.options import (
 )
 from shared.presets import presets
 from shared.routing import GIB
-from web.auth import start_browser_session
+from web.auth import (
+    csrf_matches,
+    session_needs_token,
+    sign_in,
+    sign_out,
+    signed_in_token,
+    start_browser_session,
+)
 from web.extensions import services
 
 bp = Blueprint("pages", __name__)
@@ -79,8 +87,11 @@ def _browser_session() -> None:
 
 
 @bp.get("/")
-def index() -> str:
+def index(sign_in_error: str | None = None) -> str:
     from web.api import live_workers
+
+    # With tokens required, the form is for those who signed in with one (web/auth.py).
+    signed_in = signed_in_token() if session_needs_token() else None
 
     everyone = sorted(live_workers(), key=lambda worker: str(worker.get("name")))
     workers = [worker for worker in everyone if worker.get("kind") != PREVIEW_KIND]
@@ -104,7 +115,30 @@ def index() -> str:
         max_iterations=services.settings.max_iterations,
         workers=workers,
         gib=GIB,
+        sign_in_needed=session_needs_token() and signed_in is None,
+        signed_in=signed_in,
+        sign_in_error=sign_in_error,
     )
+
+
+@bp.post("/sign-in")
+def sign_in_page() -> Response | tuple[str, int]:
+    """The form's token sign-in (tokens required): the session then acts for the token."""
+    if not csrf_matches(request.form.get("csrf_token", "")):
+        abort(403)
+    try:
+        sign_in(request.form.get("token", ""))
+    except StylequeueError as error:  # unknown or revoked, or too many wrong ones
+        return index(sign_in_error=error.message), error.http_status
+    return redirect(url_for("pages.index"), code=303)
+
+
+@bp.post("/sign-out")
+def sign_out_page() -> Response:
+    if not csrf_matches(request.form.get("csrf_token", "")):
+        abort(403)
+    sign_out()
+    return redirect(url_for("pages.index"), code=303)
 
 
 @bp.get("/jobs/<job_id>")
