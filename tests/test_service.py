@@ -826,7 +826,16 @@ def test_idempotency_key_gives_the_same_job_and_refuses_another_body(
     assert other.status_code == 409
     assert other.get_json()["error"]["code"] == "idempotency_key_reused"
     assert count_rows(settings)[0] == jobs_before
+    # Another anonymous client (another address) with the same key neither replays nor
+    # blocks the first one's job: its key is its own.
+    elsewhere = {"REMOTE_ADDR": "192.0.2.44"}
+    data = {"content": (io.BytesIO(photo), "p.png"), "style": (io.BytesIO(painting), "s.png"),
+            "backbone": "vgg19-random", "size": "64", "iterations": "4"}  # fmt: skip
+    stranger = client.post("/api/jobs", data=data, headers=key, environ_base=elsewhere,
+                           content_type="multipart/form-data")  # fmt: skip
+    assert stranger.status_code == 202 and stranger.get_json()["id"] != first.get_json()["id"]
     wait_status(client, first.get_json()["id"], {"succeeded"})
+    wait_status(client, stranger.get_json()["id"], {"succeeded", "canceled"})
 
 
 def test_a_fixed_seed_reuses_a_finished_result_unless_opted_out(
@@ -843,6 +852,19 @@ def test_a_fixed_seed_reuses_a_finished_result_unless_opted_out(
     assert client.get(body["links"]["result"]).data == client.get(done["links"]["result"]).data
     points = client.get(body["links"]["losses"]).get_json()["points"]
     assert [p["iteration"] for p in points] == list(range(1, 7))
+
+    # Another anonymous client gets no one else's result, nor its job's id.
+    data = MultiDict({"backbone": "vgg19-random", "size": "64", "iterations": "6",
+                      "seed": seed})  # fmt: skip
+    data.add("content", FileStorage(io.BytesIO(photo), filename="photo.png"))
+    data.add("style", FileStorage(io.BytesIO(painting), filename="painting.png"))
+    boundary, body = encode_multipart(data)
+    stranger = client.post(
+        "/api/jobs", data=body, content_type=f"multipart/form-data; boundary={boundary}",
+        environ_base={"REMOTE_ADDR": "192.0.2.45"},
+    )  # fmt: skip
+    assert stranger.status_code == 202 and stranger.get_json()["reused_from"] is None
+    assert original["id"] not in stranger.get_data(as_text=True)
 
     fresh = submit(client, photo, painting, iterations=6, seed=seed, reuse="false")
     assert fresh.status_code == 202 and fresh.get_json()["reused_from"] is None

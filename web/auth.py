@@ -54,6 +54,13 @@ class Principal:
     #: The rate-limit bucket: the token, else the client's address.
     bucket: str = ""
 
+    @property
+    def scope(self) -> str:
+        """Whose Idempotency-Keys and reusable results these are: the owner's, else (an
+        anonymous caller in open mode) the client address's, so that two anonymous
+        clients share neither."""
+        return self.owner or f"client:{self.bucket}"
+
 
 def secret_key(app: Flask) -> str:
     """The configured key, or a random one kept in ``data_dir/secret_key`` so that the

@@ -12,7 +12,7 @@ from flask import (
     request,
     url_for,
 )
-from sqlalchemy import Uuid, func, insert, literal, select, true
+from sqlalchemy import ColumnElement, Uuid, func, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -60,16 +60,31 @@ def _idempotency_key() -> str | None:
         return None
     if not (0 < len(key) <= 150 and key.isprintable()):
         raise OptionError("must be 1 to 150 printable characters", field="Idempotency-Key")
-    return f"{current_principal().owner or ''}|{key}"
+    return f"{current_principal().scope}|{key}"
 
 
 def _replay(job: Job, fingerprint: str) -> tuple[Response, int, dict[str, str]]:
     """The answer to a request repeated with its Idempotency-Key."""
-    if job.request_fingerprint != fingerprint or job.owner != current_principal().owner:
+    if job.request_fingerprint != fingerprint or not _same_scope(job):
         raise IdempotencyConflict(
             "this Idempotency-Key was used for a different request", field="Idempotency-Key"
         )
     return jsonify(job_json(job)), 200, {"Location": url_for("api.get_job", job_id=str(job.id))}
+
+
+def _in_scope() -> list[ColumnElement[bool]]:
+    """The caller's own jobs: its owner's, else (anonymous) its address's."""
+    principal = current_principal()
+    if principal.owner is not None:
+        return [Job.owner == principal.owner]
+    return [Job.owner.is_(None), Job.client == principal.bucket]
+
+
+def _same_scope(job: Job) -> bool:
+    principal = current_principal()
+    if principal.owner is not None:
+        return job.owner == principal.owner
+    return job.owner is None and job.client == principal.bucket
 
 
 def _reuse_result(session: Session, job: Job, source: Job) -> None:
@@ -130,11 +145,10 @@ def _submit(
                 Job.status == JobStatus.SUCCEEDED,
                 Job.result_key.is_not(None),
                 Job.expired_at.is_(None),
-                # With tokens, only one's own results: reuse must not reveal that someone
-                # else submitted the same images.
-                Job.owner == current_principal().owner
-                if services.settings.require_token
-                else true(),
+                # Only one's own results, in open mode too: reuse must not reveal that
+                # someone else submitted the same images, nor hand out their job's id (and
+                # with it its callback URL).
+                *_in_scope(),
             )
             .order_by(Job.finished_at.desc())
             .limit(1)
