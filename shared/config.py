@@ -108,6 +108,19 @@ class Settings:
     #: ``max_image_pixels`` × 4 bytes while it lasts; no decoded image is kept). The others
     #: wait their turn.
     decode_concurrency: int = 2
+    #: An upload that sends nothing for this long is dropped (408); with gunicorn or
+    #: ``stylequeue web``, which give the connection's socket (0: no idle limit).
+    upload_idle_seconds: float = 10.0
+    #: The most a whole upload (the body of ``POST /api/jobs``) may take (408 past it).
+    upload_seconds: float = 120.0
+    #: Uploads one client (token, else address) may have in flight in a web process (429
+    #: beyond).
+    uploads_per_client: int = 2
+    #: Bytes of each file part an upload holds in memory; the rest waits in a temporary file.
+    upload_memory_bytes: int = 1024 * 1024
+    #: Complete submissions a web process reads into memory and checks at once (each up to
+    #: its body limit); the others wait, their parts in temporary files.
+    submissions_at_once: int = 4
     #: Largest output long side a job may ask for, in pixels.
     max_size: int = 2048
     #: Most iterations a job may ask for.

@@ -9,6 +9,7 @@ the shapes that are accepted is measured in tests/test_memory.py.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -30,11 +31,14 @@ from shared.images import encode_png
 from stylequeue.service import free_port
 from tests.bad_input import png_with_size
 from tests.conftest import REPO
+from tests.jpeg_bomb import progressive_bomb
 from tests.service import RedisServer, child_env, make_token, service_settings, wait_for
 from tests.test_service import count_rows
 
 #: Small limits so that the oversize cases stay quick to send.
 MAX_IMAGE_BYTES = 2 * 1024 * 1024
+UPLOAD_IDLE_SECONDS, UPLOAD_SECONDS = 2.0, 8.0
+UPLOAD_MEMORY_BYTES = 256 * 1024
 
 
 @dataclass
@@ -77,6 +81,9 @@ def server(
         webhook_hosts="hooks.example", webhook_secret="s",
         # This test's client (127.0.0.1) is not a scraper.
         metrics_networks="192.0.2.0/24", event_streams_per_client=2,
+        # Short upload limits, so that the stalled-upload test takes seconds.
+        upload_idle_seconds=UPLOAD_IDLE_SECONDS, upload_seconds=UPLOAD_SECONDS,
+        upload_memory_bytes=UPLOAD_MEMORY_BYTES,
     )  # fmt: skip
     port = free_port()
     process = start(str(request.param), settings, port, base / "web.log")
@@ -177,6 +184,10 @@ ATTACKS: list[tuple[str, Attack, int, str]] = [
      lambda s: status_and_message(post_job(s, file_parts=files(
          style=("bomb.png", png_with_size(100_000, 100_000), "image/png")))),
      413, "pixels"),
+    ("a JPEG of 5,000 scans (a decode bomb)",
+     lambda s: status_and_message(post_job(s, file_parts=[
+         ("content", ("bomb.jpg", progressive_bomb(4000, 5000), "image/jpeg"))])),
+     422, "scans"),
     ("5000 style layers",
      lambda s: status_and_message(post_job(s, data={"style_layers": ",".join(["relu1_1"] * 5000)})),
      422, "more than once"),
@@ -293,3 +304,83 @@ def test_guessing_tokens_is_throttled(server: Server) -> None:
         server.url + "/api/jobs", headers={"Authorization": "Bearer guess-13"}, timeout=10
     )
     assert again.status_code == 429
+
+
+def start_upload(server: Server, source: str, declared: int, send: int) -> socket.socket:
+    """A connection from ``source`` (an address of 127/8) that starts a job's upload of
+    ``declared`` bytes, sends ``send`` of them and stops."""
+    client = socket.create_connection(("127.0.0.1", server.port), timeout=30,
+                                      source_address=(source, 0))  # fmt: skip
+    part_head = (
+        b'--x\r\nContent-Disposition: form-data; name="content"; filename="p.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n"
+    )
+    head = (
+        b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: multipart/form-data; boundary=x\r\n"
+        + f"Content-Length: {declared}\r\n\r\n".encode()
+    )
+    client.sendall(head + part_head + b"\x89PNG" + bytes(send - len(part_head) - 4))
+    return client
+
+
+def answer_of(client: socket.socket, timeout: float) -> bytes:
+    client.settimeout(timeout)
+    answer = b""
+    try:
+        while chunk := client.recv(65536):
+            answer += chunk
+    except TimeoutError:
+        pass
+    return answer
+
+
+def test_stalled_uploads_are_dropped_and_hold_no_memory(server: Server) -> None:
+    # 24 clients (24 addresses) each start a 1.9 MB upload, send 1.5 MB and stop: held in
+    # memory that is 34 MiB; past upload_memory_bytes (256 KiB here) a part waits on disk.
+    baseline = server.rss()
+    sent = 1_500_000
+    clients = [start_upload(server, f"127.0.1.{i}", 1_900_000, sent) for i in range(1, 25)]
+    try:
+        time.sleep(UPLOAD_IDLE_SECONDS * 0.75)  # the server reads what was sent, then waits
+        held = server.rss() - baseline
+        # Each stalled upload is dropped after the idle limit: 408, connection closed.
+        started = time.monotonic()
+        answers = [answer_of(client, UPLOAD_IDLE_SECONDS + 10) for client in clients]
+        waited = time.monotonic() - started
+    finally:
+        for client in clients:
+            client.close()
+    assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), answers[0][:300]
+    assert b"stopped sending" in answers[0]
+    assert waited < UPLOAD_IDLE_SECONDS + 8
+    # 24 × 256 KiB spooled is 6 MiB; the parts in memory would be 34 MiB.
+    assert held < 24 * sent / 2, f"the stalled uploads hold {held / 2**20:.0f} MiB"
+    print(f"{server.process.args}: 24 stalled uploads hold {held / 2**20:.1f} MiB")
+
+
+def test_a_client_has_few_uploads_at_once_and_none_lasts_forever(server: Server) -> None:
+    first, second = (start_upload(server, "127.0.2.1", 1_000_000, 10_000) for _ in range(2))
+    try:
+        third = start_upload(server, "127.0.2.1", 1_000_000, 10_000)
+        answer = answer_of(third, 5)
+        third.close()
+        assert answer.startswith(b"HTTP/1.1 429") and b"uploads" in answer, answer[:300]
+        # Another address is not held back by this one.
+        other = start_upload(server, "127.0.2.2", 1_000_000, 10_000)
+        # A trickle just under the idle limit is cut off at upload_seconds.
+        started = time.monotonic()
+        answer = b""
+        other.settimeout(0.1)
+        while time.monotonic() - started < UPLOAD_SECONDS + 10 and not answer:
+            with contextlib.suppress(OSError):
+                other.sendall(b"0" * 100)
+            with contextlib.suppress(TimeoutError):
+                answer = other.recv(65536)
+            time.sleep(UPLOAD_IDLE_SECONDS / 2)
+        other.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b"too long" in answer, answer[:300]
+        assert UPLOAD_SECONDS - 1 < time.monotonic() - started < UPLOAD_SECONDS + 10
+    finally:
+        first.close()
+        second.close()

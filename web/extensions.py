@@ -92,6 +92,10 @@ class Services:
             "client_streams": ClientPlaces(max(settings.event_streams_per_client, 1)),
             # Verification decodes of uploads running at once (Settings.decode_concurrency).
             "decode_slots": threading.BoundedSemaphore(max(settings.decode_concurrency, 1)),
+            # Uploads each client has in flight (web/uploads.py), and complete submissions
+            # read into memory at once.
+            "client_uploads": ClientPlaces(max(settings.uploads_per_client, 1)),
+            "submission_slots": threading.BoundedSemaphore(max(settings.submissions_at_once, 1)),
         }
         app.teardown_appcontext(self._close_session)
 
@@ -164,6 +168,15 @@ class Services:
     def decode_slots(self) -> threading.BoundedSemaphore:
         """The process's places for decoding an upload (each up to max_image_pixels × 4 B)."""
         return self._get("decode_slots")  # type: ignore[no-any-return]
+
+    @property
+    def client_uploads(self) -> ClientPlaces:
+        return self._get("client_uploads")  # type: ignore[no-any-return]
+
+    @property
+    def submission_slots(self) -> threading.BoundedSemaphore:
+        """The process's places for a complete submission read into memory and checked."""
+        return self._get("submission_slots")  # type: ignore[no-any-return]
 
     def enqueue(self, job_id: str, queue: str) -> None:
         celery: Celery = self._get("celery")

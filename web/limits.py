@@ -8,14 +8,15 @@ and each text part (``MAX_FORM_MEMORY_SIZE``). What it cannot know, and this mod
   ``SMALL_BODY_BYTES``;
 - a file part must be a field a job has (``content``, ``style``): another is refused at
   its headers, before its data is read;
-- each file part stops at ``max_image_bytes``, and is held in memory, never spooled to a
-  temporary file (the request's whole body is bounded anyway);
+- each file part stops at ``max_image_bytes``, and is held in memory up to
+  ``upload_memory_bytes``, in a temporary file past them (web/uploads.py has why);
 - a urlencoded body, which Werkzeug reads whole, is bounded by ``MAX_FORM_MEMORY_SIZE``.
 """
 
 from __future__ import annotations
 
 import io
+import tempfile
 import typing
 from typing import Any
 
@@ -33,25 +34,27 @@ UPLOAD_ENDPOINTS = frozenset({"api.submit_job"})
 SMALL_BODY_BYTES = 64 * 1024
 
 
-class _BoundedFile(io.BytesIO):
-    """A file part held in memory, refused once it passes ``limit`` bytes."""
+class _BoundedFile(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+    """A file part, in memory up to ``in_memory`` bytes and in a temporary file past them
+    (a stalled or slow upload then holds disk, not the process's memory), refused once it
+    passes ``limit`` bytes."""
 
-    def __init__(self, limit: int, name: str) -> None:
-        super().__init__()
-        self.limit, self.name = limit, name
+    def __init__(self, limit: int, name: str, in_memory: int) -> None:
+        super().__init__(max_size=in_memory)
+        self.limit, self.field = limit, name
 
     def write(self, data: typing.Any) -> int:
         if self.tell() + len(data) > self.limit:
             raise ImageTooLarge(
-                f"the file is over the limit of {self.limit:,} bytes", field=self.name
+                f"the file is over the limit of {self.limit:,} bytes", field=self.field
             )
         return super().write(data)
 
 
 class _MultiPartParser(MultiPartParser):
-    def __init__(self, *args: Any, file_limit: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, file_limit: int, in_memory: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.file_limit = file_limit
+        self.file_limit, self.in_memory = file_limit, in_memory
 
     def start_file_streaming(
         self, event: File, total_content_length: int | None
@@ -61,7 +64,7 @@ class _MultiPartParser(MultiPartParser):
                 f"unexpected file field {event.name!r}; send images as content or style",
                 field=event.name,
             )
-        return _BoundedFile(self.file_limit, event.name)
+        return _BoundedFile(self.file_limit, event.name, self.in_memory)
 
 
 class _FormDataParser(FormDataParser):
@@ -77,6 +80,7 @@ class _FormDataParser(FormDataParser):
             max_form_parts=self.max_form_parts,
             cls=self.cls,
             file_limit=current_app.config["SETTINGS"].max_image_bytes,
+            in_memory=current_app.config["SETTINGS"].upload_memory_bytes,
         )
         boundary = options.get("boundary", "").encode("ascii")
         if not boundary:

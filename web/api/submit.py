@@ -42,6 +42,7 @@ from web.api.reads import (
 from web.api.serialize import job_json
 from web.auth import current_principal
 from web.extensions import services
+from web.uploads import guarded_upload
 
 
 def route(job_request: JobRequest, workers: list[dict[str, Any]]) -> tuple[str, int]:
@@ -109,16 +110,18 @@ def _reuse_result(session: Session, job: Job, source: Job) -> None:
 def submit_job() -> tuple[Response, int, dict[str, str]]:
     key = _idempotency_key()
     check_rate("submit", services.settings.submit_limit_per_minute)
-    form = {name: request.form.getlist(name) for name in request.form}
-    uploads = []
-    for field in request.files:
-        for upload in request.files.getlist(field):
+    with guarded_upload():  # the body is read here: stalls, time and places bounded
+        form = {name: request.form.getlist(name) for name in request.form}
+        parts = [(field, part) for field in request.files for part in request.files.getlist(field)]
+    with services.submission_slots:
+        uploads = []
+        for field, part in parts:
             try:
-                if upload.filename:
-                    uploads.append(Upload(field, upload.filename, upload.read()))
+                if part.filename:
+                    uploads.append(Upload(field, part.filename, part.read()))
             finally:
-                upload.close()
-    return _submit(form, uploads, key)
+                part.close()
+        return _submit(form, uploads, key)
 
 
 def _submit(
