@@ -741,9 +741,7 @@ def test_the_web_pools_a_connection_per_thread_and_reads_polls_in_autocommit_on_
     assert reader_isolation == ("AUTOCOMMIT" if postgresql else None)
 
 
-def test_readyz_tells_strangers_only_whether_it_is_ready(
-    app: Flask, settings: Settings
-) -> None:
+def test_readyz_tells_strangers_only_whether_it_is_ready(app: Flask, settings: Settings) -> None:
     # Outside the metrics networks and without an admin token: ready or not, nothing else.
     outside = dataclasses.replace(settings, metrics_networks="192.0.2.0/24")
     other = create_app({"SETTINGS": outside})
