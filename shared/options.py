@@ -46,6 +46,7 @@ AUTO_PYRAMID_MIN_SIDE = 128
 MAX_WEIGHT = 1e12
 
 InitName = Literal["content", "noise", "style", "fast"]
+StyleLossName = Literal["gram", "wasserstein"]
 OptimizerName = Literal["lbfgs", "adam"]
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 PoolingName = Literal["max", "avg"]
@@ -145,6 +146,11 @@ class Options(BaseModel):
     )
     style_layer_weights: Weights = _option(
         None, "weight per style layer (comma-separated); unset: equal, as in the paper"
+    )
+    style_loss: StyleLossName = _option(
+        "gram",
+        "gram: Gram matrices, as in the paper; wasserstein: the Wasserstein-2 distance of "
+        "the features' means and covariances (crowsonkb's style-transfer-pytorch)",
     )
     init: InitName = _option(
         "content",

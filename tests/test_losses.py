@@ -22,7 +22,9 @@ from worker.engine.losses import (
     ContentLoss,
     StyleLoss,
     TotalVariationLoss,
+    WassersteinStyleLoss,
     blend_grams,
+    channel_means,
     gram_matrix,
 )
 from worker.engine.objective import evaluate
@@ -177,6 +179,45 @@ def test_each_term_is_relative_to_its_target_whatever_the_feature_scale() -> Non
     zeros = torch.zeros(1, 16, 8, 8)
     assert StyleLoss(gram_matrix(target))(zeros).item() == pytest.approx(1.0)
     assert ContentLoss(target)(zeros).item() == pytest.approx(1.0)
+
+
+def _gaussian_features(mean: torch.Tensor, root: torch.Tensor, n: int) -> torch.Tensor:
+    """(1, C, 1, n) features whose channels have exactly ``mean`` and the covariance
+    ``root @ root.T`` (whitened noise, coloured)."""
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(root.shape[0], n, generator=generator, dtype=torch.float64)
+    noise = noise - noise.mean(1, keepdim=True)
+    # Whiten the sample: its covariance is exactly the identity.
+    values, vectors = torch.linalg.eigh(noise @ noise.T / n)
+    noise = vectors @ torch.diag(values.rsqrt()) @ vectors.T @ noise
+    return (root.double() @ noise + mean.double()[:, None]).float().view(1, -1, 1, n)
+
+
+def test_wasserstein_style_loss_is_the_closed_form_distance() -> None:
+    # Diagonal covariances: W2² = |μ - μₜ|² + Σ (σ - σₜ)², per channel here (a mean).
+    mean_t, sigma_t = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([2.0, 0.5, 1.0])
+    mean_x, sigma_x = torch.tensor([0.0, -1.0, 0.5]), torch.tensor([1.0, 1.5, 1.0])
+    target = _gaussian_features(mean_t, torch.diag(sigma_t), 4000)
+    loss = WassersteinStyleLoss(gram_matrix(target), channel_means(target))
+    x = _gaussian_features(mean_x, torch.diag(sigma_x), 4000).requires_grad_()
+    expected = ((mean_x - mean_t).square().mean() + (sigma_x - sigma_t).square().mean()) / (
+        mean_t.square().mean() + sigma_t.square().mean()
+    )
+    value = loss(x)
+    torch.testing.assert_close(value, expected, rtol=1e-3, atol=1e-5)
+    assert abs(float(loss(target))) < 1e-4
+    value.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().amax() > 0
+
+
+def test_wasserstein_style_loss_sees_the_mean_apart_from_the_spread() -> None:
+    # A channel alternating ±2 and one constant at 2 have the same Gram (E[x²] = 4): the
+    # Gram loss cannot tell them apart, the Wasserstein one sees mean 0 against mean 2.
+    a = torch.tensor([2.0, -2.0, 2.0, -2.0]).view(1, 1, 1, 4)
+    b = torch.full((1, 1, 1, 4), 2.0)
+    torch.testing.assert_close(gram_matrix(a), gram_matrix(b))
+    assert float(StyleLoss(gram_matrix(a))(b)) == 0.0
+    assert float(WassersteinStyleLoss(gram_matrix(a), channel_means(a))(b)) > 0.5
 
 
 def test_total_variation_by_hand() -> None:

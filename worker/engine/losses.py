@@ -175,11 +175,70 @@ class StyleLoss(nn.Module):
         self.register_buffer("scale", relative_scale(self.target))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.of_gram(gram_matrix(features))
+        return self.of_gram(gram_matrix(features), features)
 
-    def of_gram(self, gram: torch.Tensor) -> torch.Tensor:
-        """The loss of a Gram matrix computed already (a batch computes them together)."""
+    def of_gram(self, gram: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The loss of features whose Gram matrix is computed already (a batch computes
+        them together)."""
         return F.mse_loss(gram, self.target) * self.scale
+
+
+def channel_means(features: torch.Tensor) -> torch.Tensor:
+    """The mean of each channel of (B, C, H, W) features, in fp32: (B, C)."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return features.float().mean((-2, -1))
+
+
+def _covariance(gram: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """The channels' covariance from the Gram (X·Xᵀ / C·H·W) and the means."""
+    second_moment = gram * gram.shape[-1]  # X·Xᵀ / H·W
+    return second_moment - means.unsqueeze(-1) * means.unsqueeze(-2)
+
+
+class WassersteinStyleLoss(nn.Module):
+    """The squared Wasserstein-2 distance between Gaussians fitted to the features and to the
+    style's (each channel's mean, and their covariance), relative to the target's own
+    second moment: the alternative to the Gram loss of crowsonkb's style-transfer-pytorch
+    (``StyleLossW2``). Gatys et al. match Grams, which mix the mean into the covariance.
+
+    W₂² = |μ - μₜ|² + tr(Σ + Σₜ - 2 (Σₜ^½ Σ Σₜ^½)^½); the trace of the square root is the
+    sum of the square roots of the eigenvalues (``eigvalsh``, fp32), where crowsonkb runs
+    Newton-Schulz iterations. A blend of styles blends their means and Grams (second raw
+    moments), which mix linearly where covariances do not.
+    """
+
+    def __init__(self, target_gram: torch.Tensor, target_means: torch.Tensor) -> None:
+        super().__init__()
+        covariance = _covariance(target_gram.detach().float(), target_means.detach().float())
+        covariance = covariance.squeeze(0)
+        channels = covariance.shape[-1]
+        # A small ridge keeps the square roots' gradients finite on flat directions.
+        self.eps = 1e-5 * float(covariance.diagonal().mean().clamp(min=1e-12))
+        ridge = self.eps * torch.eye(channels, device=covariance.device)
+        values, vectors = torch.linalg.eigh(covariance + ridge)
+        root = vectors @ torch.diag_embed(values.clamp(min=0).sqrt()) @ vectors.transpose(-1, -2)
+        self.register_buffer("means", target_means.detach().float().squeeze(0))
+        self.register_buffer("covariance", covariance + ridge)
+        self.register_buffer("root", root)
+        second_moment = self.means.square().mean() + self.covariance.diagonal().mean()
+        self.register_buffer("scale", 1.0 / second_moment.clamp(min=1e-30))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.of_gram(gram_matrix(features), features)
+
+    def of_gram(self, gram: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        means = channel_means(features)
+        with torch.autocast(device_type=gram.device.type, enabled=False):
+            channels = gram.shape[-1]
+            ridge = self.eps * torch.eye(channels, device=gram.device)
+            covariance = _covariance(gram.float(), means) + ridge
+            product = self.root @ covariance @ self.root
+            product = (product + product.transpose(-1, -2)) / 2  # symmetric to rounding
+            root_trace = torch.linalg.eigvalsh(product).clamp(min=self.eps).sqrt().sum(-1)
+            traces = self.covariance.diagonal().sum() + covariance.diagonal(0, -2, -1).sum(-1)
+            spread = (traces - 2 * root_trace) / channels
+            distance = (means - self.means).square().mean(-1) + spread
+            return distance.mean() * self.scale
 
 
 class TotalVariationLoss(nn.Module):
@@ -197,5 +256,6 @@ class TotalVariationLoss(nn.Module):
 
 
 def blend_grams(grams: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Σ wᵢ·Gᵢ: the target Gram of a blend of styles (weights already sum to 1)."""
+    """Σ wᵢ·Gᵢ: the target Gram (or channel means) of a blend of styles (weights already
+    sum to 1)."""
     return sum((w * g for g, w in zip(grams, weights, strict=True)), torch.zeros_like(grams[0]))

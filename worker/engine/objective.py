@@ -16,7 +16,9 @@ from worker.engine.losses import (
     ContentLoss,
     StyleLoss,
     TotalVariationLoss,
+    WassersteinStyleLoss,
     blend_grams,
+    channel_means,
     gram_matrix,
 )
 
@@ -27,7 +29,7 @@ class Objective:
 
     extractor: FeatureExtractor
     content_losses: dict[str, ContentLoss]
-    style_losses: dict[str, tuple[float, StyleLoss]]
+    style_losses: dict[str, tuple[float, StyleLoss | WassersteinStyleLoss]]
     tv_loss: TotalVariationLoss
     weights: torch.Tensor  # (content, style, tv)
     autocast_dtype: torch.dtype | None
@@ -64,7 +66,11 @@ class Objective:
         zero = image.new_zeros((), dtype=torch.float32)
         content = sum((loss(features[name]) for name, loss in self.content_losses.items()), zero)
         style = sum(
-            (w * loss.of_gram(grams[name]) for name, (w, loss) in self.style_losses.items()), zero
+            (
+                w * loss.of_gram(grams[name], features[name])
+                for name, (w, loss) in self.style_losses.items()
+            ),
+            zero,
         )
         unweighted = torch.stack([content, style, self.tv_loss(image)])
         return unweighted * self.weights
@@ -95,20 +101,22 @@ def build_objective(
         objective.content_losses = {
             name: ContentLoss(content_features[name]) for name in options["content_layers"]
         }
-        style_grams = [
-            {
-                name: gram_matrix(feature)
-                for name, feature in objective.features(style, options["style_layers"]).items()
-            }
-            for style in styles
-        ]
+        style_grams, style_means = [], []
+        for style in styles:
+            features = objective.features(style, options["style_layers"])
+            style_grams.append({name: gram_matrix(value) for name, value in features.items()})
+            style_means.append({name: channel_means(value) for name, value in features.items()})
+        weights = options["style_weights"]
+
+        def style_loss(name: str) -> StyleLoss | WassersteinStyleLoss:
+            gram = blend_grams([grams[name] for grams in style_grams], weights)
+            if options["style_loss"] == "wasserstein":
+                means = blend_grams([each[name] for each in style_means], weights)
+                return WassersteinStyleLoss(gram, means)
+            return StyleLoss(gram)
+
         objective.style_losses = {
-            name: (
-                layer_weight,
-                StyleLoss(
-                    blend_grams([grams[name] for grams in style_grams], options["style_weights"])
-                ),
-            )
+            name: (layer_weight, style_loss(name))
             for name, layer_weight in zip(
                 options["style_layers"], options["style_layer_weights"], strict=True
             )

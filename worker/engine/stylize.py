@@ -27,6 +27,7 @@ from shared.options import (
     OptimizerName,
     PoolingName,
     PrecisionName,
+    StyleLossName,
     check_image_sizes,
     check_options,
     pyramid,
@@ -94,6 +95,7 @@ def stylize(
     content_layers: Sequence[str] = _D.content_layers,
     style_layers: Sequence[str] = _D.style_layers,
     style_layer_weights: Sequence[float] | None = _D.style_layer_weights,
+    style_loss: StyleLossName = _D.style_loss,
     init: InitName | Image.Image = _D.init,
     optimizer: OptimizerName = _D.optimizer,
     lr: float = _D.lr,
@@ -305,7 +307,8 @@ def _check_resumable(checkpoint: Checkpoint, options: dict[str, Any]) -> None:
     for name, value in options.items():
         if name in _RESUME_MAY_DIFFER:
             continue
-        if saved.get(name) != value:
+        # An option added after the checkpoint was made ran at its default then.
+        if saved.get(name, getattr(_D, name, None)) != value:
             raise OptionError(
                 f"the checkpoint was made with {name}={saved.get(name)!r}, not {value!r}",
                 field="resume_from",
