@@ -1,13 +1,14 @@
 """The defaults' calibration: named variants of the options, each run on every shipped photo
 × every preset painting, scored with measures the run did not optimize (bench/quality.py).
 
-    python bench/tune.py --size 256 --iterations 300 default shallow ... [--sheets DIR]
+    python bench/tune.py --size 256 --iterations 300 paper halving ... [--sheets DIR]
 
 Prints one line per picture and a summary per variant (the mean and the lowest scene, the
 mean style and colour, and how many pictures pass bench/contact_sheet.py's marks), and
 writes ``bench/results/tune-<size>.json``; ``--sheets`` also writes each variant's pictures
 as a contact sheet, to look at. A variant's options are passed to ``stylize`` over the
-defaults; VARIANTS below holds those the calibration tried (docs/engine.md says which won).
+defaults; VARIANTS below holds those the calibration tried (docs/benchmarks.md, "Calibration
+on real features", gives their figures).
 """
 
 from __future__ import annotations
@@ -28,18 +29,39 @@ from bench.contact_sheet import PASS, PHOTOS, describe, labelled, passes, sheet 
 from bench.quality import scores  # noqa: E402
 from bench.report import machine  # noqa: E402
 from shared.presets import presets  # noqa: E402
+from worker.engine import optimize as engine_optimize  # noqa: E402
 from worker.engine import stylize  # noqa: E402
 
-SHALLOW = (256.0, 64.0, 16.0, 4.0, 1.0)  # crowsonkb's style layer weights, relu1_1 first
 
+def normalized(*weights: float) -> tuple[float, ...]:
+    """Layer weights summing to 1, as the defaults do: the total style weight stays β's."""
+    return tuple(round(w / sum(weights), 4) for w in weights)
+
+
+SHALLOW = normalized(256, 64, 16, 4, 1)  # crowsonkb's style layer weights, relu1_1 first
+HALVING = normalized(16, 8, 4, 2, 1)  # the defaults' (shared.options.halving_weights)
+EQUAL = (0.2, 0.2, 0.2, 0.2, 0.2)  # the paper's
+
+#: The variants the calibration on vgg16-caffe tried (docs/benchmarks.md, "Calibration on
+#: real features"); "halving" is the defaults.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
+    "paper": {"style_layer_weights": EQUAL},
     "shallow": {"style_layer_weights": SHALLOW},
-    "tv0": {"tv_weight": 0.0},
-    "shallow-tv1": {"style_layer_weights": SHALLOW, "tv_weight": 1.0},
-    "scale0.5": {"style_scale": 0.5},
-    "content5_2": {"content_layers": ("relu5_2",)},
-    "content3_3": {"content_layers": ("relu3_3",)},
+    "halving": {"style_layer_weights": HALVING},
+    "halving-0.75": {"style_layer_weights": HALVING, "style_strength": 0.75},
+    "shallow-0.8": {"style_layer_weights": SHALLOW, "style_strength": 0.8},
+    "w2": {"style_loss": "wasserstein", "style_layer_weights": EQUAL},
+    "w2-halving": {"style_loss": "wasserstein", "style_layer_weights": HALVING},
+    "adam": {"optimizer": "adam", "style_layer_weights": HALVING},
+    "tv1": {"style_layer_weights": HALVING, "tv_weight": 1.0},
+    "tv10": {"style_layer_weights": HALVING, "tv_weight": 10.0},
+    "scale0.75": {"style_layer_weights": HALVING, "style_scale": 0.75},
+    "content5_2": {"style_layer_weights": HALVING, "content_layers": ("relu5_2",)},
+    "content3_3": {"style_layer_weights": HALVING, "content_layers": ("relu3_3",)},
+    "scales2": {"style_layer_weights": HALVING, "scales": 2},
+    "scales4": {"style_layer_weights": HALVING, "scales": 4},
+    "200it": {"style_layer_weights": HALVING, "iterations": 200},
+    "100it": {"style_layer_weights": HALVING, "iterations": 100},
 }
 
 
@@ -66,14 +88,24 @@ def main() -> None:
     photos = {n: Image.open(PHOTOS[n]).convert("RGB") for n in args.photos.split(",")}
     paintings = {n: Image.open(presets()[n].path).convert("RGB") for n in args.paintings.split(",")}
     summary: dict[str, Any] = {}
-    for name, options in args.variants:
+    out = args.out or REPO / "bench" / "results" / f"tune-{args.size}.json"
+    out.parent.mkdir(exist_ok=True)
+    for name, given_options in args.variants:
+        # "_engine": constants of worker/engine/optimize.py to set for this variant, for
+        # what is not an option (LBFGS_MAX_STEP, say).
+        options = dict(given_options)
+        constants = options.pop("_engine", {})
+        saved = {key: getattr(engine_optimize, key) for key in constants}
+        for key, value in constants.items():
+            setattr(engine_optimize, key, value)
         rows, entries = [], []
         for photo_name, photo in photos.items():
             row = [labelled(photo, args.cell, photo_name)]
             for painting_name, painting in paintings.items():
                 started = time.perf_counter()
-                result = stylize(content=photo, styles=[painting], size=args.size,
-                                 iterations=args.iterations, seed=0, **options)  # fmt: skip
+                # A variant may set its own size or iterations too.
+                given = {"size": args.size, "iterations": args.iterations, **options}
+                result = stylize(content=photo, styles=[painting], seed=0, **given)
                 score = scores(result.image, photo, painting)
                 seconds = time.perf_counter() - started
                 entries.append({"photo": photo_name, "painting": painting_name, **score,
@@ -82,23 +114,24 @@ def main() -> None:
                 print(name, photo_name, painting_name, describe(score), f"{seconds:.1f} s",
                       flush=True)  # fmt: skip
             rows.append(row)
+        for key, value in saved.items():
+            setattr(engine_optimize, key, value)
         if args.sheets:
             args.sheets.mkdir(parents=True, exist_ok=True)
             sheet(rows).save(args.sheets / f"{name}-{args.size}.png")
         mean = {k: sum(e[k] for e in entries) / len(entries) for k in PASS}
         summary[name] = {
-            "options": options, **mean,
+            "options": given_options, **mean,
             "lowest_scene": min(e["scene"] for e in entries),
             "passes": sum(e["pass"] for e in entries), "pictures": len(entries),
             "entries": entries,
         }  # fmt: skip
         print(f"== {name}: {describe(mean)} lowest scene {summary[name]['lowest_scene']:.2f} "
               f"passes {summary[name]['passes']}/{len(entries)}", flush=True)  # fmt: skip
-    out = args.out or REPO / "bench" / "results" / f"tune-{args.size}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "size": args.size,
-                               "iterations": args.iterations, "variants": summary},
-                              indent=1, default=list) + "\n")  # fmt: skip
+        # Written after every variant: a long run stopped halfway keeps what it measured.
+        out.write_text(json.dumps({"machine": machine(), "size": args.size,
+                                   "iterations": args.iterations, "variants": summary},
+                                  indent=1, default=list) + "\n")  # fmt: skip
 
 
 if __name__ == "__main__":

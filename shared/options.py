@@ -145,7 +145,9 @@ class Options(BaseModel):
         "backbone layers whose Gram matrices match the styles' (comma-separated)",
     )
     style_layer_weights: Weights = _option(
-        None, "weight per style layer (comma-separated); unset: equal, as in the paper"
+        None,
+        "weight per style layer (comma-separated); unset: each half the one before, summing "
+        "to 1 (16:8:4:2:1 for five); the paper weighs them equally",
     )
     style_loss: StyleLossName = _option(
         "gram",
@@ -369,6 +371,18 @@ def plan_for(size: int, scales: int | None, iterations: int) -> list[tuple[int, 
     return pyramid(size, scales, iterations)
 
 
+def halving_weights(count: int) -> list[float]:
+    """The default style layer weights: each layer half the one before, summing to 1.
+
+    Gatys et al. weigh the five layers equally. On real VGG16 features that lets the deep
+    layers (relu4_1, relu5_1) copy whole objects of the painting into the photo, Picasso's
+    eyes over a cup or a rocket; crowsonkb's 256:64:16:4:1 keeps the scene but leaves
+    little of the painting's strokes. Halving keeps both (bench/tune.py, docs/engine.md).
+    """
+    raw = [2.0 ** (count - 1 - index) for index in range(count)]
+    return [weight / sum(raw) for weight in raw]
+
+
 def strength_to_weight(strength: float) -> float:
     """β for a ``style_strength`` in [0, 1]: log-linear over STYLE_WEIGHT_LOG10_RANGE, since
     what a person sees change is the ratio of the weights, not their difference."""
@@ -457,7 +471,7 @@ def check_options(
             )
     style_layers = checked.style_layers
     if checked.style_layer_weights is None:
-        layer_weights = [1.0 / len(style_layers)] * len(style_layers)
+        layer_weights = halving_weights(len(style_layers))
     else:
         layer_weights = list(checked.style_layer_weights)
         if len(layer_weights) != len(style_layers):

@@ -75,7 +75,13 @@ def test_same_seed_same_image_and_another_seed_another(
 
 @pytest.mark.parametrize(
     ("optimizer", "scales", "tolerance"),
-    [("lbfgs", 1, 0.25), ("adam", 1, 1e-4), ("lbfgs", 2, 0.25), ("adam", 3, 1e-4)],
+    [
+        ("lbfgs", 1, 0.25),
+        ("adam", 1, 1e-4),
+        ("lbfgs", 2, 0.25),
+        ("adam", 2, 1e-4),
+        ("adam", 3, 1e-4),
+    ],
 )
 def test_resume_from_iteration_ten_finishes_twenty_close_to_uninterrupted(
     content_image: Image.Image,
@@ -108,6 +114,19 @@ def test_resume_from_iteration_ten_finishes_twenty_close_to_uninterrupted(
     assert resumed.iterations == 20 and resumed.total == 20
     assert resumed.image.size == whole.image.size
     assert resumed_iterates[-1].loss == pytest.approx(whole_iterates[-1].loss, rel=tolerance)
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes(
+    content_image: Image.Image, style_image: Image.Image
+) -> None:
+    saved: list[Checkpoint] = []
+    run(content_image, style_image, iterations=4, checkpoint_every=2, on_checkpoint=saved.append)
+    older = saved[0]
+    del older.options["style_loss"]  # made before the option was added: it ran as "gram"
+    resumed, _ = run(content_image, style_image, iterations=4, resume_from=older)
+    assert resumed.iterations == 4
+    with pytest.raises(OptionError, match="style_loss=None, not 'wasserstein'"):
+        run(content_image, style_image, iterations=4, resume_from=older, style_loss="wasserstein")
 
 
 def test_resume_refuses_other_options(content_image: Image.Image, style_image: Image.Image) -> None:
@@ -475,6 +494,17 @@ def test_defaults_come_from_the_signature() -> None:
     assert values["optimizer"] == "lbfgs"
     assert values["style_layers"] == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
     assert "content" not in values  # required, no default
+
+
+def test_the_default_style_layer_weights_halve_layer_by_layer() -> None:
+    from shared.options import check_options
+
+    weights = check_options(styles=1)["style_layer_weights"]
+    assert weights == pytest.approx([16 / 31, 8 / 31, 4 / 31, 2 / 31, 1 / 31])
+    three = check_options(styles=1, style_layers=["relu1_1", "relu2_1", "relu3_1"])
+    assert three["style_layer_weights"] == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    given = check_options(styles=1, style_layer_weights=[1, 1, 1, 1, 1])
+    assert given["style_layer_weights"] == [1.0] * 5  # as given, not normalized
 
 
 @pytest.mark.parametrize(

@@ -249,8 +249,18 @@ class ActiveRun:
             "on_checkpoint": self.reporter.checkpoint,
             "resume_from": self.resume_from,
             **self.params,
+            **self._as_checkpointed(),
             "init": self.init,
         }
+
+    def _as_checkpointed(self) -> dict[str, Any]:
+        """For a resumed run, the defaults it started with where they have changed since:
+        a job checkpointed before the style layers' default weights changed resumes with
+        the weights it ran with (the checkpoint holds them), not with the new ones."""
+        saved = self.resume_from.options if self.resume_from is not None else {}
+        if self.params.get("style_layer_weights") is None and "style_layer_weights" in saved:
+            return {"style_layer_weights": saved["style_layer_weights"]}
+        return {}
 
     def plan_options(self) -> dict[str, Any]:
         return {name: self.params[name] for name in ("size", "scales", "iterations")}
