@@ -65,7 +65,7 @@ def main() -> None:
             print(photo_name, painting_name, "instant", describe(fast), "balanced",
                   describe(slow), f"{balanced_seconds:.0f} s", flush=True)  # fmt: skip
             rows.append([
-                labelled(painting, args.cell, f"{photo_name} × {painting_name}"),
+                labelled(painting, args.cell, f"{photo_name} x {painting_name}"),
                 labelled(instant, args.cell, f"instant\n{describe(fast)}"),
                 labelled(balanced, args.cell, f"balanced\n{describe(slow)}"),
             ])  # fmt: skip
