@@ -115,7 +115,7 @@ class Settings:
     upload_seconds: float = 120.0
     #: Uploads one client (token, else address) may have in flight in a web process (429
     #: beyond).
-    uploads_per_client: int = 2
+    uploads_per_client: int = 8
     #: Bytes of each file part an upload holds in memory; the rest waits in a temporary file.
     upload_memory_bytes: int = 1024 * 1024
     #: Complete submissions a web process reads into memory and checks at once (each up to

@@ -83,7 +83,7 @@ def server(
         metrics_networks="192.0.2.0/24", event_streams_per_client=2,
         # Short upload limits, so that the stalled-upload test takes seconds.
         upload_idle_seconds=UPLOAD_IDLE_SECONDS, upload_seconds=UPLOAD_SECONDS,
-        upload_memory_bytes=UPLOAD_MEMORY_BYTES,
+        upload_memory_bytes=UPLOAD_MEMORY_BYTES, uploads_per_client=2,
     )  # fmt: skip
     port = free_port()
     process = start(str(request.param), settings, port, base / "web.log")

@@ -47,9 +47,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
     # Text parts and urlencoded bodies (web/limits.py): a job's fields fit many times over.
     app.config["MAX_FORM_MEMORY_SIZE"] = FORM_TEXT_BYTES
-    from web.limits import BoundedRequest
+    from web.limits import BoundedRequest, close_upload_parts
 
     app.request_class = BoundedRequest
+    app.teardown_request(close_upload_parts)
     from web.auth import secret_key
 
     if not app.config.get("SECRET_KEY"):  # Flask's default is None

@@ -20,7 +20,7 @@ import tempfile
 import typing
 from typing import Any
 
-from flask import Request, current_app
+from flask import Request, current_app, g
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser, MultiPartParser
 from werkzeug.sansio.multipart import File
@@ -64,7 +64,11 @@ class _MultiPartParser(MultiPartParser):
                 f"unexpected file field {event.name!r}; send images as content or style",
                 field=event.name,
             )
-        return _BoundedFile(self.file_limit, event.name, self.in_memory)
+        part = _BoundedFile(self.file_limit, event.name, self.in_memory)
+        # Closed when the request ends, however it ends: a body refused halfway leaves
+        # its parts (temporary files past in_memory) with no one else to close them.
+        g.setdefault("upload_parts", []).append(part)
+        return part
 
 
 class _FormDataParser(FormDataParser):
@@ -121,3 +125,9 @@ class BoundedRequest(Request):
     @max_content_length.setter
     def max_content_length(self, value: int | None) -> None:
         self._max_content_length = value
+
+
+def close_upload_parts(_: BaseException | None = None) -> None:
+    """At the end of a request (``teardown_request``): close the file parts it parsed."""
+    for part in g.pop("upload_parts", []):
+        part.close()
