@@ -29,7 +29,6 @@ from bench.contact_sheet import PASS, PHOTOS, describe, labelled, passes, sheet 
 from bench.quality import scores  # noqa: E402
 from bench.report import machine  # noqa: E402
 from shared.presets import presets  # noqa: E402
-from worker.engine import optimize as engine_optimize  # noqa: E402
 from worker.engine import stylize  # noqa: E402
 
 
@@ -90,14 +89,7 @@ def main() -> None:
     summary: dict[str, Any] = {}
     out = args.out or REPO / "bench" / "results" / f"tune-{args.size}.json"
     out.parent.mkdir(exist_ok=True)
-    for name, given_options in args.variants:
-        # "_engine": constants of worker/engine/optimize.py to set for this variant, for
-        # what is not an option (LBFGS_MAX_STEP, say).
-        options = dict(given_options)
-        constants = options.pop("_engine", {})
-        saved = {key: getattr(engine_optimize, key) for key in constants}
-        for key, value in constants.items():
-            setattr(engine_optimize, key, value)
+    for name, options in args.variants:
         rows, entries = [], []
         for photo_name, photo in photos.items():
             row = [labelled(photo, args.cell, photo_name)]
@@ -114,14 +106,12 @@ def main() -> None:
                 print(name, photo_name, painting_name, describe(score), f"{seconds:.1f} s",
                       flush=True)  # fmt: skip
             rows.append(row)
-        for key, value in saved.items():
-            setattr(engine_optimize, key, value)
         if args.sheets:
             args.sheets.mkdir(parents=True, exist_ok=True)
             sheet(rows).save(args.sheets / f"{name}-{args.size}.png")
         mean = {k: sum(e[k] for e in entries) / len(entries) for k in PASS}
         summary[name] = {
-            "options": given_options, **mean,
+            "options": options, **mean,
             "lowest_scene": min(e["scene"] for e in entries),
             "passes": sum(e["pass"] for e in entries), "pictures": len(entries),
             "entries": entries,
