@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test demo lint bench clean install
+.PHONY: run test test-web demo lint bench clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ PYTEST_ARGS ?= -n auto --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The web tier alone (tests/web/: the Flask app, a database and a redis-server, no worker).
+test-web: $(STAMP)
+	$(BIN)/python -m pytest tests/web -q
 
 demo: $(STAMP)
 	mkdir -p var

@@ -56,9 +56,8 @@ from engine import (  # bench/engine.py (run as a script)
 )
 from PIL import Image
 
-from worker.engine import Iterate, stylize
+from worker.engine import Iterate, prepare, stylize, stylize_together
 from worker.engine.backbones import load_backbone
-from worker.engine.stylize import prepare, stylize_together
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "vgg19-random"

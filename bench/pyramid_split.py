@@ -26,12 +26,15 @@ from PIL import Image  # noqa: E402
 
 from bench.quality import scores  # noqa: E402
 from bench.report import machine, update_section  # noqa: E402
-from shared.options import auto_scales, pyramid  # noqa: E402
-from worker.engine import optimize, stylize  # noqa: E402
+from shared.pyramid import auto_scales, pyramid  # noqa: E402
+from worker.engine import (  # noqa: E402
+    optimize,
+    prepare,
+    stylize,
+)
 from worker.engine.device import load_extractor  # noqa: E402
 from worker.engine.imaging import to_tensor  # noqa: E402
 from worker.engine.objective import build_objective  # noqa: E402
-from worker.engine.stylize import prepare  # noqa: E402
 
 
 def split(share: str):  # type: ignore[no-untyped-def]

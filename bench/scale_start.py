@@ -19,8 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shared.images import decode_image  # noqa: E402
-from worker.engine import optimize  # noqa: E402
-from worker.engine.stylize import Iterate, stylize  # noqa: E402
+from worker.engine import (  # noqa: E402
+    Iterate,
+    optimize,
+    stylize,
+)
 
 
 def run(bound: float | None, size: int, iterations: int) -> list[Iterate]:

@@ -45,8 +45,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from bench.contact_sheet import describe, sheet  # noqa: E402
 from bench.quality import scores  # noqa: E402
 from bench.report import machine  # noqa: E402
-from shared.options import auto_scales, pyramid  # noqa: E402
 from shared.presets import presets  # noqa: E402
+from shared.pyramid import auto_scales, pyramid  # noqa: E402
 from worker.engine import Iterate, stylize  # noqa: E402
 from worker.feedforward import DEFAULT_THREADS, FeedForward  # noqa: E402
 

@@ -163,10 +163,12 @@ OFFLINE_BACKBONE = "vgg19-random"
 PREFERENCE = (DEFAULT_BACKBONE, "vgg19", "vgg19-caffe", "vgg16", OFFLINE_BACKBONE)
 
 
-def default_backbone(available: Iterable[str] | None) -> str:
+def default_backbone(available: Iterable[str] | None, *, offline: bool = False) -> str:
     """The backbone a job that names none gets where ``available`` are the backbones the
-    workers can run (None: not known yet, so the default)."""
+    workers can run: the first of PREFERENCE they offer. None: not known yet (no worker is
+    up), so the default, unless the service was started without its weights (``offline``,
+    shared.config.Settings.offline)."""
     if available is None:
-        return DEFAULT_BACKBONE
+        return OFFLINE_BACKBONE if offline else DEFAULT_BACKBONE
     have = set(available)
     return next((name for name in PREFERENCE if name in have), DEFAULT_BACKBONE)

@@ -29,14 +29,33 @@ SPEED_PREFIX = "stylequeue:speed:"
 #: How long a measured speed is trusted without a worker refreshing it: a host whose
 #: workers stayed away a week may have changed (drivers, neighbours, its torch).
 SPEED_TTL_SECONDS = 7 * 24 * 3600
-#: Task name the web sends jobs under; the worker registers its task with it.
+#: Task name the web sends jobs under, whatever their mode: the queue decides which worker
+#: kind runs it (shared/routing.py). The optimization workers' app (worker/tasks.py) and
+#: the preview workers' (worker/previews.py, for ``mode=fast`` jobs on the preview queue)
+#: each register it; both run the job through worker/lifecycle.py.
 RUN_JOB_TASK = "stylequeue.run_job"
 #: The instant preview of an optimization job: its feed-forward picture, made by a preview
-#: worker (worker/previews.py). A ``mode=fast`` job is a RUN_JOB_TASK on the preview queue.
+#: worker (worker/previews.py).
 PREVIEW_TASK = "stylequeue.preview_job"
 #: A probe: the worker writes the time it picked the message up under the key it is given
 #: (bench/service.py measures the bare queue's latency with it).
 PING_TASK = "stylequeue.ping"
+
+
+def celery_config(queue: str) -> dict[str, Any]:
+    """What every Celery app of ours sets: tasks acknowledged when they end and given back
+    if their worker dies, one message at a time, no result backend (the database row is
+    the job's record), the logging ours, and ``queue`` the default."""
+    return {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": queue,
+        "task_ignore_result": True,
+        "broker_connection_retry_on_startup": True,
+        "worker_send_task_events": False,
+        "worker_hijack_root_logger": False,
+    }
 
 
 # INCRBY, and EXPIRE when the window's count starts: one round trip, one command (a pipeline

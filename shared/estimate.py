@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shared.pyramid import scaled_pixels
+
 #: Heartbeat fields: an optimization worker's work per second, a preview worker's seconds
 #: per feed-forward picture.
 RATE_FIELD = "work_per_second"
@@ -27,11 +29,6 @@ FAST_SECONDS_FIELD = "fast_seconds"
 PREVIEW_KIND = "preview"
 #: Weight of the newest measurement in a worker's running rate.
 RATE_SMOOTHING = 0.5
-
-
-def scaled_pixels(width: int, height: int, long_side: int) -> int:
-    scale = long_side / max(width, height)
-    return max(1, round(width * scale)) * max(1, round(height * scale))
 
 
 def job_work(plan: Sequence[tuple[int, int]], width: int, height: int) -> int:

@@ -263,6 +263,22 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(image))
 
 
+#: zlib's level for previews, which the next one replaces: the fastest level, for files a
+#: little larger than at PNG's default (6); a preview lives briefly, so encoding time
+#: matters more than its size. The result keeps the default.
+PREVIEW_COMPRESS_LEVEL = 1
+
+
+def synthetic_pair(
+    content_size: tuple[int, int], style_size: tuple[int, int]
+) -> tuple[Image.Image, Image.Image]:
+    """A made-up photo (a grey gradient) and painting (noise) of these (width, height), for
+    the speed runs a worker makes before its first job."""
+    content = Image.linear_gradient("L").convert("RGB").resize(content_size)
+    style = Image.effect_noise(style_size, 64).convert("RGB")
+    return content, style
+
+
 def encode_png(image: Image.Image, *, compress_level: int = 6) -> bytes:
     """``image`` as PNG bytes; ``compress_level`` is zlib's, from 0 (none) to 9 (smallest)."""
     buffer = io.BytesIO()

@@ -10,47 +10,36 @@ import hashlib
 import json
 import secrets
 import uuid
-from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, case, func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.backbones import OFFLINE_BACKBONE, default_backbone
+from shared.backbones import default_backbone
 from shared.config import Settings
 from shared.db import insert_ignoring_duplicates
 from shared.errors import OptionError
 from shared.estimate import job_work
+from shared.fields import form_text, form_values, validate
 from shared.images import ImageInfo, probe_image
 from shared.models import Job, JobMode, JobStatus, JobStyle, StoredImage, utcnow
+from shared.normalize import check_image_sizes, check_options, normalize_weights, style_side
 from shared.options import (
+    FAST_MAX_SIZE,
     FILE_FIELDS,
-    MIN_SIZE,
     OPTION_NAMES,
     SUBMISSION_FIELDS,
+    RunOptions,
     Submission,
-    check_image_sizes,
-    check_options,
-    form_text,
-    form_values,
-    lbfgs_history_for,
-    pyramid,
-    scaled_pixels,
-    style_side,
-    validate,
 )
 from shared.presets import presets
+from shared.pyramid import MIN_SIZE, lbfgs_history_for, pyramid, scaled_pixels
 from shared.routing import job_memory_bytes
 from shared.storage import Storage
 from shared.webhooks import check_callback_url
-
-#: The largest picture a ``mode=fast`` job makes (long side): the network runs at 384 px,
-#: and above this an upscaled picture only gets softer (worker/feedforward.py MAX_SIZE).
-FAST_MAX_SIZE = 1024
 
 
 @dataclass
@@ -67,7 +56,7 @@ class JobRequest:
 
     content: tuple[bytes, ImageInfo]
     styles: list[tuple[bytes, ImageInfo, str | None]]  # bytes, header, preset name
-    options: dict[str, Any]
+    options: RunOptions
     style_weights: list[float] = field(default_factory=list)
     #: The seed was given by the client (not drawn): the result is reproducible.
     seed_given: bool = False
@@ -79,7 +68,8 @@ class JobRequest:
 
     def plan(self) -> list[tuple[int, int]]:
         """The pyramid: (long side, iterations) per scale, coarsest first."""
-        return pyramid(self.options["size"], self.options["scales"], self.options["iterations"])
+        options = self.options
+        return pyramid(options.size, options.scales, options.iterations)
 
     def work(self) -> int:
         """The job's work for the ETA (shared/estimate.py); 0 for a fast job."""
@@ -95,12 +85,12 @@ class JobRequest:
         style_pixels = []
         for _, info, _ in self.styles:
             side = style_side(info.size, finest, self.options)
-            style_pixels.append(scaled_pixels(info.size, side))
-        output_pixels = scaled_pixels(self.content[1].size, finest)
+            style_pixels.append(scaled_pixels(*info.size, side))
+        output_pixels = scaled_pixels(*self.content[1].size, finest)
         return job_memory_bytes(
             output_pixels=output_pixels,
-            optimizer=self.options["optimizer"],
-            lbfgs_history=lbfgs_history_for(output_pixels, self.options["lbfgs_history"]),
+            optimizer=self.options.optimizer,
+            lbfgs_history=lbfgs_history_for(output_pixels, self.options.lbfgs_history),
             style_pixels=style_pixels,
             input_pixels=sum(info.width * info.height for _, info, _ in self.all_images()),
         )
@@ -113,7 +103,7 @@ class JobRequest:
 
         A drawn seed is left out, so that resending a request is recognised as the same.
         """
-        options = dict(self.options)
+        options = self.options.stored()
         if not self.seed_given:
             options.pop("seed")
         canonical = {
@@ -124,15 +114,6 @@ class JobRequest:
             "mode": self.mode.value,
         }
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-
-
-def _default_for(settings: Settings, runnable_backbones: set[str] | None) -> str:
-    """The backbone of a job that names none: the first of shared.backbones.PREFERENCE the
-    live workers can run; before any worker is known, the default, unless the service was
-    started without its weights (``settings.offline``)."""
-    if runnable_backbones is None and settings.offline:
-        return OFFLINE_BACKBONE
-    return default_backbone(runnable_backbones)
 
 
 def parse_request(
@@ -168,7 +149,7 @@ def parse_request(
     if "backbone" not in fields:
         # As the form does: where no worker has the default's weights, a job that names no
         # backbone takes the best one they have instead of failing or being refused.
-        options["backbone"] = _default_for(settings, runnable_backbones)
+        options["backbone"] = default_backbone(runnable_backbones, offline=settings.offline)
     if runnable_backbones is not None and options["backbone"] not in runnable_backbones:
         raise OptionError(
             f"no worker can run {options['backbone']!r} (its weights are missing there); "
@@ -207,24 +188,18 @@ def parse_request(
     if not styles:
         raise OptionError("give a style image or a style_preset", field="style")
 
-    checked = check_options(
-        **options,
-        styles=len(styles),
-        style_weights=submission.style_weights,
-        max_size=settings.max_size,
-    )
-    if checked["iterations"] > settings.max_iterations:
+    checked = check_options(**options, styles=len(styles), max_size=settings.max_size)
+    style_weights = normalize_weights(submission.style_weights, len(styles), "style_weights")
+    if checked.iterations > settings.max_iterations:
         raise OptionError(
             f"must be at most {settings.max_iterations} on this service", field="iterations"
         )
     # The coarsest pyramid scale must still reach the deepest layer (depends on the aspect).
-    check_image_sizes(content[1].size, [info.size for _, info, _ in styles], checked)
-    seed_given = checked["seed"] is not None
-    if checked["seed"] is None:
+    check_image_sizes(content[1].size, checked)
+    seed_given = checked.seed is not None
+    if not seed_given:
         # Drawn now, so the job records it: rerunning its params reproduces the image.
-        checked["seed"] = secrets.randbelow(2**31)
-    for name in ("preview_every", "checkpoint_every"):
-        checked.pop(name)
+        checked = checked.model_copy(update={"seed": secrets.randbelow(2**31)})
     callback_url = submission.callback_url
     if callback_url is not None:
         callback_url = check_callback_url(callback_url.strip(), settings)
@@ -232,7 +207,7 @@ def parse_request(
         content=content,
         styles=styles,
         options=checked,
-        style_weights=checked.pop("style_weights"),
+        style_weights=style_weights,
         seed_given=seed_given,
         reuse=submission.reuse,
         callback_url=callback_url,
@@ -309,10 +284,10 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
         id=uuid.uuid4(),
         status=JobStatus.QUEUED,
         mode=request.mode.value,
-        params=request.options,
+        params=request.options.stored(),
         content_sha256=content_sha,
         # A fast job makes no iteration: one pass of the feed-forward network.
-        total=0 if request.mode == JobMode.FAST else request.options["iterations"],
+        total=0 if request.mode == JobMode.FAST else request.options.iterations,
         work=request.work(),
         iteration=0,
         attempts=0,
@@ -348,81 +323,3 @@ def scale_plan(params: Mapping[str, Any]) -> list[dict[str, int]]:
         plan.append({"size": side, "iterations": iterations, "start": start})
         start += iterations
     return plan
-
-
-_jobs = Job.__table__.c
-_queued_before = and_(
-    _jobs.status == JobStatus.QUEUED.value, _jobs.created_at < bindparam("created_at")
-)
-_running = and_(_jobs.status == JobStatus.RUNNING.value, _jobs.total > 0)
-#: A running job's work still to do.
-_work_left = func.coalesce(_jobs.work, 0) * (_jobs.total - _jobs.iteration) / _jobs.total
-# Built once (SQLAlchemy compiles it once and caches that): building the ORM expression
-# anew is a large share of a queued job's status poll (cProfile). One statement
-# counts the jobs ahead and sums their work: the queued ones whole, the running ones' rest.
-QUEUE_AHEAD = select(
-    func.coalesce(func.sum(case((_queued_before, 1), else_=0)), 0),
-    func.coalesce(
-        func.sum(
-            case(
-                (_queued_before, func.coalesce(_jobs.work, 0)),
-                (_running, _work_left),
-                else_=0,
-            )
-        ),
-        0,
-    ),
-).where(_jobs.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
-
-
-def queue_ahead(db: Session | Connection, created_at: datetime) -> tuple[int, float]:
-    """For a queued job created at ``created_at``: its position (1 for the next to start)
-    and the work ahead of it (shared/estimate.py). ``db`` is a Session or, for the status
-    poll, the Core connection that read the job."""
-    count, work = db.execute(QUEUE_AHEAD, {"created_at": created_at}).one()
-    return int(count) + 1, float(work)
-
-
-_RUNNING_LEFT = select(func.coalesce(func.sum(_work_left), 0)).where(_running)
-_QUEUED_IN_ORDER = (
-    select(_jobs.created_at, func.coalesce(_jobs.work, 0))
-    .where(_jobs.status == JobStatus.QUEUED.value)
-    .order_by(_jobs.created_at)
-    .limit(bindparam("limit"))
-)
-
-
-@dataclass(frozen=True)
-class QueueSnapshot:
-    """The queue as read at one moment: each queued job's creation time, in order, with the
-    work queued before it; the running jobs' work left. It answers :func:`queue_ahead` for
-    any queued job without a query (the status poll's, when many poll at once)."""
-
-    created: list[datetime]
-    #: ``work_before[i]``: the work of the queued jobs before the i-th (one entry more).
-    work_before: list[float]
-    running_left: float
-    #: Whether every queued job was read (else only the first ``limit``).
-    whole: bool
-
-    @classmethod
-    def read(cls, db: Session | Connection, limit: int) -> QueueSnapshot:
-        rows = db.execute(_QUEUED_IN_ORDER, {"limit": limit + 1}).all()
-        whole, rows = len(rows) <= limit, rows[:limit]
-        running_left = float(db.execute(_RUNNING_LEFT).scalar_one())
-        work_before = [0.0]
-        for _, work in rows:
-            work_before.append(work_before[-1] + float(work))
-        return cls([created for created, _ in rows], work_before, running_left, whole)
-
-    def ahead(self, created_at: datetime) -> tuple[int, float] | None:
-        """As :func:`queue_ahead`; None where the jobs ahead were not all read."""
-        index = bisect_left(self.created, created_at)
-        if index == len(self.created) and not self.whole:
-            return None
-        return index + 1, self.work_before[index] + self.running_left
-
-
-def queue_position(db: Session | Connection, created_at: datetime) -> int:
-    """The position of a queued job created at ``created_at``: 1 for the next to start."""
-    return queue_ahead(db, created_at)[0]

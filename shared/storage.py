@@ -8,12 +8,33 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from shared.config import Settings
 from shared.errors import OptionError
+
+# -- Where a job's files live. --------------------------------------------------------
+
+
+def checkpoint_key(job_id: uuid.UUID) -> str:
+    return f"jobs/{job_id}/checkpoint.npz"
+
+
+def preview_key(job_id: uuid.UUID) -> str:
+    return f"jobs/{job_id}/preview.png"
+
+
+def fast_preview_key(job_id: uuid.UUID) -> str:
+    """The feed-forward picture (worker/instant.py), kept apart from the optimizer's
+    previews: an optimization job with ``init=fast`` starts from it."""
+    return f"jobs/{job_id}/fast-preview.png"
+
+
+def result_key(job_id: uuid.UUID) -> str:
+    return f"jobs/{job_id}/result.png"
 
 
 class Storage(Protocol):

@@ -83,10 +83,11 @@ def fetch_default_weights(settings: Settings, name: str | None = None) -> bool:
 def run_worker(settings: Settings, name: str | None = None) -> None:
     """One Celery worker process, one job at a time (``--pool solo``): one per GPU. It
     consumes the queues its device and memory qualify it for (shared/routing.py)."""
+    from worker.capacity import measure
     from worker.celery_app import app
     from worker.context import context
 
-    queues = ",".join(context().capacity.queues)
+    queues = ",".join(measure(context().settings).queues)
     argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", queues]
     argv += ["--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     # Celery's node name: unique per worker, so that one per GPU on a machine do not clash.

@@ -70,6 +70,35 @@ def second_style_image(sample_images: Path) -> Image.Image:
     return small(sample_images / "style" / "shipwreck.jpg")
 
 
+# A database for the module: SQLite, and the PostgreSQL at TEST_DATABASE_URL where set.
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'jobs.db'}"
+    url = os.environ.get("TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("PostgreSQL runs when TEST_DATABASE_URL is set (.ci/run sets it)")
+    from tests.service import reset_database
+
+    reset_database(url)
+    return url
+
+
+# The sample photo and painting as small PNGs.
+@pytest.fixture(scope="module")
+def photo(sample_images: Path) -> bytes:
+    from tests.service import png_bytes
+
+    return png_bytes(sample_images / "content" / "photo.jpg")
+
+
+@pytest.fixture(scope="module")
+def painting(sample_images: Path) -> bytes:
+    from tests.service import png_bytes
+
+    return png_bytes(sample_images / "style" / "starry_night.jpg")
+
+
 # The service's Flask app and a client, for a module whose ``settings`` fixture (module
 # scoped) says which database, Redis and queue to use.
 @pytest.fixture(scope="module")

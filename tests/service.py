@@ -18,7 +18,10 @@ from typing import Any
 
 import redis
 import requests
+from flask.testing import FlaskClient
 from PIL import Image
+from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.test import encode_multipart
 
 from shared import broker
 from shared.config import Settings
@@ -320,3 +323,33 @@ def make_token(settings: Settings, name: str = "test", *, admin: bool = False) -
             return create_token(session, f"{name}-{uuid.uuid4().hex[:8]}", admin=admin)[1]
     finally:
         engine.dispose()
+
+
+def png_bytes(path: Path, long_side: int = 128) -> bytes:
+    image = Image.open(path).convert("RGB")
+    image.thumbnail((long_side, long_side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def submit(
+    client: FlaskClient,
+    photo: bytes | None,
+    painting: bytes | None,
+    content_name: str = "photo.png",
+    **fields: Any,
+) -> Any:
+    data = MultiDict({"backbone": "vgg19-random", "size": "64"})
+    for name, value in fields.items():
+        data.setlist(name, value if isinstance(value, list) else [str(value)])
+    if photo is not None:
+        data.add("content", FileStorage(io.BytesIO(photo), filename=content_name))
+    if painting is not None:
+        data.add("style", FileStorage(io.BytesIO(painting), filename="painting.png"))
+    # Encoded in memory: the test client would spool a large body to a temporary file it
+    # never closes.
+    boundary, body = encode_multipart(data)
+    return client.post(
+        "/api/jobs", data=body, content_type=f"multipart/form-data; boundary={boundary}"
+    )

@@ -13,8 +13,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from shared.config import Settings
-from tests.service import RedisServer, WorkerProcess, service_settings, wait_for
-from tests.test_service import png_bytes, submit, wait_status
+from tests.service import RedisServer, WorkerProcess, png_bytes, service_settings, submit, wait_for
+from tests.test_service import wait_status
 from web import create_app
 
 

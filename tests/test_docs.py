@@ -7,7 +7,7 @@ import re
 import subprocess
 
 from shared.config import settings_reference
-from shared.options import options_reference
+from shared.fields import options_reference
 from tests.conftest import REPO
 
 CONFIGURATION = REPO / "docs" / "configuration.md"
@@ -27,7 +27,7 @@ def test_the_options_table_is_generated_from_the_schema() -> None:
     text = (REPO / "docs" / "api.md").read_text()
     table = text.split("<!-- options: begin -->\n", 1)[1].split("\n<!-- options: end -->", 1)[0]
     assert table.splitlines() == options_reference(), (
-        "docs/api.md is stale: run python -m shared.options docs/api.md"
+        "docs/api.md is stale: run python -m shared.fields docs/api.md"
     )
     assert len(options_reference()) > 20
     assert all(not row.endswith("|  |") for row in table.splitlines())  # each says what it does

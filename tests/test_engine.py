@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -10,16 +11,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from shared.config import Settings
 from shared.errors import OptionError
-from shared.options import auto_scales, check_options, defaults, normalize_weights, pyramid
-from worker.engine import Checkpoint, Iterate, Result, stylize
+from shared.normalize import check_options, normalize_weights
+from shared.options import defaults
+from shared.pyramid import auto_scales, pyramid
+from worker.engine import Checkpoint, Iterate, Result, prepare, stylize, stylize_together
 from worker.engine.backbones import FeatureExtractor, load_backbone
 from worker.engine.device import load_extractor
 from worker.engine.imaging import rgb_to_yiq, to_tensor
 from worker.engine.packed import can_pack, packed_convolutions_available
-from worker.engine.stylize import prepare, stylize_together
 
 FAST = {"backbone": "vgg19-random", "size": 64, "device": "cpu"}
 
@@ -488,23 +491,39 @@ def test_seeded_backbone_keeps_activation_magnitude(content_image: Image.Image) 
     assert max(rms) / min(rms) < 10, rms
 
 
-def test_defaults_come_from_the_signature() -> None:
+def test_stylize_takes_the_schemas_defaults() -> None:
     values = defaults()
+    signature = inspect.signature(stylize).parameters
+    assert {name: signature[name].default for name in values} == values
     assert values["iterations"] == 300
     assert values["optimizer"] == "lbfgs"
     assert values["style_layers"] == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
     assert "content" not in values  # required, no default
 
 
-def test_the_default_style_layer_weights_halve_layer_by_layer() -> None:
-    from shared.options import check_options
+def test_a_jobs_params_are_the_checked_options_and_read_back_as_they_were() -> None:
+    from shared.options import RunOptions
 
-    weights = check_options(styles=1)["style_layer_weights"]
+    checked = check_options(styles=1, size=256, style_strength=0.3)
+    params = checked.stored()
+    assert RunOptions.of_job(params) == checked
+    assert params["scales"] == 2 and params["style_layers"][0] == "relu1_1"
+    # A row written before style_loss existed ran with the paper's Gram loss: its default.
+    older = {name: value for name, value in params.items() if name != "style_loss"}
+    assert RunOptions.of_job(older).style_loss == "gram"
+    with pytest.raises(ValidationError):  # frozen: one value from the form to the checkpoint
+        checked.size = 128  # type: ignore[misc]
+
+
+def test_the_default_style_layer_weights_halve_layer_by_layer() -> None:
+    from shared.normalize import check_options
+
+    weights = check_options(styles=1).style_layer_weights
     assert weights == pytest.approx([16 / 31, 8 / 31, 4 / 31, 2 / 31, 1 / 31])
     three = check_options(styles=1, style_layers=["relu1_1", "relu2_1", "relu3_1"])
-    assert three["style_layer_weights"] == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    assert three.style_layer_weights == pytest.approx([4 / 7, 2 / 7, 1 / 7])
     given = check_options(styles=1, style_layer_weights=[1, 1, 1, 1, 1])
-    assert given["style_layer_weights"] == [1.0] * 5  # as given, not normalized
+    assert given.style_layer_weights == (1.0,) * 5  # as given, not normalized
 
 
 @pytest.mark.parametrize(
@@ -705,7 +724,7 @@ def test_the_objective_is_the_same_whatever_the_backbones_feature_scale(
     image = (content + 0.1 * noise).clamp(0, 1)
     results = []
     for extractor in (_random_extractor(), _random_extractor(255.0, {"conv3_1": 7.0})):
-        objective = build_objective(extractor, options, content, [style], None, False)
+        objective = build_objective(extractor, options, [1.0], content, [style], None, False)
         x = image.clone().requires_grad_()
         parts = objective.parts(x)
         parts.sum().backward()
@@ -735,11 +754,11 @@ def test_style_strength_sets_the_style_weight_on_a_log_scale() -> None:
     assert strength_to_weight(1.0) == pytest.approx(100.0)
     assert strength_to_weight(0.5) == pytest.approx(10**0.5)
     checked = check_options(**{**base, "style_strength": 0.25})
-    assert checked["style_weight"] == pytest.approx(strength_to_weight(0.25))
-    assert checked["style_strength"] == 0.25
+    assert checked.style_weight == pytest.approx(strength_to_weight(0.25))
+    assert checked.style_strength == 0.25
     # An explicit weight wins, and the strength it overrides is not kept.
     explicit = check_options(**{**base, "style_strength": 0.25, "style_weight": 42.0})
-    assert explicit["style_weight"] == 42.0 and explicit["style_strength"] is None
+    assert explicit.style_weight == 42.0 and explicit.style_strength is None
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(OptionError) as info:
             check_options(**{**base, "style_strength": bad})

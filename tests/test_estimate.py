@@ -18,7 +18,7 @@ from shared.estimate import (
     smoothed,
 )
 from shared.jobs import scale_plan
-from shared.options import plan_for
+from shared.pyramid import plan_for
 
 PLAN = [(128, 100), (256, 100), (512, 100)]
 

@@ -362,6 +362,9 @@ def test_stalled_uploads_are_dropped_and_hold_no_memory(server: Server) -> None:
 def test_a_client_has_few_uploads_at_once_and_none_lasts_forever(server: Server) -> None:
     first, second = (start_upload(server, "127.0.2.1", 1_000_000, 10_000) for _ in range(2))
     try:
+        # The server's threads take up the first two before the third comes (on a loaded
+        # machine the third could otherwise be read first, and one of them refused instead).
+        time.sleep(0.5)
         third = start_upload(server, "127.0.2.1", 1_000_000, 10_000)
         answer = answer_of(third, 5)
         third.close()

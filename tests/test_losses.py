@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from worker.engine import device as engine_device
+from worker.engine import prepare
 from worker.engine.device import (
     AUTOCAST_DTYPES,
     FP16_LOSS_SCALE,
@@ -29,7 +30,6 @@ from worker.engine.losses import (
 )
 from worker.engine.objective import evaluate
 from worker.engine.optimize import _RunState
-from worker.engine.stylize import prepare
 
 
 def test_gram_matrix_shape_and_values_by_hand() -> None:

@@ -74,7 +74,7 @@ def test_peak_memory_stays_under_the_routing_estimate(tmp_path: Path, case: str)
     request = parse_request(form, uploads, settings)
     estimate = request.memory_bytes()
 
-    options = {**request.options, "style_weights": request.style_weights}
+    options = {**request.options.stored(), "style_weights": request.style_weights}
     spec = {"content": str(content), "styles": [str(p) for p in styles], "options": options}
     child = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(spec)],

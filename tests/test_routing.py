@@ -88,7 +88,7 @@ def test_gpus_on_a_machine_without_one_is_a_clear_error() -> None:
 
 
 def test_lbfgs_history_shrinks_with_the_image_and_the_estimate_counts_it() -> None:
-    from shared.options import lbfgs_history_for
+    from shared.pyramid import lbfgs_history_for
 
     assert lbfgs_history_for(512 * 512, None) == 100
     assert lbfgs_history_for(2048 * 2048, None) == 21  # 21 pairs × 24 B/px ≤ 2 GiB

@@ -3,7 +3,6 @@ SQLite (and PostgreSQL when TEST_DATABASE_URL is set), the Flask app."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import subprocess
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flask import Flask, Response, url_for
+from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
 from sqlalchemy import Engine, func, inspect, select
@@ -31,8 +30,7 @@ from shared.errors import OptionError
 from shared.jobs import Upload, create_job, parse_request
 from shared.migrate import downgrade, upgrade
 from shared.models import Job, JobRun, JobStyle, LossPoint, StoredImage, utcnow
-from shared.storage import storage_from_settings
-from stylequeue.service import start_embedded_redis
+from shared.storage import checkpoint_key, storage_from_settings
 from tests.bad_input import BAD_INPUT, NOISE, encoded
 from tests.conftest import REPO
 from tests.service import (
@@ -40,28 +38,17 @@ from tests.service import (
     WorkerProcess,
     fresh_database,
     make_token,
-    reset_database,
     service_settings,
+    submit,
     wait_for,
 )
-from web import SECURITY_HEADERS, create_app, security_headers
-from web.api import job_json, job_links, load_job
+from web import SECURITY_HEADERS
+from web.api import job_json, load_job
 from worker import lease
 from worker.engine import Checkpoint, Iterate
-from worker.reporting import JobReporter, checkpoint_key
+from worker.reporting import JobReporter
 
 TABLES = {"images", "jobs", "job_styles", "loss_points", "api_tokens", "job_runs"}
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'jobs.db'}"
-    url = os.environ.get("TEST_DATABASE_URL")
-    if not url:
-        pytest.skip("PostgreSQL runs when TEST_DATABASE_URL is set (.ci/run sets it)")
-    reset_database(url)
-    return url
 
 
 @pytest.fixture(scope="module")
@@ -88,46 +75,6 @@ def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
     process.start()
     yield process
     process.stop()
-
-
-def png_bytes(path: Path, long_side: int = 128) -> bytes:
-    image = Image.open(path).convert("RGB")
-    image.thumbnail((long_side, long_side))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def photo(sample_images: Path) -> bytes:
-    return png_bytes(sample_images / "content" / "photo.jpg")
-
-
-@pytest.fixture(scope="module")
-def painting(sample_images: Path) -> bytes:
-    return png_bytes(sample_images / "style" / "starry_night.jpg")
-
-
-def submit(
-    client: FlaskClient,
-    photo: bytes | None,
-    painting: bytes | None,
-    content_name: str = "photo.png",
-    **fields: Any,
-) -> Any:
-    data = MultiDict({"backbone": "vgg19-random", "size": "64"})
-    for name, value in fields.items():
-        data.setlist(name, value if isinstance(value, list) else [str(value)])
-    if photo is not None:
-        data.add("content", FileStorage(io.BytesIO(photo), filename=content_name))
-    if painting is not None:
-        data.add("style", FileStorage(io.BytesIO(painting), filename="painting.png"))
-    # Encoded in memory: the test client would spool a large body to a temporary file it
-    # never closes.
-    boundary, body = encode_multipart(data)
-    return client.post(
-        "/api/jobs", data=body, content_type=f"multipart/form-data; boundary={boundary}"
-    )
 
 
 def wait_status(client: FlaskClient, job_id: str, statuses: set[str], timeout: float = 120) -> Any:
@@ -441,7 +388,7 @@ def test_a_job_naming_no_backbone_takes_the_best_one_the_workers_offer(
     every = {"vgg16-caffe", "vgg19", "vgg19-random"}
 
     def backbone(config: Settings, runnable: set[str] | None, form: dict) -> str:
-        return str(parse_request(form, uploads, config, runnable).options["backbone"])
+        return str(parse_request(form, uploads, config, runnable).options.backbone)
 
     assert backbone(replace(settings, offline=True), None, {}) == "vgg19-random"
     assert backbone(online, offline_only, {}) == "vgg19-random"
@@ -684,7 +631,7 @@ def test_the_queue_snapshot_answers_as_the_queue_query_does(tmp_path: Path, back
     snapshot's length it does not answer (the poll queries then)."""
     from datetime import timedelta
 
-    from shared.jobs import QueueSnapshot, queue_ahead
+    from shared.queue import QueueSnapshot, queue_ahead
     from tests.service import fresh_database
 
     if backend == "sqlite":
@@ -739,34 +686,6 @@ def test_the_web_pools_a_connection_per_thread_and_reads_polls_in_autocommit_on_
     reader_isolation = services["reader"].get_execution_options().get("isolation_level")
     postgresql = services["engine"].dialect.name == "postgresql"
     assert reader_isolation == ("AUTOCOMMIT" if postgresql else None)
-
-
-def test_readyz_tells_strangers_only_whether_it_is_ready(app: Flask, settings: Settings) -> None:
-    # Outside the metrics networks and without an admin token: ready or not, nothing else.
-    outside = dataclasses.replace(settings, metrics_networks="192.0.2.0/24")
-    other = create_app({"SETTINGS": outside})
-    try:
-        client = other.test_client()
-        stranger = client.get("/readyz")
-        status = "ready" if stranger.status_code == 200 else "not ready"
-        assert stranger.get_json() == {"status": status}
-        inside = client.get("/readyz", environ_base={"REMOTE_ADDR": "192.0.2.7"}).get_json()
-        assert inside["database"] == "ok" and inside["redis"] == "ok"
-        assert "capacity" in inside and "workers" in inside
-    finally:
-        other.extensions["stylequeue"]["engine"].dispose()
-
-
-def test_readyz_without_workers(app: Flask, settings: Settings) -> None:
-    nowhere = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
-    other = create_app({"SETTINGS": nowhere})
-    response = other.test_client().get("/readyz")
-    other.extensions["stylequeue"]["engine"].dispose()
-    assert response.status_code == 503
-    assert response.get_json()["status"] == "not ready"
-    # Health only: no broker address or driver message for an anonymous caller.
-    assert response.get_json()["redis"] == "error"
-    assert "127.0.0.1:1" not in response.get_data(as_text=True)
 
 
 def test_migrations_upgrade_from_empty_and_downgrade(database_url: str, tmp_path: Path) -> None:
@@ -870,96 +789,6 @@ def test_a_fixed_seed_reuses_a_finished_result_unless_opted_out(
     assert unseeded.status_code == 202
     for job in (fresh.get_json(), unseeded.get_json()):
         wait_status(client, job["id"], {"succeeded"})
-
-
-def test_job_links_are_the_routes_own_urls(app: Flask) -> None:
-    job = Job(id=uuid.uuid4())
-    endpoints = {"self": "api.get_job", "page": "pages.job_page", "result": "api.get_result",
-                 "preview": "api.get_preview", "losses": "api.get_losses",
-                 "events": "api.get_events", "cancel": "api.cancel_job",
-                 "again": "api.run_again", "content": "api.get_content"}  # fmt: skip
-    for script_name in ("", "/behind/a/proxy"):
-        with app.test_request_context("/", base_url=f"http://localhost{script_name}"):
-            expected = {k: url_for(e, job_id=str(job.id)) for k, e in endpoints.items()}
-            assert job_links(job) == expected
-            assert expected["result"].startswith(f"{script_name}/api/jobs/")
-
-
-def test_rate_limit_holds_without_scripts_and_opens_without_redis(
-    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    process, url = start_embedded_redis(tmp_path)
-    try:
-        # A user that may not run scripts, as some ACLs and managed Redis services have it.
-        admin = broker.connect(url)
-        admin.execute_command(
-            "ACL", "SETUSER", "noscripts", "on", "nopass", "~*", "&*", "+@all", "-@scripting"
-        )
-        limited = url.replace("redis://", "redis://noscripts:any@")
-        app = create_app(
-            {"SETTINGS": dataclasses.replace(settings, redis_url=limited, rate_limit_per_minute=3)}
-        )
-        client = app.test_client()
-        assert [client.get("/api/presets").status_code for _ in range(5)] == [200] * 3 + [429] * 2
-        assert app.extensions["stylequeue"]["rate_window_script_refused"].is_set()
-        assert "refused the rate-limit script" in caplog.text
-    finally:
-        process.terminate()
-        process.wait(10)
-    # Redis gone: requests are not refused for it.
-    assert [client.get("/api/presets").status_code for _ in range(2)] == [200, 200]
-
-
-def test_rate_limits_and_queued_jobs_per_client(
-    settings: Settings, photo: bytes, painting: bytes
-) -> None:
-    def app_with(**limits: Any) -> Flask:
-        return create_app({"SETTINGS": dataclasses.replace(settings, **limits)})
-
-    def new_client(app: Flask) -> FlaskClient:
-        """A client from an address of its own: limits are per client and per minute."""
-        client = app.test_client()
-        # Two octets drawn: with one, two clients shared an address once in 250 tests.
-        drawn = uuid.uuid4().int
-        client.environ_base["REMOTE_ADDR"] = (
-            f"10.{drawn % 250}.{drawn // 250 % 250}.{os.getpid() % 250}"
-        )
-        return client
-
-    api = app_with(rate_limit_per_minute=5, queue=f"limits-{uuid.uuid4().hex[:6]}")
-    client = new_client(api)
-    statuses = [client.get("/api/presets").status_code for _ in range(7)]
-    assert statuses[:5] == [200] * 5 and statuses[5:] == [429, 429]
-    limited = client.get("/api/presets")
-    assert limited.get_json()["error"]["code"] == "rate_limited"
-    assert 0 < int(limited.headers["Retry-After"]) <= 60
-    assert client.get("/healthz").status_code == 200  # only the API is limited
-    assert new_client(api).get("/api/presets").status_code == 200  # another client
-
-    # Nobody consumes this queue, so the first job stays queued.
-    queued = app_with(max_queued_per_client=1, queue=f"nobody-{uuid.uuid4().hex[:6]}")
-    client = new_client(queued)
-    first = submit(client, photo, painting, iterations=2)
-    assert first.status_code == 202
-    second = submit(client, photo, painting, iterations=2)
-    assert second.status_code == 429
-    assert "limit is 1" in second.get_json()["error"]["message"]
-    client.post(first.get_json()["links"]["cancel"])
-    assert submit(client, photo, painting, iterations=2).status_code == 202  # room again
-
-    submits = app_with(submit_limit_per_minute=1, queue=f"limits-{uuid.uuid4().hex[:6]}")
-    client = new_client(submits)
-    assert submit(client, photo, painting, iterations=2).status_code == 202
-    assert submit(client, photo, painting, iterations=2).status_code == 429
-    for app in (api, queued, submits):
-        app.extensions["stylequeue"]["engine"].dispose()
-
-
-def test_security_headers_keep_what_a_view_set() -> None:
-    response = Response("x", headers={"content-security-policy": "default-src 'none'"})
-    security_headers(response)
-    assert response.headers.getlist("Content-Security-Policy") == ["default-src 'none'"]
-    assert response.headers.getlist("X-Frame-Options") == ["DENY"]
 
 
 def test_a_cpu_worker_keeps_freed_memory_for_reuse(worker: WorkerProcess) -> None:

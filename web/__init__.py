@@ -1,7 +1,7 @@
 """The Flask front end: the web form and pages, and the JSON API.
 
-It never imports torch: it validates with ``shared`` (and the engine's light signature
-module), stores inputs, writes the job row and sends the task to Redis by name.
+It never imports torch (an import contract in pyproject.toml): it validates with
+``shared``, stores inputs, writes the job row and sends the task to Redis by name.
 """
 
 from __future__ import annotations

@@ -11,15 +11,8 @@ from werkzeug.wrappers import Response
 from shared.backbones import BACKBONES, default_backbone
 from shared.errors import StylequeueError
 from shared.estimate import PREVIEW_KIND
-from shared.options import (
-    OPTION_NAMES,
-    Options,
-    bounds,
-    choices,
-    defaults,
-    field_kind,
-    form_text,
-)
+from shared.fields import bounds, choices, field_kind, form_text
+from shared.options import OPTION_NAMES, Options, defaults
 from shared.presets import presets
 from shared.routing import GIB
 from web.auth import (
@@ -88,15 +81,15 @@ def _browser_session() -> None:
 
 @bp.get("/")
 def index(sign_in_error: str | None = None) -> str:
-    from web.api import live_workers
+    from web.api import live_workers, offered_backbones
 
     # With tokens required, the form is for those who signed in with one (web/auth.py).
     signed_in = signed_in_token() if session_needs_token() else None
 
     everyone = sorted(live_workers(), key=lambda worker: str(worker.get("name")))
     workers = [worker for worker in everyone if worker.get("kind") != PREVIEW_KIND]
-    available = sorted({name for worker in workers for name in worker.get("backbones", [])})
-    chosen = default_backbone(available or None)
+    available = offered_backbones(workers) or []
+    chosen = default_backbone(available or None, offline=services.settings.offline)
     return render_template(
         "index.html",
         defaults=defaults(),

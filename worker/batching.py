@@ -1,38 +1,34 @@
 """Batching on a worker: which queued jobs may run in one batch with the job it claimed
 (the engine's batch key, the worker's memory), and running them together.
 
-The runs' lifecycle (leases, reports, endings) is worker/runner.py's; this module knows
-the engine's batches and the database's queued jobs.
+A run's life (its lease, reports, ending) is worker/active.py's and worker/lifecycle.py's;
+this module knows the engine's batches and the database's queued jobs.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import select
 
 from shared.models import Job, JobStatus, StoredImage
+from shared.options import RunOptions
+from worker.active import ActiveRun
+from worker.capacity import measure
 from worker.context import Context
-from worker.engine import Result, stylize
-from worker.engine.stylize import PreparedRun, batch_key, prepare, stylize_together
+from worker.engine import PreparedRun, Result, batch_key, prepare, stylize, stylize_together
 from worker.lease import Claim
-
-if TYPE_CHECKING:
-    from worker.runner import ActiveRun
+from worker.lifecycle import claim_runnable
 
 log = logging.getLogger(__name__)
-
-#: Claims a queued job for a batch (None: taken, or out of attempts).
-ClaimJob = Callable[[Context, uuid.UUID, str], Claim | None]
 
 #: Queued jobs looked at when a worker fills a batch.
 BATCH_CANDIDATES = 50
 
 
-def claim_partners(ctx: Context, leader: ActiveRun, claim: ClaimJob) -> list[Claim]:
+def claim_partners(ctx: Context, leader: ActiveRun) -> list[Claim]:
     """Claim queued jobs that can run in one batch with ``leader``: same batch key (the
     engine's, from their stored options and content size), on this worker's queues, fresh
     (no checkpoint), oldest first, while the batch's memory (each job's estimate, as routing
@@ -42,23 +38,22 @@ def claim_partners(ctx: Context, leader: ActiveRun, claim: ClaimJob) -> list[Cla
     if (
         settings.batch_jobs <= 1
         or leader.resume_from is not None
-        or leader.params["size"] > settings.batch_size_limit(leader.device)
+        or leader.options.size > settings.batch_size_limit(leader.device)
     ):
         return []
-    key = batch_key(leader.params, leader.content.size, leader.device)
+    key = batch_key(leader.options, leader.inputs.content.size, leader.device)
     partners: list[Claim] = []
     try:
-        _claim_into(ctx, leader, key, partners, claim)
+        _claim_into(ctx, leader, key, partners)
     except Exception:  # the database away, say: the batch is what was claimed so far
         log.exception("batch: could not look for more queued jobs")
     return partners
 
 
-def _claim_into(
-    ctx: Context, leader: ActiveRun, key: Any, partners: list[Claim], claim_job: ClaimJob
-) -> None:
+def _claim_into(ctx: Context, leader: ActiveRun, key: Any, partners: list[Claim]) -> None:
     """Append to ``partners`` each job claimed, as it is: a database error midway keeps
     those claimed before it."""
+    capacity = measure(ctx.settings)
     with ctx.sessions() as session:
         candidates = session.execute(
             select(Job.id, Job.params, Job.memory_bytes, StoredImage.width, StoredImage.height)
@@ -67,7 +62,7 @@ def _claim_into(
                 Job.status == JobStatus.QUEUED,
                 Job.cancel_requested.is_(False),
                 Job.checkpoint_key.is_(None),
-                Job.queue.in_(ctx.capacity.queues),
+                Job.queue.in_(capacity.queues),
                 Job.id != leader.claim.job_id,
             )
             .order_by(Job.created_at)
@@ -77,11 +72,11 @@ def _claim_into(
     for job_id, params, memory_bytes, width, height in candidates:
         if len(partners) + 1 >= ctx.settings.batch_jobs:
             break
-        if batch_key(params, (width, height), leader.device) != key:
+        if batch_key(RunOptions.of_job(params), (width, height), leader.device) != key:
             continue
-        if memory + (memory_bytes or 0) > ctx.capacity.memory_bytes:
+        if memory + (memory_bytes or 0) > capacity.memory_bytes:
             break
-        claim = claim_job(ctx, job_id, leader.device)  # None: taken, or out of attempts
+        claim = claim_runnable(ctx, job_id, leader.device)  # None: taken, or out of attempts
         if claim is not None:
             partners.append(claim)
             memory += memory_bytes or 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import socket
 from dataclasses import dataclass
@@ -44,7 +45,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def measure(settings: Settings) -> Capacity:
+    """What this process offers, measured once (its first call)."""
     import torch
 
     from worker.engine.device import resolve_device

@@ -12,24 +12,18 @@ from __future__ import annotations
 
 from celery import Celery
 
+from shared.broker import celery_config
 from shared.config import Settings
 
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("stylequeue", broker=settings.redis_url, include=["worker.tasks"])
     app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        **celery_config(settings.queue),
         # Fetch a message only when free to run it: a worker busy with a long job must not
         # sit on the next job's message (Redis transport only; Celery ≥ 5.6).
         worker_disable_prefetch=True,
         broker_transport_options={"visibility_timeout": settings.hard_time_limit + 3600},
-        task_default_queue=settings.queue,
-        task_ignore_result=True,  # the database row is the job's record
-        broker_connection_retry_on_startup=True,
-        worker_send_task_events=False,
-        worker_hijack_root_logger=False,
     )
     return app
 

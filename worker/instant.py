@@ -1,6 +1,7 @@
 """The feed-forward picture of a job (worker/feedforward.py): an optimization job's instant
-preview, a ``mode=fast`` job's result, an ``init=fast`` job's start. No Celery here: the
-preview workers' tasks (worker/previews.py) and the optimization workers call these.
+preview, a ``mode=fast`` job's result, an ``init=fast`` job's start. No Celery and no torch
+here: the preview workers' tasks (worker/previews.py) and the optimization workers call
+these; a fast job lives and ends through worker/lifecycle.py as any other.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import io
 import logging
 import time
 import uuid
-from typing import Any
 
 from PIL import Image
 from sqlalchemy import update
@@ -17,14 +17,14 @@ from sqlalchemy import update
 from shared import feed
 from shared.errors import StylequeueError
 from shared.estimate import FAST_SECONDS_FIELD, smoothed
-from shared.images import encode_png
-from shared.jobs import FAST_MAX_SIZE
+from shared.images import PREVIEW_COMPRESS_LEVEL, encode_png, synthetic_pair
 from shared.models import PREVIEW_FEEDFORWARD, Job, JobMode, JobStatus
-from shared.storage import Storage
+from shared.options import RunOptions
+from shared.storage import fast_preview_key, result_key
+from worker import lifecycle
 from worker.context import Context
-from worker.feedforward import get_feedforward
-from worker.reporting import PREVIEW_COMPRESS_LEVEL, fast_preview_key, result_key
-from worker.runner import claim_job, drop_unclaimable, finish, load_image, out_of_attempts
+from worker.feedforward import MAX_SIZE, get_feedforward
+from worker.lifecycle import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +32,11 @@ log = logging.getLogger(__name__)
 DEVICE = "cpu (feed-forward)"
 
 
-def _inputs(
-    session: Any, storage: Storage, job: Job
-) -> tuple[Image.Image, list[Image.Image], list[float]]:
-    content = load_image(session, storage, job.content_sha256)
-    styles = [load_image(session, storage, style.image_sha256) for style in job.styles]
-    return content, styles, [style.weight for style in job.styles]
-
-
-def _timed_picture(
-    ctx: Context, content: Image.Image, styles: list[Image.Image], weights: list[float], size: int
-) -> Image.Image:
+def _timed_picture(ctx: Context, inputs: Inputs, size: int) -> Image.Image:
     """The feed-forward picture; its time goes into the heartbeat (shared/estimate.py)."""
     started = time.perf_counter()
     picture = get_feedforward(ctx.settings.preview_threads).stylize(
-        content, styles, weights, min(size, FAST_MAX_SIZE)
+        inputs.content, inputs.styles, inputs.weights, min(size, MAX_SIZE)
     )
     seconds = time.perf_counter() - started
     ctx.activity[FAST_SECONDS_FIELD] = round(
@@ -57,19 +47,11 @@ def _timed_picture(
 
 def measure_fast_seconds(ctx: Context) -> None:
     """Time one picture of made-up images at the network's own size (384 px)."""
-    content = Image.linear_gradient("L").convert("RGB").resize((384, 288))
-    style = Image.effect_noise((256, 256), 64).convert("RGB")
-    _timed_picture(ctx, content, [style], [1.0], 384)
+    content, style = synthetic_pair((384, 288), (256, 256))
+    _timed_picture(ctx, Inputs(content, [style], [1.0]), 384)
 
 
-def fast_picture(
-    ctx: Context,
-    job_id: uuid.UUID,
-    content: Image.Image,
-    styles: list[Image.Image],
-    weights: list[float],
-    size: int,
-) -> Image.Image:
+def fast_picture(ctx: Context, job_id: uuid.UUID, inputs: Inputs, size: int) -> Image.Image:
     """The job's feed-forward picture: the preview worker's, when it made one already;
     else made here and stored as the job's preview, as a preview worker would have."""
     key = fast_preview_key(job_id)
@@ -77,7 +59,7 @@ def fast_picture(
         # Our own PNG: only its parser runs.
         with Image.open(io.BytesIO(ctx.storage.get(key)), formats=("PNG",)) as image:
             return image.convert("RGB")
-    picture = _timed_picture(ctx, content, styles, weights, size)
+    picture = _timed_picture(ctx, inputs, size)
     _store_preview(ctx, job_id, picture)
     return picture
 
@@ -110,20 +92,17 @@ def make_preview(ctx: Context, job_id: uuid.UUID) -> None:
         job = session.get(Job, job_id)
         if job is None or job.job_status.finished or job.preview_iteration is not None:
             return
-        content, styles, weights = _inputs(session, ctx.storage, job)
-        size = int(job.params["size"])
-    picture = _timed_picture(ctx, content, styles, weights, size)
+        inputs = lifecycle.load_inputs(session, ctx.storage, job)
+        size = RunOptions.of_job(job.params).size
+    picture = _timed_picture(ctx, inputs, size)
     if _store_preview(ctx, job_id, picture):
         log.info("feed-forward preview stored")
 
 
 def run_fast(ctx: Context, job_id: uuid.UUID) -> None:
     """A ``mode=fast`` job, start to end: its feed-forward picture is its result."""
-    claim = claim_job(ctx, job_id, DEVICE)
+    claim = lifecycle.begin(ctx, job_id, DEVICE)
     if claim is None:
-        drop_unclaimable(ctx, job_id)
-        return
-    if out_of_attempts(ctx, claim):
         return
     started = time.perf_counter()
     try:
@@ -132,20 +111,14 @@ def run_fast(ctx: Context, job_id: uuid.UUID) -> None:
             assert job is not None
             if job.mode != JobMode.FAST:
                 raise StylequeueError("an optimization job reached the preview queue")
-            content, styles, weights = _inputs(session, ctx.storage, job)
-            size = int(job.params["size"])
-        picture = _timed_picture(ctx, content, styles, weights, size)
+            inputs = lifecycle.load_inputs(session, ctx.storage, job)
+            size = RunOptions.of_job(job.params).size
+        picture = _timed_picture(ctx, inputs, size)
         ctx.storage.put(result_key(job_id), encode_png(picture))
-    except StylequeueError as error:
-        log.warning("fast job %s failed: %s", job_id, error)
-        finish(ctx, claim, JobStatus.FAILED, error_code=error.code, error_message=error.public)
+    except Exception as error:
+        lifecycle.fail(ctx, claim, error, who="preview worker")
         return
-    except Exception:
-        log.exception("fast job %s failed", job_id)
-        message = "the preview worker failed; the operators' log has why"
-        finish(ctx, claim, JobStatus.FAILED, error_code="internal_error", error_message=message)
-        return
-    finish(
+    lifecycle.finish(
         ctx, claim, JobStatus.SUCCEEDED,
         result_key=result_key(job_id), preview_key=result_key(job_id), preview_iteration=0,
         preview_source=PREVIEW_FEEDFORWARD, elapsed=time.perf_counter() - started,

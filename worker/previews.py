@@ -15,7 +15,6 @@ The work itself is in worker/instant.py; optimization workers use it for ``init=
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from typing import Any
 
@@ -37,16 +36,7 @@ def make_preview_app(settings: Settings) -> Celery:
     """The preview workers' Celery app: short tasks, acknowledged when done, one at a time
     per process (a picture takes a fraction of a second)."""
     app = Celery("stylequeue-previews", broker=settings.redis_url, include=["worker.previews"])
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_default_queue=settings.preview_queue,
-        task_ignore_result=True,
-        broker_connection_retry_on_startup=True,
-        worker_send_task_events=False,
-        worker_hijack_root_logger=False,
-    )
+    app.conf.update(**broker.celery_config(settings.preview_queue))
     return app
 
 
@@ -81,16 +71,7 @@ def _on_worker_ready(**_: Any) -> None:
         measure_fast_seconds(ctx)
     except Exception:
         log.exception("could not measure the feed-forward network's speed")
-    record = {
-        "name": ctx.name,
-        "host": ctx.host,
-        "pid": os.getpid(),
-        "kind": PREVIEW_KIND,
-        "device": DEVICE,
-        "queues": [ctx.settings.preview_queue],
-        "backbones": [],
-    }
-    start_heartbeat(ctx, record)
+    start_heartbeat(ctx, kind=PREVIEW_KIND, device=DEVICE, queues=[ctx.settings.preview_queue])
 
 
 @worker_shutdown.connect

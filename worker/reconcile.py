@@ -28,9 +28,8 @@ from shared import broker
 from shared.config import Settings, preview_queue_of
 from shared.models import Job, JobMode, JobStatus, JobStyle, StoredImage, utcnow
 from shared.routing import JobTooLarge, all_queues, choose_queue
-from shared.storage import Storage
+from shared.storage import Storage, fast_preview_key
 from worker.lease import end_run
-from worker.reporting import fast_preview_key
 from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)

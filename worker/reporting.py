@@ -21,35 +21,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker, feed
 from shared.db import insert_ignoring_duplicates
-from shared.images import encode_png
+from shared.images import PREVIEW_COMPRESS_LEVEL, encode_png
 from shared.models import PREVIEW_OPTIMIZER, Job, LossPoint
-from shared.storage import Storage
-from worker.engine import Checkpoint, Iterate
+from shared.storage import Storage, checkpoint_key, preview_key
+from worker.engine.checkpoint import Checkpoint
+from worker.engine.types import Iterate
 
 log = logging.getLogger(__name__)
-
-#: zlib's level for previews, which the next one replaces: the fastest level, for files a
-#: little larger than at PNG's default (6); a preview lives briefly, so encoding time
-#: matters more than its size. The result keeps the default.
-PREVIEW_COMPRESS_LEVEL = 1
-
-
-def checkpoint_key(job_id: uuid.UUID) -> str:
-    return f"jobs/{job_id}/checkpoint.npz"
-
-
-def preview_key(job_id: uuid.UUID) -> str:
-    return f"jobs/{job_id}/preview.png"
-
-
-def fast_preview_key(job_id: uuid.UUID) -> str:
-    """The feed-forward picture (worker/instant.py), kept apart from the optimizer's
-    previews: an optimization job with ``init=fast`` starts from it."""
-    return f"jobs/{job_id}/fast-preview.png"
-
-
-def result_key(job_id: uuid.UUID) -> str:
-    return f"jobs/{job_id}/result.png"
 
 
 class JobReporter:

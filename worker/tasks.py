@@ -4,7 +4,6 @@ worker's life: a warm backbone, heartbeats and the reconciler."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -12,18 +11,18 @@ from typing import Any
 
 import redis
 from celery.signals import setup_logging, worker_ready, worker_shutdown
-from PIL import Image
 
 from shared import broker
-from shared.backbones import default_backbone
+from shared.backbones import BACKBONES, default_backbone
 from shared.estimate import RATE_FIELD, job_work
+from shared.images import synthetic_pair
 from shared.logs import job_context
 from worker import runner
 from worker.allocator import keep_freed_memory, release_free_memory
+from worker.capacity import measure
 from worker.celery_app import app
 from worker.context import (
     Context,
-    available_backbones,
     configure_worker_logging,
     context,
     start_heartbeat,
@@ -54,6 +53,22 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     configure_worker_logging(loglevel)
 
 
+def available_backbones() -> list[str]:
+    """The backbones this worker can run and offers (the ``backbones`` setting): those
+    whose weights are here or, with ``STYLEQUEUE_ALLOW_DOWNLOAD=1``, can be fetched."""
+    from worker.engine.weights import WeightsLocations
+
+    locations = WeightsLocations.from_env()
+    offered = {name.strip() for name in context().settings.backbones.split(",") if name.strip()}
+    # A worker allowed to download fetches a backbone's weights on its first job.
+    return [
+        name
+        for name, spec in BACKBONES.items()
+        if (not offered or name in offered)
+        and (not spec.needs_weights or locations.allow_download or locations.find(spec))
+    ]
+
+
 # --- Worker lifecycle: warm backbone and heartbeats ----------------------------------------
 
 
@@ -73,7 +88,7 @@ def _on_worker_ready(**_: Any) -> None:
     backbone = default_backbone(backbones)
     precision = resolve_precision("auto", device)
     load_extractor(backbone, device=device, precision=precision)
-    capacity = ctx.capacity
+    capacity = measure(ctx.settings)
     # A worker that follows another on this host and device (a restart, a replacement after
     # a crash) starts from the speed its predecessor measured, most often over whole jobs,
     # and is ready without a speed run of its own.
@@ -94,18 +109,11 @@ def _on_worker_ready(**_: Any) -> None:
             log.info("speed: %.1f work/s, measured", ctx.activity[RATE_FIELD])
         except Exception:  # the ETAs wait for the first job then
             log.exception("could not measure this worker's speed")
-    record = {
-        "name": ctx.name,
-        "host": capacity.host,
-        "pid": os.getpid(),
-        "kind": capacity.kind,
-        "device": str(device),
-        "device_name": capacity.device_name,
-        "memory_bytes": capacity.memory_bytes,
-        "queues": list(capacity.queues),
-        "backbones": backbones,
-    }
-    stopped = start_heartbeat(ctx, record)
+    stopped = start_heartbeat(
+        ctx, kind=capacity.kind, device=str(device), queues=list(capacity.queues),
+        backbones=backbones, device_name=capacity.device_name,
+        memory_bytes=capacity.memory_bytes,
+    )  # fmt: skip
     threading.Thread(target=_reconciler, args=(ctx, stopped), daemon=True).start()
 
 
@@ -117,10 +125,9 @@ SPEED_RUN = (128, 6)
 def measure_speed(backbone: str, device: str, cuda_graphs: bool) -> float:
     """Work (pixel-iterations) per second of a short run on made-up images. Small images
     use a device less fully than real jobs, so this errs on the slow side; each finished
-    job then corrects it (worker/runner.py)."""
+    job then corrects it (worker/active.py)."""
     side, iterations = SPEED_RUN
-    content = Image.linear_gradient("L").convert("RGB").resize((side, side))
-    style = Image.effect_noise((side, side), 64).convert("RGB")
+    content, style = synthetic_pair((side, side), (side, side))
     elapsed: list[float] = []
 
     def note(iterate: Iterate) -> bool:

@@ -10,7 +10,15 @@ bp = Blueprint("api", __name__)
 # The modules register their routes and handlers on ``bp``; imported after it exists.
 from web.api import access, docs, errors, events, health, jobs, submit  # noqa: E402, F401
 from web.api.access import check_rate  # noqa: E402
-from web.api.reads import live_workers, load_job  # noqa: E402
+from web.api.reads import live_workers, load_job, offered_backbones  # noqa: E402
 from web.api.serialize import job_json, job_links  # noqa: E402
 
-__all__ = ["bp", "check_rate", "job_json", "job_links", "live_workers", "load_job"]
+__all__ = [
+    "bp",
+    "check_rate",
+    "job_json",
+    "job_links",
+    "live_workers",
+    "load_job",
+    "offered_backbones",
+]

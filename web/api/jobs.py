@@ -17,9 +17,6 @@ from sqlalchemy import and_, or_, select
 from shared import broker, feed
 from shared.errors import Conflict, Expired, Forbidden, NotFound, OptionError
 from shared.estimate import estimate, job_work
-from shared.jobs import (
-    queue_ahead,
-)
 from shared.models import (
     Job,
     JobMode,
@@ -28,7 +25,9 @@ from shared.models import (
     StoredImage,
     utcnow,
 )
-from shared.options import DEFAULTS, MAX_SCALES, MIN_SIZE, MODE_CHOICES, plan_for
+from shared.options import DEFAULTS, MODE_CHOICES
+from shared.pyramid import MAX_SCALES, MIN_SIZE, plan_for
+from shared.queue import queue_ahead
 from web.api import bp
 from web.api.reads import (
     MAX_LOSS_PAGE,

@@ -16,12 +16,14 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from shared.models import JobStatus
-from shared.options import MAX_ITERATIONS, MAX_SCALES, MAX_SIZE, MIN_SIZE, Options, Submission
+from shared.options import MAX_ITERATIONS, MAX_SIZE, Options, Submission
+from shared.pyramid import MAX_SCALES, MIN_SIZE
 from web.api import schemas
 from web.api.reads import MAX_LOSS_PAGE
 from web.api.schemas import COMPONENTS
 
 REF = "#/components/schemas/{model}"
+FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 #: The link a new job's answer gives to each operation on it (for clients and stateful
 #: testing: the calls a new job enables).
@@ -85,6 +87,198 @@ def form_schema(model: type[BaseModel], files: bool) -> dict[str, Any]:
     return result | ({"required": ["content"]} if files else {})
 
 
+def _operation(
+    summary: str, operation_id: str, responses: dict[str, Any], *parameters: dict[str, Any],
+    **more: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """One operation: its summary, id, parameters (none: the key is left out), responses and
+    anything ``more`` (a request body, a description)."""
+    operation = {"summary": summary, "operationId": operation_id, **more}
+    if parameters:
+        operation["parameters"] = list(parameters)
+    return operation | {"responses": responses}
+
+
+def _submission_paths(again_fields: dict[str, Any]) -> dict[str, Any]:
+    """Submitting a job, listing them, and running one again."""
+    submission = {"multipart/form-data": {"schema": form_schema(Submission, files=True)}}
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 150},
+        "description": "the same key and request give the same job",
+    }
+    links = {
+        name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
+        for name, operation in JOB_LINKS.items()
+    }
+    submitted = {
+        "200": _json(schemas.Job, "replayed: the job this Idempotency-Key made"),
+        "201": _json(schemas.Job, "a finished job's result reused (fixed seed)"),
+        "202": {**_json(schemas.Job, "queued; Location names the job"), "links": links},
+        **_errors(400, 403, 409, 413, 415, 422, 429, 503),
+    }
+    listed = {"200": _json(schemas.JobPage, "a page of jobs"), **_errors(401, 422)}
+    statuses = {"type": "string", "enum": [s.value for s in JobStatus]}
+    again = {
+        "201": _json(schemas.Job, "the same result reused (nothing changed)"),
+        "202": _json(schemas.Job, "queued; Location names the new job"),
+        **_errors(400, 403, 404, 409, 410, 422, 429, 503),
+    }
+    return {
+        "/api/jobs": {
+            "post": _operation(
+                "Submit a style-transfer job", "submitJob", submitted, idempotency_key,
+                requestBody={"required": True, "content": submission},
+            ),
+            "get": _operation(
+                "List jobs, newest first", "listJobs", listed,
+                _query("status", statuses),
+                _query("limit", _integer(1, 100)),
+                _query("cursor", {"type": "string"}, "next_cursor of the page before"),
+                description="the caller's own jobs (an admin's: all); needs a token or the "
+                "form's session",
+            ),
+        },
+        "/api/jobs/{job_id}/again": {
+            "post": _operation(
+                "A new job on this job's images and options, with the options given here "
+                "changed (e.g. style_strength); answered as a submission",
+                "runAgain", again, JOB_ID,
+                requestBody={"content": {form: {"schema": again_fields} for form in FORMS}},
+            )
+        },
+    }  # fmt: skip
+
+
+def _job_paths() -> dict[str, Any]:
+    """What can be read of one job, and its cancel."""
+    events = {
+        "200": {
+            "description": "event stream",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **_errors(404, 429, 503),
+    }
+    position = {
+        "name": "position", "in": "path", "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }  # fmt: skip
+    image = {"200": {"description": "the image"}, **_errors(404, 410)}
+    canceled = {
+        "200": _json(schemas.Job, "already finished"),
+        "202": _json(schemas.Job, "canceled or cancel requested"),
+        **_errors(403, 404),
+    }
+    return {
+        "/api/jobs/{job_id}": {
+            "get": _operation(
+                "A job's status, progress, latest loss and links", "getJob",
+                {"200": _json(schemas.Job, "the job"), **_errors(404)}, JOB_ID,
+            )
+        },
+        "/api/jobs/{job_id}/losses": {
+            "get": _operation(
+                "Loss points in iteration order", "getLosses",
+                {"200": _json(schemas.LossPoints, "points"), **_errors(404, 422)},
+                JOB_ID,
+                _query("after", _integer(0, 10**9), "points after this iteration"),
+                _query("limit", _integer(1, MAX_LOSS_PAGE)),
+            )
+        },
+        "/api/jobs/{job_id}/events": {
+            "get": _operation(
+                "Server-Sent Events: status, loss, preview, done; resumable with "
+                "Last-Event-ID. 503 streams_busy (with Retry-After) while the server's "
+                "streams are all taken: poll the job and its losses instead",
+                "getEvents", events, JOB_ID,
+            )
+        },
+        "/api/jobs/{job_id}/result": {
+            "get": _operation(
+                "The result PNG", "getResult",
+                {"200": _png("the result"), **_errors(404, 409, 410)}, JOB_ID,
+            )
+        },
+        "/api/jobs/{job_id}/preview": {
+            "get": _operation(
+                "The latest preview PNG", "getPreview",
+                {"200": _png("the preview"), **_errors(404, 410)}, JOB_ID,
+            )
+        },
+        "/api/jobs/{job_id}/content": {
+            "get": _operation(
+                "The job's content photo, as uploaded", "getContent", image, JOB_ID
+            )
+        },
+        "/api/jobs/{job_id}/styles/{position}": {
+            "get": _operation(
+                "One of the job's style images, as uploaded", "getStyle", image, JOB_ID,
+                position,
+            )
+        },
+        "/api/jobs/{job_id}/cancel": {
+            "post": _operation("Cancel (idempotent)", "cancelJob", canceled, JOB_ID)
+        },
+    }  # fmt: skip
+
+
+def _service_paths() -> dict[str, Any]:
+    """The service's own: estimates, presets, workers, this document and health."""
+    mode = form_schema(Submission, False)["properties"]["mode"]
+    document = {
+        "200": {
+            "description": "OpenAPI 3.1",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    }
+    return {
+        "/api/estimate": {
+            "get": _operation(
+                "How long a job of these options would take now, on the live workers' "
+                "measured speed, with the queue's wait",
+                "getEstimate",
+                {"200": _json(schemas.Estimate, "the estimate"), **_errors(422)},
+                _query("size", _integer(MIN_SIZE, MAX_SIZE), "the service may allow less"),
+                _query("iterations", _integer(1, MAX_ITERATIONS)),
+                _query("scales", _integer(0, MAX_SCALES), "0: automatic"),
+                _query("width", _integer(1, 1_000_000), "the photo's, px"),
+                _query("height", _integer(1, 1_000_000), "the photo's, px"),
+                _query("mode", mode),
+            )
+        },
+        "/api/webhook-secret": {
+            "get": _operation(
+                "The secret the caller's callbacks are signed with", "getWebhookSecret",
+                {"200": _json(schemas.WebhookSecret, "secret and algorithm"), **_errors(401, 422)},
+            )
+        },
+        "/api/presets": {
+            "get": _operation(
+                "Style presets", "listPresets", {"200": _json(schemas.Presets, "presets")}
+            )
+        },
+        "/api/workers": {
+            "get": _operation(
+                "Live workers and their backbones", "listWorkers",
+                {"200": _json(schemas.Workers, "workers"), **_errors(503)},
+            )
+        },
+        "/api/openapi.json": {
+            "get": _operation("This document (rendered at /api/docs)", "getOpenapi", document)
+        },
+        "/healthz": {
+            "get": _operation("Alive", "healthz", {"200": _json(schemas.Health, "ok")})
+        },
+        "/readyz": {
+            "get": _operation(
+                "Database, Redis and at least one live worker", "readyz",
+                {"200": _json(schemas.Ready, "ready"), "503": _json(schemas.Ready, "not ready")},
+            )
+        },
+    }  # fmt: skip
+
+
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     _, definitions = models_json_schema(
@@ -92,8 +286,6 @@ def openapi_document() -> dict[str, Any]:
     )
     again_fields = form_schema(Options, files=False)
     again_fields["properties"]["mode"] = form_schema(Submission, False)["properties"]["mode"]
-    job_found = {"200": _json(schemas.Job, "the job"), **_errors(404)}
-    submission = {"multipart/form-data": {"schema": form_schema(Submission, files=True)}}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -102,235 +294,7 @@ def openapi_document() -> dict[str, Any]:
             "description": "Neural style transfer (Gatys et al.) as a job service. The options "
             "of a job are the fields of the submission form; docs/api.md is the guide.",
         },
-        "paths": {
-            "/api/jobs": {
-                "post": {
-                    "summary": "Submit a style-transfer job",
-                    "operationId": "submitJob",
-                    "requestBody": {
-                        "required": True,
-                        "content": submission,
-                    },
-                    "parameters": [
-                        {
-                            "name": "Idempotency-Key",
-                            "in": "header",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 150},
-                            "description": "the same key and request give the same job",
-                        }
-                    ],
-                    "responses": {
-                        "200": _json(schemas.Job, "replayed: the job this Idempotency-Key made"),
-                        "201": _json(schemas.Job, "a finished job's result reused (fixed seed)"),
-                        "202": {
-                            **_json(schemas.Job, "queued; Location names the job"),
-                            "links": {
-                                name: {
-                                    "operationId": operation,
-                                    "parameters": {"job_id": "$response.body#/id"},
-                                }
-                                for name, operation in JOB_LINKS.items()
-                            },
-                        },
-                        **_errors(400, 403, 409, 413, 415, 422, 429, 503),
-                    },
-                },
-                "get": {
-                    "summary": "List jobs, newest first",
-                    "operationId": "listJobs",
-                    "description": "the caller's own jobs (an admin's: all); needs a token "
-                    "or the form's session",
-                    "parameters": [
-                        _query("status", {"type": "string", "enum": [s.value for s in JobStatus]}),
-                        _query("limit", _integer(1, 100)),
-                        _query("cursor", {"type": "string"}, "next_cursor of the page before"),
-                    ],
-                    "responses": {
-                        "200": _json(schemas.JobPage, "a page of jobs"),
-                        **_errors(401, 422),
-                    },
-                },
-            },
-            "/api/jobs/{job_id}": {
-                "get": {
-                    "summary": "A job's status, progress, latest loss and links",
-                    "operationId": "getJob",
-                    "parameters": [JOB_ID],
-                    "responses": job_found,
-                }
-            },
-            "/api/jobs/{job_id}/losses": {
-                "get": {
-                    "summary": "Loss points in iteration order",
-                    "operationId": "getLosses",
-                    "parameters": [
-                        JOB_ID,
-                        _query("after", _integer(0, 10**9), "points after this iteration"),
-                        _query("limit", _integer(1, MAX_LOSS_PAGE)),
-                    ],
-                    "responses": {
-                        "200": _json(schemas.LossPoints, "points"),
-                        **_errors(404, 422),
-                    },
-                }
-            },
-            "/api/jobs/{job_id}/events": {
-                "get": {
-                    "summary": "Server-Sent Events: status, loss, preview, done; resumable "
-                    "with Last-Event-ID. 503 streams_busy (with Retry-After) while the "
-                    "server's streams are all taken: poll the job and its losses instead",
-                    "operationId": "getEvents",
-                    "parameters": [JOB_ID],
-                    "responses": {
-                        "200": {
-                            "description": "event stream",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                        },
-                        **_errors(404, 429, 503),
-                    },
-                }
-            },
-            "/api/jobs/{job_id}/result": {
-                "get": {
-                    "summary": "The result PNG",
-                    "operationId": "getResult",
-                    "parameters": [JOB_ID],
-                    "responses": {"200": _png("the result"), **_errors(404, 409, 410)},
-                }
-            },
-            "/api/jobs/{job_id}/preview": {
-                "get": {
-                    "summary": "The latest preview PNG",
-                    "operationId": "getPreview",
-                    "parameters": [JOB_ID],
-                    "responses": {"200": _png("the preview"), **_errors(404, 410)},
-                }
-            },
-            "/api/jobs/{job_id}/again": {
-                "post": {
-                    "summary": "A new job on this job's images and options, with the options "
-                    "given here changed (e.g. style_strength); answered as a submission",
-                    "operationId": "runAgain",
-                    "parameters": [JOB_ID],
-                    "requestBody": {
-                        "content": {
-                            "multipart/form-data": {"schema": again_fields},
-                            "application/x-www-form-urlencoded": {"schema": again_fields},
-                        },
-                    },
-                    "responses": {
-                        "201": _json(schemas.Job, "the same result reused (nothing changed)"),
-                        "202": _json(schemas.Job, "queued; Location names the new job"),
-                        **_errors(400, 403, 404, 409, 410, 422, 429, 503),
-                    },
-                }
-            },
-            "/api/jobs/{job_id}/content": {
-                "get": {
-                    "summary": "The job's content photo, as uploaded",
-                    "operationId": "getContent",
-                    "parameters": [JOB_ID],
-                    "responses": {"200": {"description": "the image"}, **_errors(404, 410)},
-                }
-            },
-            "/api/jobs/{job_id}/styles/{position}": {
-                "get": {
-                    "summary": "One of the job's style images, as uploaded",
-                    "operationId": "getStyle",
-                    "parameters": [
-                        JOB_ID,
-                        {
-                            "name": "position",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "integer", "minimum": 0},
-                        },
-                    ],
-                    "responses": {"200": {"description": "the image"}, **_errors(404, 410)},
-                }
-            },
-            "/api/estimate": {
-                "get": {
-                    "summary": "How long a job of these options would take now, on the live "
-                    "workers' measured speed, with the queue's wait",
-                    "operationId": "getEstimate",
-                    "parameters": [
-                        _query("size", _integer(MIN_SIZE, MAX_SIZE), "the service may allow less"),
-                        _query("iterations", _integer(1, MAX_ITERATIONS)),
-                        _query("scales", _integer(0, MAX_SCALES), "0: automatic"),
-                        _query("width", _integer(1, 1_000_000), "the photo's, px"),
-                        _query("height", _integer(1, 1_000_000), "the photo's, px"),
-                        _query("mode", form_schema(Submission, False)["properties"]["mode"]),
-                    ],
-                    "responses": {"200": _json(schemas.Estimate, "the estimate"), **_errors(422)},
-                }
-            },
-            "/api/jobs/{job_id}/cancel": {
-                "post": {
-                    "summary": "Cancel (idempotent)",
-                    "operationId": "cancelJob",
-                    "parameters": [JOB_ID],
-                    "responses": {
-                        "200": _json(schemas.Job, "already finished"),
-                        "202": _json(schemas.Job, "canceled or cancel requested"),
-                        **_errors(403, 404),
-                    },
-                }
-            },
-            "/api/webhook-secret": {
-                "get": {
-                    "summary": "The secret the caller's callbacks are signed with",
-                    "operationId": "getWebhookSecret",
-                    "responses": {
-                        "200": _json(schemas.WebhookSecret, "secret and algorithm"),
-                        **_errors(401, 422),
-                    },
-                }
-            },
-            "/api/presets": {
-                "get": {
-                    "summary": "Style presets",
-                    "operationId": "listPresets",
-                    "responses": {"200": _json(schemas.Presets, "presets")},
-                }
-            },
-            "/api/workers": {
-                "get": {
-                    "summary": "Live workers and their backbones",
-                    "operationId": "listWorkers",
-                    "responses": {"200": _json(schemas.Workers, "workers"), **_errors(503)},
-                }
-            },
-            "/api/openapi.json": {
-                "get": {
-                    "summary": "This document (rendered at /api/docs)",
-                    "operationId": "getOpenapi",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "summary": "Alive",
-                    "operationId": "healthz",
-                    "responses": {"200": _json(schemas.Health, "ok")},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Database, Redis and at least one live worker",
-                    "operationId": "readyz",
-                    "responses": {
-                        "200": _json(schemas.Ready, "ready"),
-                        "503": _json(schemas.Ready, "not ready"),
-                    },
-                }
-            },
-        },
+        "paths": {**_submission_paths(again_fields), **_job_paths(), **_service_paths()},
         # With STYLEQUEUE_REQUIRE_TOKEN on, every API path but the OpenAPI document and the
         # presets needs a token (401 without); the web form's session cookie works too.
         "security": [{"bearer": []}, {}],

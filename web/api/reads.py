@@ -19,16 +19,13 @@ from sqlalchemy.orm import joinedload
 from shared import broker
 from shared.errors import NotFound, OptionError
 from shared.estimate import Speeds
-from shared.jobs import (
-    QueueSnapshot,
-    queue_ahead,
-)
 from shared.models import (
     Job,
     JobRun,
     JobStatus,
     JobStyle,
 )
+from shared.queue import QueueSnapshot, queue_ahead
 from web.auth import may_see
 from web.extensions import services
 
@@ -137,6 +134,12 @@ def live_workers() -> list[dict[str, Any]]:
         return broker.live_workers(services.redis)
     except Exception:
         return []
+
+
+def offered_backbones(workers: list[dict[str, Any]]) -> list[str] | None:
+    """The backbones ``workers`` (heartbeats) can run; None when no worker offers any
+    (none is up: the default backbone then, shared.backbones.default_backbone)."""
+    return sorted({name for worker in workers for name in worker.get("backbones", [])}) or None
 
 
 #: How long a web process reuses the queue as it read it for the status polls of queued

@@ -16,10 +16,7 @@ from sqlalchemy import Row
 
 from shared import broker
 from shared.estimate import RATE_FIELD, estimate, remaining_fraction
-from shared.jobs import (
-    queue_ahead,
-    scale_plan,
-)
+from shared.jobs import scale_plan
 from shared.models import (
     PREVIEW_OPTIMIZER,
     Job,
@@ -29,6 +26,7 @@ from shared.models import (
     JobStyle,
     LossPoint,
 )
+from shared.queue import queue_ahead
 from web.api.reads import (
     worker_speeds,
 )

@@ -35,10 +35,7 @@ from shared.routing import choose_queue
 from web.api import bp
 from web.api.access import check_rate, client_id
 from web.api.jobs import check_not_expired
-from web.api.reads import (
-    live_workers,
-    load_job,
-)
+from web.api.reads import live_workers, load_job, offered_backbones
 from web.api.serialize import job_json
 from web.auth import current_principal
 from web.extensions import services
@@ -129,10 +126,11 @@ def _submit(
 ) -> tuple[Response, int, dict[str, str]]:
     """Check, store and enqueue a submission (or replay or reuse an earlier one)."""
     workers = live_workers()
-    backbones = {name for worker in workers for name in worker.get("backbones", [])}
+    backbones = offered_backbones(workers)
     job_request = parse_request(
-        form, uploads, services.settings, backbones or None, decode_slots=services.decode_slots
-    )
+        form, uploads, services.settings, backbones and set(backbones),
+        decode_slots=services.decode_slots,
+    )  # fmt: skip
     fingerprint = job_request.fingerprint()
     session = services.session
     if key is not None:

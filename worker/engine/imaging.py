@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from shared.options import scaled_size
+from shared.pyramid import scaled_size
 
 # RGB → YIQ (NTSC 1953). Y carries luminance, I and Q the chroma; Gatys et al. (2016,
 # "Preserving color in neural artistic style transfer") use it for luminance-only transfer.

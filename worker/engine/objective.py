@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from shared.options import RunOptions
 from worker.engine.backbones import FeatureExtractor
 from worker.engine.device import loss_scale, scaled_backward
 from worker.engine.losses import (
@@ -78,7 +79,8 @@ class Objective:
 
 def build_objective(
     extractor: FeatureExtractor,
-    options: dict[str, Any],
+    options: RunOptions,
+    style_weights: Sequence[float],
     content: torch.Tensor,
     styles: Sequence[torch.Tensor],
     autocast_dtype: torch.dtype | None,
@@ -90,27 +92,27 @@ def build_objective(
         style_losses={},
         tv_loss=TotalVariationLoss(),
         weights=torch.tensor(
-            [options["content_weight"], options["style_weight"], options["tv_weight"]],
+            [options.content_weight, options.style_weight, options.tv_weight],
             device=content.device,
         ),
         autocast_dtype=autocast_dtype,
         channels_last=channels_last,
     )
     with torch.no_grad():
-        content_features = objective.features(content, options["content_layers"])
+        content_features = objective.features(content, options.content_layers)
         objective.content_losses = {
-            name: ContentLoss(content_features[name]) for name in options["content_layers"]
+            name: ContentLoss(content_features[name]) for name in options.content_layers
         }
         style_grams, style_means = [], []
         for style in styles:
-            features = objective.features(style, options["style_layers"])
+            features = objective.features(style, options.style_layers)
             style_grams.append({name: gram_matrix(value) for name, value in features.items()})
             style_means.append({name: channel_means(value) for name, value in features.items()})
-        weights = options["style_weights"]
+        weights = list(style_weights)
 
         def style_loss(name: str) -> StyleLoss | WassersteinStyleLoss:
             gram = blend_grams([grams[name] for grams in style_grams], weights)
-            if options["style_loss"] == "wasserstein":
+            if options.style_loss == "wasserstein":
                 means = blend_grams([each[name] for each in style_means], weights)
                 return WassersteinStyleLoss(gram, means)
             return StyleLoss(gram)
@@ -118,7 +120,7 @@ def build_objective(
         objective.style_losses = {
             name: (layer_weight, style_loss(name))
             for name, layer_weight in zip(
-                options["style_layers"], options["style_layer_weights"], strict=True
+                options.style_layers, options.style_layer_weights, strict=True
             )
         }
     return objective

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +14,9 @@ from PIL import Image
 
 from shared.backbones import BACKBONES
 from shared.errors import OptionError
-from shared.options import lbfgs_history_for, pyramid, style_side
+from shared.normalize import style_side
+from shared.options import RunOptions
+from shared.pyramid import lbfgs_history_for, pyramid
 from worker.engine.backbones import FeatureExtractor
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.device import (
@@ -34,7 +35,7 @@ from worker.engine.imaging import (
 )
 from worker.engine.lbfgs import LBFGS
 from worker.engine.objective import Objective, build_objective
-from worker.engine.stylize import Iterate, PreparedRun, Result, ResultCallback
+from worker.engine.types import Iterate, PreparedRun, Result, ResultCallback
 
 #: L-BFGS's trust region: the most a pixel (in [0, 1]) may move in one step. Unbounded, the
 #: first steps of a scale (and of a resumed run: its history starts empty) can throw pixels
@@ -44,29 +45,22 @@ from worker.engine.stylize import Iterate, PreparedRun, Result, ResultCallback
 LBFGS_MAX_STEP: float | None = 0.25
 
 
-def initial_image(
-    options: dict[str, Any],
-    content: torch.Tensor,
-    first_style: Image.Image,
-    init_image: Image.Image | None,
-) -> torch.Tensor:
+def initial_image(run: PreparedRun, content: torch.Tensor) -> torch.Tensor:
     height, width = content.shape[-2:]
-    init = options["init"]
+    init = run.options.init
     if init == "content":
         return content.clone()
     if init == "noise":
-        generator = torch.Generator().manual_seed(options["seed"])
+        generator = torch.Generator().manual_seed(run.seed)
         return torch.rand(content.shape, generator=generator).to(content.device)
-    source = first_style if init == "style" else init_image
+    source = run.styles[0] if init == "style" else run.init_image
     assert source is not None
     tensor = to_tensor(source, long_side=max(height, width), device=content.device)
     return resize_to(tensor, height, width)
 
 
-def finish_image(
-    image: torch.Tensor, content: torch.Tensor, options: dict[str, Any]
-) -> Image.Image:
-    if options["original_colors"]:
+def finish_image(image: torch.Tensor, content: torch.Tensor, options: RunOptions) -> Image.Image:
+    if options.original_colors:
         image = keep_original_colors(image, content)
     return to_pil(image)
 
@@ -86,17 +80,17 @@ def optimize(
     first = runs[0]
     options = first.options
     torch_device = resolve_device(first.device)
-    precision = resolve_precision(options["precision"], torch_device)
+    precision = resolve_precision(options.precision, torch_device)
     autocast_dtype = AUTOCAST_DTYPES.get(precision)
     channels_last = autocast_dtype is not None
-    layer_order = BACKBONES[options["backbone"]].layer_names
-    deepest = max((*options["content_layers"], *options["style_layers"]), key=layer_order.index)
+    layer_order = BACKBONES[options.backbone].layer_names
+    deepest = max((*options.content_layers, *options.style_layers), key=layer_order.index)
     extractor = load_extractor(
-        options["backbone"], device=torch_device, precision=precision, pooling=options["pooling"]
+        options.backbone, device=torch_device, precision=precision, pooling=options.pooling
     ).truncated(deepest)
 
-    total = options["iterations"]
-    plan = pyramid(options["size"], options["scales"], total)
+    total = options.iterations
+    plan = pyramid(options.size, options.scales, total)
     resume_from = first.resume_from if len(runs) == 1 else None
     done = resume_from.iteration if resume_from is not None else 0
     states = [_RunState(run, index) for index, run in enumerate(runs)]
@@ -189,13 +183,14 @@ class _RunState:
             to_tensor(style, long_side=style_side(style.size, long_side, options), device=device)
             for style in run.styles
         ]
-        if options["original_colors"]:
+        if options.original_colors:
             # Only the luminance is transferred (finish_image): its targets come from the
             # styles with their luminance matched to the photo's.
             style_tensors = [match_luminance(s, self.content_tensor) for s in style_tensors]
         self.objective = build_objective(
-            extractor, options, self.content_tensor, style_tensors, autocast_dtype, channels_last
-        )
+            extractor, options, run.style_weights, self.content_tensor, style_tensors,
+            autocast_dtype, channels_last,
+        )  # fmt: skip
         optimizer_state: dict[str, np.ndarray] = {}
         image = self.image
         if image is not None:
@@ -207,7 +202,7 @@ class _RunState:
             else:  # checkpointed at the last iteration of the previous scale
                 image = resize_to(image, height, width)
         else:
-            image = initial_image(options, self.content_tensor, run.styles[0], run.init_image)
+            image = initial_image(run, self.content_tensor)
         self.param = image.detach().clone().requires_grad_(True)
         self.optimizer = _Step(self.param, options, optimizer_state, graphs=run.cuda_graphs)
 
@@ -223,7 +218,7 @@ class _RunState:
         assert self.param is not None and self.content_tensor is not None
         run, options = self.run, self.options
         self.iterations = done
-        preview_every, checkpoint_every = options["preview_every"], options["checkpoint_every"]
+        preview_every, checkpoint_every = run.preview_every, run.checkpoint_every
         want_preview = done == total or (preview_every > 0 and done % preview_every == 0)
         self.last = Iterate(
             iteration=done,
@@ -244,7 +239,7 @@ class _RunState:
         due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < total
         if run.on_checkpoint is not None and due:
             assert self.optimizer is not None
-            run.on_checkpoint(_checkpoint(self.param, done, scale, options, self.optimizer))
+            run.on_checkpoint(_checkpoint(self.param, done, scale, run, self.optimizer))
         if self.stopped:
             self.image = self.param.detach()
 
@@ -270,7 +265,7 @@ class _RunState:
             total=total,
             stopped=self.stopped,
             last=self.last,
-            seed=self.options["seed"],
+            seed=self.run.seed,
             device=str(device),
             precision=precision,
             elapsed=time.perf_counter() - self.run.started,
@@ -285,22 +280,22 @@ class _Step:
     def __init__(
         self,
         param: torch.Tensor,
-        options: dict[str, Any],
+        options: RunOptions,
         state: dict[str, np.ndarray],
         *,
         graphs: bool,
     ) -> None:
         self.param = param
-        self.kind = options["optimizer"]
+        self.kind = options.optimizer
         if self.kind == "lbfgs":
             self.lbfgs = LBFGS(
                 param, lr=1.0, bounds=(0.0, 1.0), max_step=LBFGS_MAX_STEP, graphs=graphs,
                 history_size=lbfgs_history_for(
-                    param.shape[-1] * param.shape[-2], options["lbfgs_history"]
+                    param.shape[-1] * param.shape[-2], options.lbfgs_history
                 ),
             )  # fmt: skip
         else:
-            self.adam = torch.optim.Adam([param], lr=options["lr"])
+            self.adam = torch.optim.Adam([param], lr=options.lr)
             if state:
                 # Adam keeps its step count on the CPU unless it runs "capturable".
                 self.adam.state[param] = {
@@ -327,13 +322,13 @@ class _Step:
 
 
 def _checkpoint(
-    param: torch.Tensor, done: int, scale: int, options: dict[str, Any], step: _Step
+    param: torch.Tensor, done: int, scale: int, run: PreparedRun, step: _Step
 ) -> Checkpoint:
     return Checkpoint(
         iteration=done,
         scale=scale,
         image=param.detach().float().cpu().numpy().copy(),
-        options=options,
-        seed=options["seed"],
+        options=run.checkpoint_options(),
+        seed=run.seed,
         optimizer_state=step.state(),
     )

@@ -1,9 +1,9 @@
 """``stylize``: the one entry point of the engine.
 
 This module imports neither torch nor the backbone: its options are the schema's
-(shared/options.py), checked by :func:`shared.options.check_options` before anything heavy
+(shared/options.py), checked by :func:`shared.normalize.check_options` before anything heavy
 is loaded. The optimization itself lives in :mod:`worker.engine.optimize`, imported when a
-run starts.
+run starts; the types both share are :mod:`worker.engine.types`'.
 """
 
 from __future__ import annotations
@@ -12,71 +12,39 @@ import hashlib
 import inspect
 import secrets
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
+from pydantic import ValidationError
 
 from shared.errors import OptionError
+from shared.normalize import check_image_sizes, check_options, normalize_weights
 from shared.options import (
     DEFAULTS,
     INIT_FAST,
+    MAX_ITERATIONS,
     OPTION_NAMES,
     InitName,
     OptimizerName,
     PoolingName,
     PrecisionName,
+    RunOptions,
     StyleLossName,
-    check_image_sizes,
-    check_options,
-    pyramid,
-    scaled_size,
 )
 from worker.engine.checkpoint import Checkpoint
+from worker.engine.types import (
+    CheckpointCallback,
+    PreparedRun,
+    ProgressCallback,
+    Result,
+    ResultCallback,
+)
 
 #: The defaults of :func:`stylize`'s options, from the schema (shared/options.py).
 _D = DEFAULTS
-
-
-@dataclass(frozen=True)
-class Iterate:
-    """What the progress callback receives after every iteration.
-
-    The loss parts are weighted (``loss == content + style + tv``) and are those of the
-    image the iteration started from: the value the optimizer evaluated.
-    """
-
-    iteration: int  #: iterations completed, 1-based, over all scales
-    total: int  #: iterations the run will make in all
-    scale: int  #: index of the current pyramid scale, 0 = coarsest
-    scales: int  #: number of scales
-    loss: float
-    content: float
-    style: float
-    tv: float
-    elapsed: float  #: seconds since this run (or this resumed run) started
-    #: Every ``preview_every`` iterations (and at the last one): the current image.
-    preview: Image.Image | None = None
-
-
-@dataclass(frozen=True)
-class Result:
-    image: Image.Image
-    iterations: int  #: iterations completed, including those before a resume
-    total: int
-    stopped: bool  #: True when the callback asked to stop before ``total``
-    last: Iterate | None  #: the last iterate (None when resumed at the very end)
-    seed: int
-    device: str
-    precision: str  #: the precision actually used, ``auto`` resolved
-    elapsed: float
-
-
-ProgressCallback = Callable[[Iterate], bool | None]
-CheckpointCallback = Callable[[Checkpoint], None]
-#: ``stylize_together``'s: the index of a run that ended, and its result or exception.
-ResultCallback = Callable[[int, "Result | Exception"], None]
+#: The most a ``preview_every`` or ``checkpoint_every`` may be: an option's iterations'.
+MAX_EVERY = MAX_ITERATIONS
 
 
 def stylize(
@@ -168,29 +136,6 @@ def stylize(
     return result
 
 
-@dataclass(frozen=True)
-class PreparedRun:
-    """A run :func:`stylize` would make, its options checked: what :func:`stylize_together`
-    takes. Made by :func:`prepare`."""
-
-    options: dict[str, Any]
-    content: Image.Image
-    styles: list[Image.Image]
-    init_image: Image.Image | None
-    device: str
-    cuda_graphs: bool
-    progress: ProgressCallback | None
-    on_checkpoint: CheckpointCallback | None
-    resume_from: Checkpoint | None
-    #: ``time.perf_counter()`` when it was prepared: its iterates' ``elapsed`` count from here.
-    started: float
-
-    @property
-    def batch_key(self) -> tuple[Any, ...] | None:
-        resumed = self.resume_from is not None
-        return batch_key(self.options, self.content.size, self.device, resumed=resumed)
-
-
 def prepare(**arguments: Any) -> PreparedRun:
     """:func:`stylize`'s keyword arguments (its defaults for those left out), checked."""
     bound = inspect.signature(stylize).bind(**arguments)
@@ -228,21 +173,6 @@ def stylize_together(
     return optimize(list(runs), on_result)
 
 
-def batch_key(
-    options: dict[str, Any], content_size: tuple[int, int], device: str, *, resumed: bool = False
-) -> tuple[Any, ...] | None:
-    """What runs that share a batch must have in common; None for a resumed run (its
-    iterations and scale are its own). ``content_size`` is the content's (width, height)."""
-    if resumed:
-        return None
-    plan = pyramid(options["size"], options["scales"], options["iterations"])
-    shapes = tuple(scaled_size(*content_size, side) for side, _ in plan)
-    return (
-        device, options["backbone"], options["pooling"], options["precision"],
-        tuple(options["content_layers"]), tuple(options["style_layers"]), tuple(plan), shapes,
-    )  # fmt: skip
-
-
 def _prepare(arguments: dict[str, Any]) -> PreparedRun:
     started = time.perf_counter()
     content, styles, init = arguments["content"], arguments["styles"], arguments["init"]
@@ -256,22 +186,20 @@ def _prepare(arguments: dict[str, Any]) -> PreparedRun:
     given = {name: arguments[name] for name in OPTION_NAMES}
     if not isinstance(init, str):
         given["init"] = "image"  # checked as a start the caller gives
-    options = check_options(
-        **given,
-        styles=len(styles),
-        style_weights=arguments["style_weights"],
-        preview_every=arguments["preview_every"],
-        checkpoint_every=arguments["checkpoint_every"],
-    )
-    check_image_sizes(content.size, [style.size for style in styles], options)
-    options["inputs"] = _digest_inputs(content, styles, init)
+    options = check_options(**given, styles=len(styles))
+    style_weights = normalize_weights(arguments["style_weights"], len(styles), "style_weights")
+    every = {name: _count(arguments[name], name) for name in ("preview_every", "checkpoint_every")}
+    check_image_sizes(content.size, options)
     if resume_from is not None:
-        _check_resumable(resume_from, options)
-        options["seed"] = resume_from.seed
-    elif options["seed"] is None:
-        options["seed"] = secrets.randbelow(2**31)
-    return PreparedRun(
+        seed = resume_from.seed
+    else:
+        seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
+    run = PreparedRun(
         options=options,
+        style_weights=tuple(style_weights),
+        seed=seed,
+        inputs=_digest_inputs(content, styles, init),
+        **every,
         content=content,
         styles=list(styles),
         init_image=None if isinstance(init, str) else init,
@@ -282,11 +210,15 @@ def _prepare(arguments: dict[str, Any]) -> PreparedRun:
         resume_from=resume_from,
         started=started,
     )
+    if resume_from is not None:
+        _check_resumable(resume_from, run)
+    return run
 
 
-# Options that may change between a checkpoint and its resume: where and how fast it runs,
-# and how often it reports.
-_RESUME_MAY_DIFFER = {"precision", "preview_every", "checkpoint_every", "seed"}
+def _count(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EVERY:
+        raise OptionError(f"must be between 0 and {MAX_EVERY}, not {value!r}", field=field)
+    return value
 
 
 def _digest_inputs(
@@ -302,19 +234,35 @@ def _digest_inputs(
     }
 
 
-def _check_resumable(checkpoint: Checkpoint, options: dict[str, Any]) -> None:
+# What may change between a checkpoint and its resume: where and how fast it runs, and how
+# often it reports.
+_RESUME_MAY_DIFFER = {"precision", "preview_every", "checkpoint_every", "seed"}
+
+
+def _check_resumable(checkpoint: Checkpoint, run: PreparedRun) -> None:
     saved = checkpoint.options
-    for name, value in options.items():
+    # Read through the model: an option added after the checkpoint was made ran at its
+    # default then.
+    try:
+        was = RunOptions.of_job({k: v for k, v in saved.items() if k in RunOptions.model_fields})
+    except ValidationError as error:
+        message = f"the checkpoint's options are unreadable: {error.errors()[0]['msg']}"
+        raise OptionError(message, field="resume_from") from None
+    now = run.checkpoint_options()
+    for name, value in now.items():
         if name in _RESUME_MAY_DIFFER:
             continue
-        # An option added after the checkpoint was made ran at its default then.
-        if saved.get(name, getattr(_D, name, None)) != value:
+        if name in RunOptions.model_fields:
+            same = getattr(was, name) == getattr(run.options, name)
+        else:
+            same = saved.get(name) == value
+        if not same:
             raise OptionError(
                 f"the checkpoint was made with {name}={saved.get(name)!r}, not {value!r}",
                 field="resume_from",
             )
-    if not 0 <= checkpoint.iteration < options["iterations"]:
+    if not 0 <= checkpoint.iteration < run.options.iterations:
         raise OptionError(
-            f"the checkpoint is at iteration {checkpoint.iteration} of {options['iterations']}",
+            f"the checkpoint is at iteration {checkpoint.iteration} of {run.options.iterations}",
             field="resume_from",
         )
