@@ -45,14 +45,25 @@ def wait(
 
 
 def machine() -> str:
-    """The CPU the figures come from, e.g. ``x86_64 (AMD EPYC), 2 cores``: machines here
-    change from session to session, and their figures with them."""
+    """The CPU the figures come from, e.g. ``x86_64 (AMD EPYC with AVX512-BF16), 2 cores``:
+    machines here change from session to session, and their figures with them; the bf16
+    instructions say which of the CPUs that share a model name it is."""
     model = ""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
-        model = f" ({found.group(1).strip()})" if found else ""
+        text = cpuinfo.read_text()
+        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or ["", ""])[1].split())
+        extra = next(
+            (f" with {name}" for flag, name in BF16_FLAGS if flag in flags),
+            " without bf16 instructions" if flags else "",
+        )
+        model = f" ({found.group(1).strip()}{extra})" if found else ""
     return f"{platform.machine()}{model}, {os.cpu_count()} cores"
+
+
+#: /proc/cpuinfo's flags for the CPUs' bf16 instructions, the fastest first.
+BF16_FLAGS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"))
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:

@@ -24,8 +24,9 @@ from shared.pyramid import MAX_LBFGS_HISTORY, MAX_SCALES, MIN_SIZE
 MAX_SIZE = 4096
 MAX_ITERATIONS = 100_000
 #: The default strength of the style and the range of β it spans, as powers of ten: with
-#: relative losses (losses.relative_scale) β = 0.1 leaves a photo barely touched and 100
-#: keeps only its outline (bench/contact_sheet.py, docs/contact-sheet.png).
+#: relative losses (losses.relative_scale) and the default content layers, β = 0.1 leaves
+#: a photo untouched and 100 paints it boldly over its layout (bench/contact_sheet.py,
+#: docs/strength-sweep.png).
 DEFAULT_STYLE_STRENGTH = 0.6
 STYLE_WEIGHT_LOG10_RANGE = (-1.0, 2.0)
 #: Bounds of the feed-forward picture's long side (worker/feedforward.py): its network runs
@@ -33,6 +34,10 @@ STYLE_WEIGHT_LOG10_RANGE = (-1.0, 2.0)
 #: is visible.
 FAST_MIN_SIZE = 32
 FAST_MAX_SIZE = 1024
+#: The content layers: Gatys et al.'s relu4_2 keeps the objects but leaves flat, blurred
+#: regions (a photo's background) to the style, which repaints their light and dark with the
+#: painting's; relu3_1 beside it keeps their layout (bench/tune.py, docs/engine.md).
+DEFAULT_CONTENT_LAYERS = ("relu3_1", "relu4_2")
 #: The largest weight any option takes: far past any useful one, well inside fp32.
 MAX_WEIGHT = 1e12
 
@@ -102,8 +107,8 @@ class Options(BaseModel):
     )
     style_strength: float = _option(
         DEFAULT_STYLE_STRENGTH,
-        "how strongly the painting shows: 0 barely touches the photo, 1 keeps only its "
-        "outline; sets style_weight on a log scale, 0.1 to 100",
+        "how strongly the painting shows: 0 leaves the photo as it is, 1 paints it boldly "
+        "over its layout; sets style_weight on a log scale, 0.1 to 100",
         ge=0.0,
         le=1.0,
     )
@@ -129,7 +134,9 @@ class Options(BaseModel):
         ge=0, le=MAX_WEIGHT,
     )  # fmt: skip
     content_layers: Names = _option(
-        ("relu4_2",), "backbone layers whose features match the photo's (comma-separated)"
+        DEFAULT_CONTENT_LAYERS,
+        "backbone layers whose features match the photo's (comma-separated); the paper "
+        "uses relu4_2 alone",
     )
     style_layers: Names = _option(
         ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
