@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from engine import IMAGES_HELP, sample_pair  # bench/engine.py (run as a script)
 
+from shared.normalize import check_options
 from shared.options import defaults
 from worker.engine.device import AUTOCAST_DTYPES, load_extractor, resolve_precision
 from worker.engine.imaging import to_tensor
@@ -42,16 +43,16 @@ def main() -> None:
 
     device = torch.device(args.device)
     precision = resolve_precision("auto", device)
-    options = {**defaults(), "style_weights": [1.0]}  # the default objective, TV included
-    layers = options["style_layers"]
-    options["style_layer_weights"] = [1 / len(layers)] * len(layers)
+    layers = defaults()["style_layers"]
+    # The default objective, TV included, with the style layers weighed equally.
+    options = check_options(styles=1, style_layer_weights=[1 / len(layers)] * len(layers))
     content, style = (
         to_tensor(image, long_side=args.size, device=device) for image in sample_pair(args.images)
     )
     extractor = load_extractor("vgg19-random", device=device, precision=precision)
     autocast_dtype = AUTOCAST_DTYPES.get(precision)
     objective = build_objective(
-        extractor, options, content, [style], autocast_dtype, autocast_dtype is not None
+        extractor, options, [1.0], content, [style], autocast_dtype, autocast_dtype is not None
     )
     image = content.clone().requires_grad_(True)
 

@@ -55,11 +55,13 @@ def full_size_loss(image: Image.Image, photo: Image.Image, painting: Image.Image
                    options: dict[str, object]) -> float:  # fmt: skip
     run = prepare(content=photo, styles=[painting], **options)
     device = torch.device("cpu")
-    extractor = load_extractor(run.options["backbone"], device=device, precision="fp32")
-    size = run.options["size"]
+    extractor = load_extractor(run.options.backbone, device=device, precision="fp32")
+    size = run.options.size
     content = to_tensor(photo, long_side=size, device=device)
     style = to_tensor(painting, long_side=size, device=device)
-    objective = build_objective(extractor, run.options, content, [style], None, False)
+    objective = build_objective(
+        extractor, run.options, run.style_weights, content, [style], None, False
+    )
     with torch.no_grad():
         x = to_tensor(image, long_side=size, device=device)
         return float(objective.parts(x).sum())

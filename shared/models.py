@@ -79,7 +79,8 @@ class Job(Base):
     #: ``optimize`` (Gatys et al.'s optimization) or ``fast`` (the feed-forward picture
     #: only, made by a preview worker): :class:`JobMode`.
     mode: Mapped[str] = mapped_column(String(16), default="optimize", server_default="optimize")
-    #: The engine options of the job, as ``check_options`` normalized them.
+    #: The engine options of the job: ``shared.options.RunOptions.stored()``, read back with
+    #: ``RunOptions.of_job``.
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     content_sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"))
     created_at: Mapped[datetime] = mapped_column(

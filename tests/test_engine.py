@@ -605,7 +605,7 @@ def test_on_cuda_a_graphed_evaluation_gives_the_eager_losses(
 
 
 def test_cuda_graphs_can_be_turned_off_from_the_environment() -> None:
-    # A worker hands this to each run (worker/runner.py); CUDA only.
+    # A worker hands this to each run (worker/active.py); CUDA only.
     assert Settings().cuda_graphs is True
     assert Settings.from_env({"STYLEQUEUE_CUDA_GRAPHS": "false"}).cuda_graphs is False
 
