@@ -10,7 +10,7 @@ import hashlib
 import json
 import secrets
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,7 +120,7 @@ def parse_request(
     form: Mapping[str, Sequence[str]],
     uploads: Sequence[Upload],
     settings: Settings,
-    runnable_backbones: set[str] | None = None,
+    runnable_backbones: Collection[str] | None = None,
     decode_slots: AbstractContextManager[Any] | None = None,
 ) -> JobRequest:
     """Validate a submission: fields, options, images. Raises a :class:`StylequeueError`.

@@ -11,8 +11,14 @@ from typing import Any
 from shared.backbones import BACKBONES
 from shared.errors import OptionError
 from shared.fields import validate
-from shared.options import DEFAULTS, MAX_SIZE, Options, RunOptions, halving_weights
-from shared.options import strength_to_weight as _strength_to_weight
+from shared.options import (
+    DEFAULTS,
+    MAX_SIZE,
+    Options,
+    RunOptions,
+    halving_weights,
+    strength_to_weight,
+)
 from shared.pyramid import MIN_SIZE, auto_scales, pyramid
 
 
@@ -73,7 +79,7 @@ def check_options(*, styles: int, max_size: int = MAX_SIZE, **options: Any) -> R
             "style_strength": None if explicit else checked.style_strength,
             "style_weight": checked.style_weight
             if explicit
-            else _strength_to_weight(checked.style_strength),
+            else strength_to_weight(checked.style_strength),
             "style_layer_weights": tuple(layer_weights),
             "init": init,
         }

@@ -88,8 +88,9 @@ def index(sign_in_error: str | None = None) -> str:
 
     everyone = sorted(live_workers(), key=lambda worker: str(worker.get("name")))
     workers = [worker for worker in everyone if worker.get("kind") != PREVIEW_KIND]
-    available = offered_backbones(workers) or []
-    chosen = default_backbone(available or None, offline=services.settings.offline)
+    offered = offered_backbones(workers)
+    available = offered or []
+    chosen = default_backbone(offered, offline=services.settings.offline)
     return render_template(
         "index.html",
         defaults=defaults(),

@@ -41,6 +41,11 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
 
 
+def _jobs(answers: dict[str, str], *errors: int) -> dict[str, Any]:
+    """Responses that answer with a job, by status code and description, and ``errors``."""
+    return {code: _json(schemas.Job, text) for code, text in answers.items()} | _errors(*errors)
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _json(schemas.Error, "error") for code in codes}
 
@@ -112,19 +117,24 @@ def _submission_paths(again_fields: dict[str, Any]) -> dict[str, Any]:
         name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
         for name, operation in JOB_LINKS.items()
     }
-    submitted = {
-        "200": _json(schemas.Job, "replayed: the job this Idempotency-Key made"),
-        "201": _json(schemas.Job, "a finished job's result reused (fixed seed)"),
-        "202": {**_json(schemas.Job, "queued; Location names the job"), "links": links},
-        **_errors(400, 403, 409, 413, 415, 422, 429, 503),
-    }
+    submitted = _jobs(
+        {
+            "200": "replayed: the job this Idempotency-Key made",
+            "201": "a finished job's result reused (fixed seed)",
+            "202": "queued; Location names the job",
+        },
+        400, 403, 409, 413, 415, 422, 429, 503,
+    )  # fmt: skip
+    submitted["202"]["links"] = links
     listed = {"200": _json(schemas.JobPage, "a page of jobs"), **_errors(401, 422)}
     statuses = {"type": "string", "enum": [s.value for s in JobStatus]}
-    again = {
-        "201": _json(schemas.Job, "the same result reused (nothing changed)"),
-        "202": _json(schemas.Job, "queued; Location names the new job"),
-        **_errors(400, 403, 404, 409, 410, 422, 429, 503),
-    }
+    again = _jobs(
+        {
+            "201": "the same result reused (nothing changed)",
+            "202": "queued; Location names the new job",
+        },
+        400, 403, 404, 409, 410, 422, 429, 503,
+    )  # fmt: skip
     return {
         "/api/jobs": {
             "post": _operation(
@@ -165,16 +175,12 @@ def _job_paths() -> dict[str, Any]:
         "schema": {"type": "integer", "minimum": 0},
     }  # fmt: skip
     image = {"200": {"description": "the image"}, **_errors(404, 410)}
-    canceled = {
-        "200": _json(schemas.Job, "already finished"),
-        "202": _json(schemas.Job, "canceled or cancel requested"),
-        **_errors(403, 404),
-    }
+    canceled = _jobs({"200": "already finished", "202": "canceled or cancel requested"}, 403, 404)
     return {
         "/api/jobs/{job_id}": {
             "get": _operation(
                 "A job's status, progress, latest loss and links", "getJob",
-                {"200": _json(schemas.Job, "the job"), **_errors(404)}, JOB_ID,
+                _jobs({"200": "the job"}, 404), JOB_ID,
             )
         },
         "/api/jobs/{job_id}/losses": {

@@ -126,9 +126,8 @@ def _submit(
 ) -> tuple[Response, int, dict[str, str]]:
     """Check, store and enqueue a submission (or replay or reuse an earlier one)."""
     workers = live_workers()
-    backbones = offered_backbones(workers)
     job_request = parse_request(
-        form, uploads, services.settings, backbones and set(backbones),
+        form, uploads, services.settings, offered_backbones(workers),
         decode_slots=services.decode_slots,
     )  # fmt: skip
     fingerprint = job_request.fingerprint()

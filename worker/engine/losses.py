@@ -215,6 +215,7 @@ class WassersteinStyleLoss(nn.Module):
         # A small ridge keeps the square roots' gradients finite on flat directions.
         self.eps = 1e-5 * float(covariance.diagonal().mean().clamp(min=1e-12))
         ridge = self.eps * torch.eye(channels, device=covariance.device)
+        self.register_buffer("ridge", ridge)
         values, vectors = torch.linalg.eigh(covariance + ridge)
         root = vectors @ torch.diag_embed(values.clamp(min=0).sqrt()) @ vectors.transpose(-1, -2)
         self.register_buffer("means", target_means.detach().float().squeeze(0))
@@ -230,8 +231,7 @@ class WassersteinStyleLoss(nn.Module):
         means = channel_means(features)
         with torch.autocast(device_type=gram.device.type, enabled=False):
             channels = gram.shape[-1]
-            ridge = self.eps * torch.eye(channels, device=gram.device)
-            covariance = _covariance(gram.float(), means) + ridge
+            covariance = _covariance(gram.float(), means) + self.ridge
             product = self.root @ covariance @ self.root
             product = (product + product.transpose(-1, -2)) / 2  # symmetric to rounding
             root_trace = torch.linalg.eigvalsh(product).clamp(min=self.eps).sqrt().sum(-1)

@@ -103,16 +103,18 @@ def build_objective(
         objective.content_losses = {
             name: ContentLoss(content_features[name]) for name in options.content_layers
         }
+        wasserstein = options.style_loss == "wasserstein"
         style_grams, style_means = [], []
         for style in styles:
             features = objective.features(style, options.style_layers)
             style_grams.append({name: gram_matrix(value) for name, value in features.items()})
-            style_means.append({name: channel_means(value) for name, value in features.items()})
+            if wasserstein:
+                style_means.append({name: channel_means(v) for name, v in features.items()})
         weights = list(style_weights)
 
         def style_loss(name: str) -> StyleLoss | WassersteinStyleLoss:
             gram = blend_grams([grams[name] for grams in style_grams], weights)
-            if options.style_loss == "wasserstein":
+            if wasserstein:
                 means = blend_grams([each[name] for each in style_means], weights)
                 return WassersteinStyleLoss(gram, means)
             return StyleLoss(gram)
