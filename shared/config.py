@@ -158,6 +158,26 @@ class Settings:
     max_size: int = setting(2048, "Largest output long side a job may ask for, in pixels.")
     max_iterations: int = setting(5000, "Most iterations a job may ask for.")
     max_styles: int = setting(8, "Most style images (uploads and presets together) in one job.")
+    max_batch_photos: int = setting(16, "Most content photos in one batch job.")
+    max_video_frames: int = setting(
+        240, "Most frames of a video job, counted from the container's packets before decoding."
+    )
+    max_video_seconds: float = setting(30.0, "Longest video a job may bring, in seconds.")
+    max_job_work: int = setting(
+        10_000_000_000,
+        "Most work one batch or video job may ask for: output pixels × iterations over all its "
+        "pictures or frames (a 240-frame video at 512×288 and the defaults is about 5.4e9).",
+    )
+    video_run_frames: int = setting(
+        12,
+        "Frames in each part of a video job: the parts run on as many workers at once, each "
+        "frame after a part's first starting from the one before (Ruder et al.).",
+    )
+    video_seam_frames: int = setting(
+        2,
+        "Frames each video part but the first also makes before its own, blended with the "
+        "previous part's at the seam; 0: cut straight.",
+    )
     rate_limit_per_minute: int = setting(
         600,
         "Requests per minute one client (address, or token when tokens come) may make to the API, "

@@ -7,12 +7,13 @@ rejected request leaves no row and no file behind.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import secrets
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -21,24 +22,27 @@ from sqlalchemy.orm import Session
 from shared.backbones import default_backbone
 from shared.config import Settings
 from shared.db import insert_ignoring_duplicates
-from shared.errors import OptionError
+from shared.errors import ImageTooLarge, OptionError
 from shared.estimate import job_work
 from shared.fields import form_text, form_values, validate
 from shared.images import ImageInfo, probe_image
-from shared.models import Job, JobMode, JobStatus, JobStyle, StoredImage, utcnow
+from shared.models import Job, JobKind, JobMode, JobStatus, JobStyle, StoredImage, utcnow
 from shared.normalize import check_image_sizes, check_options, normalize_weights, style_side
 from shared.options import (
     FAST_MAX_SIZE,
     FILE_FIELDS,
+    INIT_FAST,
     OPTION_NAMES,
     SUBMISSION_FIELDS,
     RunOptions,
     Submission,
 )
+from shared.parts import FrameRun, VideoMedia, cut, run_iterations, run_work
 from shared.presets import presets
 from shared.pyramid import MIN_SIZE, lbfgs_history_for, pyramid, scaled_pixels
 from shared.routing import job_memory_bytes
 from shared.storage import Storage
+from shared.video import VideoInfo, VideoLimits, is_video, probe_video
 from shared.webhooks import check_callback_url
 
 
@@ -54,6 +58,7 @@ class JobRequest:
     """A validated submission: the images (bytes, and what their headers say) and the
     normalized options."""
 
+    #: The photo, or the first photo of a batch, or the video (its header's frame size).
     content: tuple[bytes, ImageInfo]
     styles: list[tuple[bytes, ImageInfo, str | None]]  # bytes, header, preset name
     options: RunOptions
@@ -65,6 +70,21 @@ class JobRequest:
     #: Where to POST the signed notice when the job finishes (an allowed host).
     callback_url: str | None = None
     mode: JobMode = JobMode.OPTIMIZE
+    #: A batch's photos after the first (``content``).
+    more_contents: list[tuple[bytes, ImageInfo]] = field(default_factory=list)
+    #: A video job's header, and the runs its frames are cut into.
+    video: VideoInfo | None = None
+    runs: list[FrameRun] = field(default_factory=list)
+
+    @property
+    def kind(self) -> JobKind:
+        if self.video is not None:
+            return JobKind.VIDEO
+        return JobKind.BATCH if self.more_contents else JobKind.PICTURE
+
+    @property
+    def contents(self) -> list[tuple[bytes, ImageInfo]]:
+        return [self.content, *self.more_contents]
 
     def plan(self) -> list[tuple[int, int]]:
         """The pyramid: (long side, iterations) per scale, coarsest first."""
@@ -75,7 +95,12 @@ class JobRequest:
         """The job's work for the ETA (shared/estimate.py); 0 for a fast job."""
         if self.mode == JobMode.FAST:
             return 0
-        return job_work(self.plan(), *self.content[1].size)
+        if self.video is not None:
+            return sum(self.part_work(run) for run in self.runs)
+        return sum(job_work(self.plan(), *info.size) for _, info in self.contents)
+
+    def part_work(self, run: FrameRun) -> int:
+        return run_work(self.options, self.content[1].size, run.count)
 
     def memory_bytes(self) -> int:
         """An upper estimate of the memory the job needs where it runs (shared/routing.py),
@@ -86,14 +111,20 @@ class JobRequest:
         for _, info, _ in self.styles:
             side = style_side(info.size, finest, self.options)
             style_pixels.append(scaled_pixels(*info.size, side))
-        output_pixels = scaled_pixels(*self.content[1].size, finest)
+        output_pixels = max(scaled_pixels(*info.size, finest) for _, info in self.contents)
         return job_memory_bytes(
             output_pixels=output_pixels,
             optimizer=self.options.optimizer,
             lbfgs_history=lbfgs_history_for(output_pixels, self.options.lbfgs_history),
             style_pixels=style_pixels,
-            input_pixels=sum(info.width * info.height for _, info, _ in self.all_images()),
+            input_pixels=max(info.width * info.height for _, info in self.contents)
+            + sum(info.width * info.height for _, info, _ in self.styles),
         )
+
+    def _more_digests(self) -> dict[str, list[str]]:
+        if not self.more_contents:  # a one-picture job's fingerprint stays as it was
+            return {}
+        return {"more": [hashlib.sha256(data).hexdigest() for data, _ in self.more_contents]}
 
     def all_images(self) -> list[tuple[bytes, ImageInfo, str | None]]:
         return [(*self.content, None), *self.styles]
@@ -108,6 +139,7 @@ class JobRequest:
             options.pop("seed")
         canonical = {
             "content": hashlib.sha256(self.content[0]).hexdigest(),
+            **self._more_digests(),
             "styles": [hashlib.sha256(data).hexdigest() for data, _, _ in self.styles],
             "style_weights": self.style_weights,
             "options": options,
@@ -166,13 +198,20 @@ def parse_request(
         "max_pixels": settings.max_image_pixels,
         "decode_slots": decode_slots,
     }
-    contents = [u for u in uploads if u.field == "content"]
-    if len(contents) != 1:
-        raise OptionError("exactly one content image is needed", field="content")
     for upload in uploads:
         if upload.field not in ("content", "style"):
             raise OptionError(f"unexpected file field {upload.field!r}", field=upload.field)
-    content = probe_image(contents[0].data, name="content", **limits)
+    contents = _probe_contents([u for u in uploads if u.field == "content"], settings, limits)
+    content, video = contents[0], None
+    if isinstance(content[1], VideoInfo):
+        video = content[1]
+        content = (content[0], ImageInfo(video.width, video.height, video.container))
+        if mode == JobMode.FAST or options["init"] == INIT_FAST:
+            raise OptionError(
+                "a video job optimizes each frame from the one before; its feed-forward video "
+                "is its first preview (use mode=optimize and init=content)",
+                field="mode" if mode == JobMode.FAST else "init",
+            )
 
     styles: list[tuple[bytes, ImageInfo, str | None]] = []
     for upload in uploads:
@@ -203,16 +242,71 @@ def parse_request(
     callback_url = submission.callback_url
     if callback_url is not None:
         callback_url = check_callback_url(callback_url.strip(), settings)
-    return JobRequest(
+    more = [item for item in contents[1:] if isinstance(item[1], ImageInfo)]
+    for _, info in more:
+        check_image_sizes(info.size, checked)
+    if more and mode == JobMode.FAST:
+        raise OptionError("a fast job is one picture; batches use mode=optimize", field="mode")
+    runs = cut(video.frames, settings.video_run_frames, settings.video_seam_frames) if video else []
+    request = JobRequest(
         content=content,
         styles=styles,
         options=checked,
         style_weights=style_weights,
         seed_given=seed_given,
-        reuse=submission.reuse,
+        # A result of many parts is put together from its parts: never reused.
+        reuse=submission.reuse and not more and video is None,
         callback_url=callback_url,
         mode=mode,
+        more_contents=more,
+        video=video,
+        runs=runs,
     )
+    if request.kind.has_parts and request.work() > settings.max_job_work:
+        raise ImageTooLarge(
+            f"the job's work (output pixels × iterations over all its pictures) is "
+            f"{request.work():.3g}; the limit is {settings.max_job_work:.3g}: fewer frames or "
+            "photos, a smaller size or fewer iterations",
+            field="content",
+        )
+    return request
+
+
+def _probe_contents(
+    uploads: list[Upload], settings: Settings, limits: dict[str, Any]
+) -> list[tuple[bytes, ImageInfo | VideoInfo]]:
+    """The content photos (a batch when several) or the one video, checked from their
+    headers."""
+    if not uploads:
+        raise OptionError("a content image (or several, or a video) is needed", field="content")
+    if any(_is_video(upload.data) for upload in uploads):
+        if len(uploads) != 1:
+            raise OptionError("a job takes one video, and no photos beside it", field="content")
+        video_limits = VideoLimits(
+            max_frames=settings.max_video_frames,
+            max_seconds=settings.max_video_seconds,
+            max_pixels=settings.max_image_pixels,
+        )
+        return [(uploads[0].data, probe_video(uploads[0].data, video_limits))]
+    if len(uploads) > settings.max_batch_photos:
+        raise OptionError(
+            f"{len(uploads)} content photos; at most {settings.max_batch_photos} per job",
+            field="content",
+        )
+    return [probe_image(upload.data, name="content", **limits) for upload in uploads]
+
+
+def _is_video(data: bytes) -> bool:
+    """MP4, MOV, WebM or an animated GIF; a GIF of one frame is an image (and refused)."""
+    if not data.startswith(b"GIF8"):
+        return is_video(data)
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=("GIF",)) as image:
+            return bool(getattr(image, "is_animated", False))
+    except Exception:  # unreadable: the image checks say why
+        return False
 
 
 #: What "run again" may change: the options, not the images.
@@ -225,6 +319,8 @@ def request_again(
     """The submission that runs ``job`` again with ``changes`` to its options: its images
     (read back from storage), its options and seed, its style weights. A new strength
     recomputes the style weight from it; a new size, the number of scales."""
+    if job.job_kind != JobKind.PICTURE or job.parent_id is not None:
+        raise OptionError("only a one-picture job runs again; submit a batch or video anew")
     unknown = sorted(set(changes) - AGAIN_FIELDS)
     if unknown:
         raise OptionError("only the options can change, not the images", field=unknown[0])
@@ -278,16 +374,36 @@ def store_image(session: Session, storage: Storage, data: bytes, image: ImageInf
 
 
 def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
-    """Store the images and add the job row (queued); the caller commits and enqueues."""
+    """Store the images and add the job row (queued), and for a batch or a video its parts
+    (:func:`_new_parts`); the caller commits and enqueues."""
     content_sha = store_image(session, storage, *request.content)
+    style_shas = [store_image(session, storage, data, image) for data, image, _ in request.styles]
+    job = _new_job(request, content_sha, style_shas)
+    job.kind = request.kind.value
+    if request.kind == JobKind.PICTURE:
+        job.total = 0 if request.mode == JobMode.FAST else request.options.iterations
+    else:
+        parts = _new_parts(session, storage, request, content_sha, style_shas)
+        job.total = sum(part.total for part in parts)
+        job.media = asdict(VideoMedia.of_info(request.video)) if request.video else None
+        for part in parts:
+            part.parent_id = job.id
+    session.add(job)
+    session.flush()
+    if request.kind != JobKind.PICTURE:
+        session.add_all(parts)
+        session.flush()
+    return job
+
+
+def _new_job(request: JobRequest, content_sha: str, style_shas: list[str]) -> Job:
     job = Job(
         id=uuid.uuid4(),
         status=JobStatus.QUEUED,
         mode=request.mode.value,
         params=request.options.stored(),
         content_sha256=content_sha,
-        # A fast job makes no iteration: one pass of the feed-forward network.
-        total=0 if request.mode == JobMode.FAST else request.options.iterations,
+        total=request.options.iterations,
         work=request.work(),
         iteration=0,
         attempts=0,
@@ -295,20 +411,49 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
         callback_url=request.callback_url,
         callback_next_at=utcnow() if request.callback_url else None,
     )
-    for position, ((data, image, preset), weight) in enumerate(
-        zip(request.styles, request.style_weights, strict=True)
+    for position, ((_, _, preset), digest, weight) in enumerate(
+        zip(request.styles, style_shas, request.style_weights, strict=True)
     ):
         job.styles.append(
-            JobStyle(
-                position=position,
-                image_sha256=store_image(session, storage, data, image),
-                weight=weight,
-                preset=preset,
-            )
+            JobStyle(position=position, image_sha256=digest, weight=weight, preset=preset)
         )
-    session.add(job)
-    session.flush()
     return job
+
+
+def _new_parts(
+    session: Session, storage: Storage, request: JobRequest, content_sha: str,
+    style_shas: list[str],
+) -> list[Job]:  # fmt: skip
+    """A batch's pictures, or a video's runs of frames: jobs of their own, without a
+    callback (the parent's is sent)."""
+    parts = []
+    if request.video is not None:
+        for run in request.runs:
+            part = _new_job(request, content_sha, style_shas)
+            part.kind, part.frames = JobKind.FRAMES.value, run.stored()
+            part.total = run_iterations(request.options, run.count)
+            part.work = request.part_work(run)
+            parts.append(part)
+    else:
+        for data, info in request.contents:
+            digest = content_sha if not parts else store_image(session, storage, data, info)
+            part = _new_job(request, digest, style_shas)
+            part.kind = JobKind.PICTURE.value
+            part.work = job_work(request.plan(), *info.size)
+            parts.append(part)
+    for index, part in enumerate(parts):
+        part.part_index = index
+        part.callback_url, part.callback_next_at = None, None
+    return parts
+
+
+def parts_of(session: Session, job: Job) -> list[Job]:
+    """A batch's or video's parts, in order; none for a one-picture job."""
+    if not job.job_kind.has_parts:
+        return []
+    return list(
+        session.scalars(select(Job).where(Job.parent_id == job.id).order_by(Job.part_index))
+    )
 
 
 def scale_plan(params: Mapping[str, Any]) -> list[dict[str, int]]:

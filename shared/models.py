@@ -44,6 +44,24 @@ class JobStatus(StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
+class JobKind(StrEnum):
+    """What a job is: one picture, or the parent of parts (a batch of photos, a video), or
+    one of a video's runs of frames. A batch's parts are pictures."""
+
+    PICTURE = "picture"
+    BATCH = "batch"
+    VIDEO = "video"
+    FRAMES = "frames"
+
+    @property
+    def has_parts(self) -> bool:
+        return self in (JobKind.BATCH, JobKind.VIDEO)
+
+
+#: The kinds that are parents: never sent to a worker, finished when their parts are.
+PARENT_KINDS = (JobKind.BATCH.value, JobKind.VIDEO.value)
+
+
 class JobMode(StrEnum):
     OPTIMIZE = "optimize"
     FAST = "fast"
@@ -79,6 +97,18 @@ class Job(Base):
     #: ``optimize`` (Gatys et al.'s optimization) or ``fast`` (the feed-forward picture
     #: only, made by a preview worker): :class:`JobMode`.
     mode: Mapped[str] = mapped_column(String(16), default="optimize", server_default="optimize")
+    #: :class:`JobKind`: a picture, a batch or video (the parent of parts), a run of frames.
+    kind: Mapped[str] = mapped_column(String(16), default="picture", server_default="picture")
+    #: A part's parent job and its place among the parts (0-based).
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    part_index: Mapped[int | None] = mapped_column(Integer)
+    #: A run of frames: ``{"start", "stop", "overlap"}``, the frames it owns and how many
+    #: before ``start`` it also makes, to blend at the seam (shared/parts.py).
+    frames: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: A video: what its header says (``shared.parts.VideoMedia``).
+    media: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     #: The engine options of the job: ``shared.options.RunOptions.stored()``, read back with
     #: ``RunOptions.of_job``.
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -159,6 +189,10 @@ class Job(Base):
     def job_status(self) -> JobStatus:
         return JobStatus(self.status)
 
+    @property
+    def job_kind(self) -> JobKind:
+        return JobKind(self.kind)
+
 
 class JobStyle(Base):
     """One style image of a job, in order, with its blend weight."""
@@ -188,6 +222,8 @@ class LossPoint(Base):
     content: Mapped[float] = mapped_column(Float)
     style: Mapped[float] = mapped_column(Float)
     tv: Mapped[float] = mapped_column(Float)
+    #: A video frame's temporal loss (Ruder et al.); 0 for a photo.
+    temporal: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     elapsed: Mapped[float] = mapped_column(Float)
 
 

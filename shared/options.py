@@ -38,6 +38,9 @@ FAST_MAX_SIZE = 1024
 #: regions (a photo's background) to the style, which repaints their light and dark with the
 #: painting's; relu3_1 beside it keeps their layout (bench/tune.py, docs/engine.md).
 DEFAULT_CONTENT_LAYERS = ("relu3_1", "relu4_2")
+#: The temporal loss's weight for video (Ruder et al. 2016): relative to the warped frame's
+#: mean square, as the content loss is (bench/video.py measures flicker against it).
+DEFAULT_TEMPORAL_WEIGHT = 100.0
 #: The largest weight any option takes: far past any useful one, well inside fp32.
 MAX_WEIGHT = 1e12
 
@@ -131,6 +134,12 @@ class Options(BaseModel):
     )  # fmt: skip
     tv_weight: float = _option(
         3.0, "γ, the weight of the total-variation loss (smoothness)", title="TV weight (γ)",
+        ge=0, le=MAX_WEIGHT,
+    )  # fmt: skip
+    temporal_weight: float = _option(
+        DEFAULT_TEMPORAL_WEIGHT,
+        "video only: how strongly each frame keeps the previous one's strokes where the "
+        "motion can be followed (Ruder et al.'s temporal loss); 0: each frame on its own",
         ge=0, le=MAX_WEIGHT,
     )  # fmt: skip
     content_layers: Names = _option(

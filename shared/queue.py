@@ -11,13 +11,15 @@ from datetime import datetime
 from sqlalchemy import Connection, and_, bindparam, case, func, select
 from sqlalchemy.orm import Session
 
-from shared.models import Job, JobStatus
+from shared.models import PARENT_KINDS, Job, JobStatus
 
 _jobs = Job.__table__.c
+#: A batch's or video's work is its parts': the parent itself runs nowhere.
+_runs = _jobs.kind.not_in(PARENT_KINDS)
 _queued_before = and_(
-    _jobs.status == JobStatus.QUEUED.value, _jobs.created_at < bindparam("created_at")
+    _jobs.status == JobStatus.QUEUED.value, _jobs.created_at < bindparam("created_at"), _runs
 )
-_running = and_(_jobs.status == JobStatus.RUNNING.value, _jobs.total > 0)
+_running = and_(_jobs.status == JobStatus.RUNNING.value, _jobs.total > 0, _runs)
 #: A running job's work still to do.
 _work_left = func.coalesce(_jobs.work, 0) * (_jobs.total - _jobs.iteration) / _jobs.total
 # Built once (SQLAlchemy compiles it once and caches that): building the ORM expression
@@ -49,7 +51,7 @@ def queue_ahead(db: Session | Connection, created_at: datetime) -> tuple[int, fl
 _RUNNING_LEFT = select(func.coalesce(func.sum(_work_left), 0)).where(_running)
 _QUEUED_IN_ORDER = (
     select(_jobs.created_at, func.coalesce(_jobs.work, 0))
-    .where(_jobs.status == JobStatus.QUEUED.value)
+    .where(_jobs.status == JobStatus.QUEUED.value, _runs)
     .order_by(_jobs.created_at)
     .limit(bindparam("limit"))
 )

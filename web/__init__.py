@@ -42,7 +42,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # already holds MAX_CONTENT_LENGTH = None, so a setdefault would leave it unbounded.
     if app.config.get("MAX_CONTENT_LENGTH") is None:
         app.config["MAX_CONTENT_LENGTH"] = (
-            settings.max_image_bytes * (1 + settings.max_styles) + FORM_TEXT_BYTES
+            settings.max_image_bytes * (settings.max_batch_photos + settings.max_styles)
+            + FORM_TEXT_BYTES
         )
     app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
     # Text parts and urlencoded bodies (web/limits.py): a job's fields fit many times over.

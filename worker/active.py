@@ -62,7 +62,7 @@ class ActiveRun:
             claim.job_id, ctx.sessions, ctx.storage, ctx.redis, self.settings.loss_flush_seconds
         )
         self.watchdog = threading.Timer(
-            self.settings.hard_time_limit, _hard_time_limit, args=(ctx, claim)
+            self.settings.hard_time_limit, hard_time_limit, args=(ctx, claim)
         )
         self.watchdog.daemon = True
         self.started = time.monotonic()
@@ -170,7 +170,7 @@ class ActiveRun:
             ctx.note_speed(smoothed(ctx.activity.get(RATE_FIELD), work / outcome.elapsed))
 
 
-def _hard_time_limit(ctx: Context, claim: Claim) -> None:
+def hard_time_limit(ctx: Context, claim: Claim) -> None:
     """The run did not stop by itself: fail the job and end this worker process, the only
     way to interrupt an iteration that never ends (``serve`` or compose restarts it)."""
     message = f"the run exceeded the hard time limit of {ctx.settings.hard_time_limit:g} s"

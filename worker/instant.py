@@ -13,14 +13,18 @@ import uuid
 
 from PIL import Image
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from shared import feed
 from shared.errors import StylequeueError
 from shared.estimate import FAST_SECONDS_FIELD, smoothed
 from shared.images import PREVIEW_COMPRESS_LEVEL, encode_png, synthetic_pair
-from shared.models import PREVIEW_FEEDFORWARD, Job, JobMode, JobStatus
+from shared.models import PREVIEW_FEEDFORWARD, Job, JobKind, JobMode, JobStatus, StoredImage
 from shared.options import RunOptions
+from shared.parts import VideoMedia
+from shared.pyramid import scaled_size
 from shared.storage import fast_preview_key, result_key
+from shared.video import encode_mp4, iter_frames
 from worker import lifecycle
 from worker.context import Context
 from worker.feedforward import MAX_SIZE, get_feedforward
@@ -92,11 +96,50 @@ def make_preview(ctx: Context, job_id: uuid.UUID) -> None:
         job = session.get(Job, job_id)
         if job is None or job.job_status.finished or job.preview_iteration is not None:
             return
-        inputs = lifecycle.load_inputs(session, ctx.storage, job)
+        if job.job_kind == JobKind.VIDEO:
+            video = _video_source(session, ctx, job)
+        else:
+            inputs = lifecycle.load_inputs(session, ctx.storage, job)
         size = RunOptions.of_job(job.params).size
+    if job.job_kind == JobKind.VIDEO:
+        _instant_video(ctx, job_id, *video, size)
+        return
     picture = _timed_picture(ctx, inputs, size)
     if _store_preview(ctx, job_id, picture):
         log.info("feed-forward preview stored")
+
+
+def _video_source(session: Session, ctx: Context, job: Job) -> tuple[bytes, Inputs, VideoMedia]:
+    stored = session.get(StoredImage, job.content_sha256)
+    assert stored is not None and job.media is not None
+    styles = lifecycle.load_styles(session, ctx.storage, job)
+    inputs = Inputs(Image.new("RGB", (1, 1)), styles, [style.weight for style in job.styles])
+    return ctx.storage.get(stored.storage_key), inputs, VideoMedia.of_job(job.media)
+
+
+def _instant_video(
+    ctx: Context, job_id: uuid.UUID, source: bytes, inputs: Inputs, media: VideoMedia, size: int
+) -> None:
+    """A video's instant preview: the feed-forward network over every frame, as an MP4 at
+    the source's frame rate (streamed: one frame held at a time)."""
+    network = get_feedforward(ctx.settings.preview_threads)
+    side = min(size, MAX_SIZE)
+    frame_size = scaled_size(media.width, media.height, side)
+    blended = network.blend(inputs.styles, inputs.weights)  # the styles once, not per frame
+    pictures = (
+        network.transform(frame, blended, side) for frame in iter_frames(source, frame_size)
+    )
+    key = f"jobs/{job_id}/instant.mp4"
+    ctx.storage.put(key, encode_mp4(pictures, media.frame_rate))
+    with ctx.sessions.begin() as session:
+        stored = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.preview_iteration.is_(None))
+            .values(preview_key=key, preview_iteration=0, preview_source=PREVIEW_FEEDFORWARD)
+        )
+    if stored.rowcount:  # type: ignore[attr-defined]
+        feed.publish(ctx.redis, job_id, preview={"iteration": 0, "source": PREVIEW_FEEDFORWARD})
+        log.info("feed-forward video stored")
 
 
 def run_fast(ctx: Context, job_id: uuid.UUID) -> None:

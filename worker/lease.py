@@ -19,7 +19,7 @@ from datetime import timedelta
 from sqlalchemy import and_, func, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.models import Job, JobRun, JobStatus, utcnow
+from shared.models import PARENT_KINDS, Job, JobKind, JobRun, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ class Claim:
     job_id: uuid.UUID
     owner: str
     attempts: int
+    #: ``Job.kind``: a picture, or a run of a video's frames.
+    kind: str = JobKind.PICTURE.value
+    #: The batch or video the job is a part of.
+    parent_id: uuid.UUID | None = None
 
 
 def claim(
@@ -53,6 +57,7 @@ def claim(
             .where(
                 Job.id == job_id,
                 Job.cancel_requested.is_(False),
+                Job.kind.not_in(PARENT_KINDS),  # a batch or video runs as its parts
                 or_(
                     Job.status == JobStatus.QUEUED,
                     and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
@@ -70,11 +75,17 @@ def claim(
                 worker=worker,
                 device=device,
             )
-            .returning(Job.attempts, Job.resumed_from_iteration, Job.queue)
+            .returning(Job.attempts, Job.resumed_from_iteration, Job.queue, Job.kind, Job.parent_id)
         ).one_or_none()
         if taken is None:
             return None
-        attempts, resumed_from, queue = taken
+        attempts, resumed_from, queue, kind, parent_id = taken
+        if parent_id is not None:  # its first part started: the batch or video runs
+            session.execute(
+                update(Job)
+                .where(Job.id == parent_id, Job.status == JobStatus.QUEUED)
+                .values(status=JobStatus.RUNNING, started_at=now)
+            )
         end_run(session, job_id, attempts - 1, "worker_lost")  # taken over: the last one died
         session.add(
             JobRun(
@@ -82,7 +93,7 @@ def claim(
                 queue=queue, resumed_from_iteration=resumed_from, started_at=now,
             )
         )  # fmt: skip
-    return Claim(job_id, owner, int(attempts))
+    return Claim(job_id, owner, int(attempts), kind=kind, parent_id=parent_id)
 
 
 def end_run(session: Session, job_id: uuid.UUID, attempt: int, outcome: str) -> None:

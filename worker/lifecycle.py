@@ -29,7 +29,7 @@ from shared.errors import StylequeueError
 from shared.images import decode_image
 from shared.models import Job, JobStatus, StoredImage, utcnow
 from shared.storage import Storage
-from worker import lease
+from worker import lease, parts
 from worker.context import Context
 from worker.lease import Claim
 from worker.webhooks import deliver_due
@@ -62,10 +62,14 @@ def load_image(session: Session, storage: Storage, sha256: str) -> Image.Image:
     return decode_image(data, max_bytes=len(data), max_pixels=stored.width * stored.height)
 
 
+def load_styles(session: Session, storage: Storage, job: Job) -> list[Image.Image]:
+    return [load_image(session, storage, style.image_sha256) for style in job.styles]
+
+
 def load_inputs(session: Session, storage: Storage, job: Job) -> Inputs:
     return Inputs(
         content=load_image(session, storage, job.content_sha256),
-        styles=[load_image(session, storage, style.image_sha256) for style in job.styles],
+        styles=load_styles(session, storage, job),
         weights=[style.weight for style in job.styles],
     )
 
@@ -78,6 +82,8 @@ def claim_job(ctx: Context, job_id: uuid.UUID, device: str) -> Claim | None:
     )  # fmt: skip
     if claim is not None:
         feed.publish(ctx.redis, job_id, status=JobStatus.RUNNING.value)
+        if claim.parent_id is not None:
+            feed.publish(ctx.redis, claim.parent_id, status=JobStatus.RUNNING.value)
     return claim
 
 
@@ -113,12 +119,16 @@ def out_of_attempts(ctx: Context, claim: Claim) -> bool:
 def drop_unclaimable(ctx: Context, job_id: uuid.UUID) -> None:
     """A message for a job nobody may start now: finished, held by a live worker, or
     canceled while queued (which is then marked so)."""
+    parent_id = None
     with ctx.sessions.begin() as session:
         job = session.get(Job, job_id)
         if job is None:
             log.warning("job %s does not exist; message dropped", job_id)
         elif job.job_status == JobStatus.QUEUED and job.cancel_requested:
             job.status, job.finished_at = JobStatus.CANCELED, utcnow()
+            parent_id = job.parent_id
+    if parent_id is not None:
+        parts.settle(ctx.sessions, ctx.storage, ctx.redis, parent_id)
 
 
 def release(ctx: Context, claim: Claim) -> None:
@@ -167,6 +177,11 @@ def finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> None
     while_database_away(write)
     feed.publish(ctx.redis, claim.job_id, status=status.value)  # committed: now its watchers
     log.info("attempt %d ended: %s", claim.attempts, status.value)
+    if claim.parent_id is not None:  # the batch's or video's end, if this was its last part
+        try:
+            parts.part_ended(ctx.sessions, ctx.storage, ctx.redis, claim.job_id)
+        except Exception:  # the reconciler's pass settles it (worker/parts.py)
+            log.exception("job %s: could not settle its parent", claim.job_id)
     # The callback now, not at the reconciler's next pass (which retries failures), and on
     # a thread of its own: a slow receiver must not hold up the worker's next job.
     threading.Thread(target=_deliver_callback, args=(ctx, claim.job_id), daemon=True).start()

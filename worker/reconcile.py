@@ -6,6 +6,8 @@ Every ``reconcile_seconds`` one worker (a Redis lock elects it) looks for:
   back to queued and sent again;
 - queued jobs whose message is in no ready queue of the broker (Redis restarted without
   persistence, a message dropped): sent again;
+- batches and videos whose parts have all ended but which have not (their assembler died):
+  put together and ended (worker/parts.py);
 - finished jobs past their time to live: their files deleted (those no live job shares) and
   the job marked expired;
 - callbacks due: a finished job's first delivery (if its worker did not make it) and retries.
@@ -26,10 +28,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import broker
 from shared.config import Settings, preview_queue_of
-from shared.models import Job, JobMode, JobStatus, JobStyle, StoredImage, utcnow
+from shared.models import PARENT_KINDS, Job, JobMode, JobStatus, JobStyle, StoredImage, utcnow
+from shared.parts import FrameRun, frame_key
 from shared.routing import JobTooLarge, all_queues, choose_queue
 from shared.storage import Storage, fast_preview_key
 from worker.lease import end_run
+from worker.parts import settle_waiting
 from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,9 @@ def reconcile(
     with sessions.begin() as session:
         expired = session.execute(
             select(Job.id, Job.lease_owner, Job.attempts).where(
-                Job.status == JobStatus.RUNNING, Job.lease_expires_at < now
+                Job.status == JobStatus.RUNNING,
+                Job.lease_expires_at < now,
+                Job.kind.not_in(PARENT_KINDS),  # a parent's assembly: worker/parts.py
             )
         ).all()
         for job_id, owner, attempt in expired:
@@ -85,6 +91,7 @@ def reconcile(
         stale = session.execute(
             select(Job.id, Job.queue).where(
                 Job.status == JobStatus.QUEUED,
+                Job.kind.not_in(PARENT_KINDS),  # never sent: its parts are
                 or_(
                     Job.enqueued_at.is_(None),  # the web could not reach the broker
                     Job.enqueued_at < now - timedelta(seconds=grace_seconds),
@@ -148,6 +155,9 @@ def expire_jobs(sessions: sessionmaker[Session], storage: Storage, ttl_seconds: 
         live = Job.expired_at.is_(None)
         for job in jobs:
             files = {job.result_key, job.preview_key, job.checkpoint_key, fast_preview_key(job.id)}
+            if job.frames is not None:  # a video's run: each frame it stored
+                run = FrameRun.of_job(job.frames)
+                files |= {frame_key(job.id, index) for index in range(run.first, run.stop)}
             for key in files - {None}:
                 shared = session.scalar(
                     select(func.count()).where(
@@ -183,6 +193,7 @@ def reconcile_once_elected(
     if not redis_client.set(LOCK_KEY, "1", nx=True, px=max(100, int(interval * 900))):
         return []
     sent = reconcile(sessions, redis_client, settings.queue, enqueue, grace_seconds=interval)
+    settle_waiting(sessions, storage, redis_client)
     expire_jobs(sessions, storage, settings.job_ttl_seconds)
     deliver_due(sessions, settings)
     return sent

@@ -84,6 +84,7 @@ class JobReporter:
             "content": iterate.content,
             "style": iterate.style,
             "tv": iterate.tv,
+            "temporal": iterate.temporal,
             "elapsed": iterate.elapsed,
         }
         with self._buffer_lock:

@@ -8,7 +8,8 @@ import logging
 import uuid
 
 from shared.errors import StylequeueError
-from worker import lifecycle
+from shared.models import JobKind
+from worker import frames, lifecycle
 from worker.active import ActiveRun
 from worker.batching import claim_partners, run_engine
 from worker.context import Context
@@ -28,6 +29,9 @@ def run(ctx: Context, job_uuid: uuid.UUID) -> None:
     device = str(resolve_device(ctx.settings.device))
     claim = lifecycle.begin(ctx, job_uuid, device)
     if claim is None:
+        return
+    if claim.kind == JobKind.FRAMES:  # a video's run of frames: one after another, alone
+        frames.run(ctx, claim, device)
         return
     try:
         leader = ActiveRun.begin(ctx, claim, device)

@@ -17,8 +17,10 @@ from sqlalchemy import and_, or_, select
 from shared import broker, feed
 from shared.errors import Conflict, Expired, Forbidden, NotFound, OptionError
 from shared.estimate import estimate, job_work
+from shared.jobs import parts_of
 from shared.models import (
     Job,
+    JobKind,
     JobMode,
     JobStatus,
     LossPoint,
@@ -75,8 +77,19 @@ def get_result(job_id: str) -> Response:
     if job.job_status != JobStatus.SUCCEEDED or not job.result_key:
         raise Conflict(f"the job is {job.status}; the result exists once it has succeeded")
     data = services.storage.get(job.result_key)
-    headers = {"Content-Disposition": f'inline; filename="stylequeue-{job.id}.png"'}
-    return Response(data, mimetype="image/png", headers=headers)
+    extension, mimetype = RESULT_TYPES[job.job_kind]
+    disposition = "attachment" if extension == "zip" else "inline"
+    headers = {"Content-Disposition": f'{disposition}; filename="stylequeue-{job.id}.{extension}"'}
+    return Response(data, mimetype=mimetype, headers=headers)
+
+
+#: What a job's result is, by its kind: a run of frames' is its last frame.
+RESULT_TYPES = {
+    JobKind.PICTURE: ("png", "image/png"),
+    JobKind.FRAMES: ("png", "image/png"),
+    JobKind.BATCH: ("zip", "application/zip"),
+    JobKind.VIDEO: ("mp4", "video/mp4"),
+}
 
 
 @bp.get("/api/jobs/<job_id>/preview")
@@ -85,9 +98,11 @@ def get_preview(job_id: str) -> Response:
     check_not_expired(job)
     if not job.preview_key or not services.storage.exists(job.preview_key):
         raise NotFound("no preview yet")
+    # A video's preview is its feed-forward video; a batch's, its contact sheet.
+    mimetype = "video/mp4" if job.preview_key.endswith(".mp4") else "image/png"
     return Response(
         services.storage.get(job.preview_key),
-        mimetype="image/png",
+        mimetype=mimetype,
         headers={"Cache-Control": "no-store"},
     )
 
@@ -109,8 +124,12 @@ def get_style(job_id: str, position: int) -> Response:
     return _stored_image(job, style.image_sha256)
 
 
-#: The formats the service accepts, by their first bytes (shared/images.py ACCEPTED_FORMATS).
-IMAGE_SIGNATURES = ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"RIFF", "image/webp"))
+#: The formats the service accepts, by their first bytes (shared/images.py ACCEPTED_FORMATS,
+#: shared/video.py CONTAINERS).
+IMAGE_SIGNATURES = (
+    (b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"RIFF", "image/webp"),
+    (b"GIF8", "image/gif"), (b"\x1a\x45\xdf\xa3", "video/webm"),
+)  # fmt: skip
 
 
 def _stored_image(job: Job, digest: str) -> Response:
@@ -120,6 +139,8 @@ def _stored_image(job: Job, digest: str) -> Response:
         raise NotFound("the image is gone")
     data = services.storage.get(stored.storage_key)
     mimetype = next((m for magic, m in IMAGE_SIGNATURES if data.startswith(magic)), None)
+    if mimetype is None and data[4:8] == b"ftyp":
+        mimetype = "video/mp4"
     # Stored by its hash: the bytes behind the URL never change.
     headers = {"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"}
     return Response(data, mimetype=mimetype or "application/octet-stream", headers=headers)
@@ -134,14 +155,19 @@ def cancel_job(job_id: str) -> tuple[Response, int]:
     session = services.session
     if job.job_status.finished:
         return jsonify(job_json(job)), 200
-    broker.request_cancel(services.redis, str(job.id))
-    job.cancel_requested = True
-    canceled = job.job_status == JobStatus.QUEUED
-    if canceled:
-        job.status, job.finished_at = JobStatus.CANCELED, utcnow()
+    canceled = []
+    for each in [job, *parts_of(session, job)]:  # a batch or video: every part too
+        if each.job_status.finished:
+            continue
+        broker.request_cancel(services.redis, str(each.id))
+        each.cancel_requested = True
+        # A queued job (and a parent: it runs nowhere) is canceled now.
+        if each.job_status == JobStatus.QUEUED or each.job_kind.has_parts:
+            each.status, each.finished_at = JobStatus.CANCELED, utcnow()
+            canceled.append(each.id)
     session.commit()
-    if canceled:  # committed: now its watchers (a running job's worker tells them itself)
-        feed.publish(services.redis, job.id, status=JobStatus.CANCELED.value)
+    for each_id in canceled:  # committed: now its watchers (a running job's worker tells them)
+        feed.publish(services.redis, each_id, status=JobStatus.CANCELED.value)
     return jsonify(job_json(job)), 202
 
 
@@ -161,7 +187,11 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 @bp.get("/api/jobs")
 def list_jobs() -> Response:
     limit = int_arg("limit", 20, 1, 100)
-    query = listed(select(Job)).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    query = (
+        listed(select(Job).where(Job.parent_id.is_(None)))
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit + 1)
+    )
     status = request.args.get("status")
     if status:
         if status not in {s.value for s in JobStatus}:

@@ -12,7 +12,7 @@ import redis
 from flask import (
     url_for,
 )
-from sqlalchemy import Row
+from sqlalchemy import Row, select
 
 from shared import broker
 from shared.estimate import RATE_FIELD, estimate, remaining_fraction
@@ -20,12 +20,14 @@ from shared.jobs import scale_plan
 from shared.models import (
     PREVIEW_OPTIMIZER,
     Job,
+    JobKind,
     JobMode,
     JobRun,
     JobStatus,
     JobStyle,
     LossPoint,
 )
+from shared.parts import FrameRun, parts_json
 from shared.queue import queue_ahead
 from web.api.reads import (
     worker_speeds,
@@ -88,6 +90,7 @@ def job_json(
         "id": str(job.id),
         "status": status.value,
         "mode": job.mode,
+        "kind": job.kind,
         "params": {**job.params, "style_weights": [s.weight for s in styles]},
         "styles": [
             {"image": s.image_sha256, "weight": s.weight, "preset": s.preset} for s in styles
@@ -138,6 +141,13 @@ def job_json(
         "cancel_requested": job.cancel_requested,
         "links": {**links, "styles": [f"{links['self']}/styles/{s.position}" for s in styles]},
     }
+    if job.parent_id is not None:
+        body["parent"] = {"id": str(job.parent_id), "index": job.part_index}
+    if job.frames is not None:
+        run = FrameRun.of_job(job.frames)
+        body["frames"] = {"first": run.first, "start": run.start, "stop": run.stop}
+    if JobKind(job.kind).has_parts:
+        _with_parts(job, body)
     if ahead is not None:
         body["queue_position"] = ahead[0]
     if status == JobStatus.FAILED:
@@ -151,6 +161,26 @@ def job_json(
             "error": job.callback_error,
         }
     return body
+
+
+def _with_parts(job: Job | Row[Any], body: dict[str, Any]) -> None:
+    """A batch's or video's parts, its progress (theirs together), its source video."""
+    parts = services.session.scalars(
+        select(Job).where(Job.parent_id == job.id).order_by(Job.part_index)
+    ).all()
+    body["parts"] = parts_json(list(parts))
+    for item in body["parts"]["items"]:
+        item["url"] = url_for("api.get_job", job_id=item["id"])
+    body["progress"] = {
+        "iteration": sum(part.iteration for part in parts),
+        "total": sum(part.total for part in parts),
+    }
+    body["scales"] = []
+    if job.media is not None:
+        body["video"] = job.media
+    if JobStatus(job.status) == JobStatus.RUNNING:  # the slowest part's
+        body["eta_seconds"] = None
+        body["wait_seconds"] = 0.0
 
 
 def _running_eta(job: Job | Row[Any]) -> float:
@@ -177,5 +207,6 @@ def point_json(point: LossPoint | Row[Any]) -> dict[str, Any]:
         "content": point.content,
         "style": point.style,
         "tv": point.tv,
+        "temporal": point.temporal,
         "elapsed": point.elapsed,
     }

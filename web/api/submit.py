@@ -22,10 +22,12 @@ from shared.jobs import (
     Upload,
     create_job,
     parse_request,
+    parts_of,
     request_again,
 )
 from shared.models import (
     Job,
+    JobKind,
     JobMode,
     JobStatus,
     LossPoint,
@@ -161,7 +163,9 @@ def _submit(
         queue, memory_bytes = route(job_request, workers)
     if source is None:
         queued = session.scalar(
-            select(func.count()).where(Job.client == client_id(), Job.status == JobStatus.QUEUED)
+            select(func.count()).where(
+                Job.client == client_id(), Job.status == JobStatus.QUEUED, Job.parent_id.is_(None)
+            )
         )
         if (queued or 0) >= services.settings.max_queued_per_client:
             raise RateLimited(
@@ -171,8 +175,12 @@ def _submit(
             )
     job = create_job(session, services.storage, job_request)
     job.idempotency_key, job.request_fingerprint = key, fingerprint
-    job.client, job.owner = client_id(), current_principal().owner
-    job.queue, job.memory_bytes = queue, memory_bytes
+    parts = parts_of(session, job)
+    for each in (job, *parts):
+        each.client, each.owner = client_id(), current_principal().owner
+        each.queue, each.memory_bytes = queue, memory_bytes
+    if parts:  # a parent is never sent to a worker: its parts are
+        job.queue = None
     if source is not None:
         _reuse_result(session, job, source)
     try:
@@ -189,9 +197,13 @@ def _submit(
     assert queue is not None
     try:
         if services.settings.fast_previews and not fast:
-            # First: the preview workers are idle far more often than the job's queue.
-            services.enqueue_preview(str(job.id))
-        services.enqueue(str(job.id), queue)
+            # First: the preview workers are idle far more often than the job's queue. A
+            # video's is the feed-forward video; a batch's, each photo's picture.
+            for each in parts if job.job_kind == JobKind.BATCH else [job]:
+                services.enqueue_preview(str(each.id))
+        for each in parts or [job]:
+            services.enqueue(str(each.id), queue)
+            each.enqueued_at = utcnow()
         job.enqueued_at = utcnow()
         session.commit()
     except Exception:

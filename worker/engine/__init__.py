@@ -9,13 +9,14 @@ for batches, :func:`prepare` and :func:`stylize_together`); its options are defi
 
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.stylize import prepare, stylize, stylize_together
-from worker.engine.types import Iterate, PreparedRun, Result, batch_key
+from worker.engine.types import Iterate, PreparedRun, Result, Temporal, batch_key
 
 __all__ = [
     "Checkpoint",
     "Iterate",
     "PreparedRun",
     "Result",
+    "Temporal",
     "batch_key",
     "prepare",
     "stylize",

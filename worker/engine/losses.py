@@ -137,6 +137,23 @@ class ContentLoss(nn.Module):
         return _MeanSquaredError.apply(features, self.target) * self.scale
 
 
+class TemporalLoss(nn.Module):
+    """Ruder, Dosovitskiy & Brox's short-term temporal loss (GCPR 2016, eq. 7): the mean of
+    c·(x − w)² over the pixels, where w is the previous stylized frame warped onto this one
+    and c (0 or 1 per pixel) marks where the optical flow can be followed. Relative to w's
+    mean square, as the content loss is to its target's (:func:`relative_scale`)."""
+
+    def __init__(self, target: torch.Tensor, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("target", target.detach().float())
+        self.register_buffer("weights", weights.detach().float())
+        self.register_buffer("scale", relative_scale(self.target))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        squared = (image.float() - self.target).square() * self.weights
+        return squared.mean() * self.scale
+
+
 class _MeanSquaredError(torch.autograd.Function):
     """mean((X - T)²) in fp32, whose gradient keeps the features' memory layout.
 

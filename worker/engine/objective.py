@@ -16,6 +16,7 @@ from worker.engine.device import loss_scale, scaled_backward
 from worker.engine.losses import (
     ContentLoss,
     StyleLoss,
+    TemporalLoss,
     TotalVariationLoss,
     WassersteinStyleLoss,
     blend_grams,
@@ -32,9 +33,11 @@ class Objective:
     content_losses: dict[str, ContentLoss]
     style_losses: dict[str, tuple[float, StyleLoss | WassersteinStyleLoss]]
     tv_loss: TotalVariationLoss
-    weights: torch.Tensor  # (content, style, tv)
+    weights: torch.Tensor  # (content, style, tv, temporal)
     autocast_dtype: torch.dtype | None
     channels_last: bool
+    #: A video frame's temporal loss (Ruder et al.), None for a photo.
+    temporal_loss: TemporalLoss | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -56,7 +59,7 @@ class Objective:
         return {name: gram_matrix(features[name]) for name in self.style_losses}
 
     def parts(self, image: torch.Tensor) -> torch.Tensor:
-        """Weighted (content, style, tv) as one fp32 tensor, so reading it costs one sync."""
+        """Weighted (content, style, tv, temporal) as one fp32 tensor: one sync to read."""
         features = self.features(image, self.layers)
         return self.parts_from(features, self.grams(features), image)
 
@@ -73,7 +76,8 @@ class Objective:
             ),
             zero,
         )
-        unweighted = torch.stack([content, style, self.tv_loss(image)])
+        temporal = zero if self.temporal_loss is None else self.temporal_loss(image)
+        unweighted = torch.stack([content, style, self.tv_loss(image), temporal])
         return unweighted * self.weights
 
 
@@ -92,7 +96,12 @@ def build_objective(
         style_losses={},
         tv_loss=TotalVariationLoss(),
         weights=torch.tensor(
-            [options.content_weight, options.style_weight, options.tv_weight],
+            [
+                options.content_weight,
+                options.style_weight,
+                options.tv_weight,
+                options.temporal_weight,
+            ],
             device=content.device,
         ),
         autocast_dtype=autocast_dtype,
@@ -129,8 +138,8 @@ def build_objective(
 
 
 def evaluate(objectives: list[Objective], params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each run's weighted (content, style, tv) at its current image, from one pass through
-    the backbone; leaves each image's gradient in its ``grad``."""
+    """Each run's weighted (content, style, tv, temporal) at its current image, from one
+    pass through the backbone; leaves each image's gradient in its ``grad``."""
     for param in params:
         param.grad = None
     # The layers and the extractor are the same for every run of a batch (its batch key).

@@ -34,8 +34,9 @@ from worker.engine.imaging import (
     to_tensor,
 )
 from worker.engine.lbfgs import LBFGS
+from worker.engine.losses import TemporalLoss
 from worker.engine.objective import Objective, build_objective
-from worker.engine.types import Iterate, PreparedRun, Result, ResultCallback
+from worker.engine.types import Iterate, PreparedRun, Result, ResultCallback, Temporal
 
 #: L-BFGS's trust region: the most a pixel (in [0, 1]) may move in one step. Unbounded, the
 #: first steps of a scale (and of a resumed run: its history starts empty) can throw pixels
@@ -43,6 +44,16 @@ from worker.engine.types import Iterate, PreparedRun, Result, ResultCallback
 #: errors than with the relative ones); 0.25 keeps every scale's start falling and
 #: reaches the same final loss (bench/scale_start.py, docs/benchmarks.md "Scale starts").
 LBFGS_MAX_STEP: float | None = 0.25
+
+
+def temporal_loss(
+    temporal: Temporal, height: int, width: int, device: torch.device
+) -> TemporalLoss:
+    """The temporal loss at a scale of ``height`` × ``width``: its target and weights resized."""
+    target = resize_to(to_tensor(temporal.target, long_side=max(height, width), device=device),
+                       height, width)  # fmt: skip
+    weights = torch.as_tensor(temporal.weights, dtype=torch.float32, device=device)[None, None]
+    return TemporalLoss(target, resize_to(weights, height, width))
 
 
 def initial_image(run: PreparedRun, content: torch.Tensor) -> torch.Tensor:
@@ -114,10 +125,10 @@ def optimize(
             done += 1
             # The iteration's one host sync, for every run in the batch.
             values = torch.stack(parts).tolist()
-            for state, run_parts, (content, style, tv) in zip(going, parts, values, strict=True):
+            for state, run_parts, losses in zip(going, parts, values, strict=True):
                 state.step(lambda run_parts=run_parts: run_parts)  # evaluated above
                 try:
-                    state.report(done, total, scale, len(plan), content, style, tv)
+                    state.report(done, total, scale, len(plan), *losses)
                 except Exception as error:
                     if len(runs) == 1:
                         raise
@@ -191,6 +202,8 @@ class _RunState:
             extractor, options, run.style_weights, self.content_tensor, style_tensors,
             autocast_dtype, channels_last,
         )  # fmt: skip
+        if run.temporal is not None:
+            self.objective.temporal_loss = temporal_loss(run.temporal, height, width, device)
         optimizer_state: dict[str, np.ndarray] = {}
         image = self.image
         if image is not None:
@@ -212,7 +225,7 @@ class _RunState:
 
     def report(
         self, done: int, total: int, scale: int, scales: int, content: float, style: float,
-        tv: float,
+        tv: float, temporal: float,
     ) -> None:  # fmt: skip
         """The iterate to the run's callback, then its checkpoint if one is due."""
         assert self.param is not None and self.content_tensor is not None
@@ -225,10 +238,11 @@ class _RunState:
             total=total,
             scale=scale,
             scales=scales,
-            loss=content + style + tv,
+            loss=content + style + tv + temporal,
             content=content,
             style=style,
             tv=tv,
+            temporal=temporal,
             elapsed=time.perf_counter() - run.started,
             preview=finish_image(self.param, self.content_tensor, options)
             if want_preview

@@ -39,6 +39,7 @@ from worker.engine.types import (
     ProgressCallback,
     Result,
     ResultCallback,
+    Temporal,
 )
 
 #: The defaults of :func:`stylize`'s options, from the schema (shared/options.py).
@@ -60,6 +61,7 @@ def stylize(
     style_strength: float = _D.style_strength,
     style_weight: float | None = _D.style_weight,
     tv_weight: float = _D.tv_weight,
+    temporal_weight: float = _D.temporal_weight,
     content_layers: Sequence[str] = _D.content_layers,
     style_layers: Sequence[str] = _D.style_layers,
     style_layer_weights: Sequence[float] | None = _D.style_layer_weights,
@@ -80,6 +82,7 @@ def stylize(
     checkpoint_every: int = 0,
     on_checkpoint: CheckpointCallback | None = None,
     resume_from: Checkpoint | None = None,
+    temporal: Temporal | None = None,
 ) -> Result:
     """Render ``content`` in the style of ``styles`` (Gatys, Ecker & Bethge, CVPR 2016).
 
@@ -119,6 +122,9 @@ def stylize(
         preview_every: attach a preview image to every N-th iterate (0: only the last).
         checkpoint_every: pass a :class:`Checkpoint` to ``on_checkpoint`` every N iterations
             (0: never).
+        temporal: a video frame's temporal loss (Ruder et al. 2016), weighed by
+            ``temporal_weight``: the previous stylized frame warped onto this one, and
+            where the flow can be followed (worker/flow.py makes both).
         resume_from: continue a run from a checkpoint made with the same options and inputs;
             the run then completes the original ``iterations``. Adam's moments are restored
             exactly; L-BFGS restarts its curvature history at the checkpoint (storing it
@@ -208,6 +214,7 @@ def _prepare(arguments: dict[str, Any]) -> PreparedRun:
         progress=arguments["progress"],
         on_checkpoint=arguments["on_checkpoint"],
         resume_from=resume_from,
+        temporal=arguments["temporal"],
         started=started,
     )
     if resume_from is not None:

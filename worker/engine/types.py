@@ -19,8 +19,8 @@ from worker.engine.checkpoint import Checkpoint
 class Iterate:
     """What the progress callback receives after every iteration.
 
-    The loss parts are weighted (``loss == content + style + tv``) and are those of the
-    image the iteration started from: the value the optimizer evaluated.
+    The loss parts are weighted (``loss == content + style + tv + temporal``) and are
+    those of the image the iteration started from: the value the optimizer evaluated.
     """
 
     iteration: int  #: iterations completed, 1-based, over all scales
@@ -32,6 +32,8 @@ class Iterate:
     style: float
     tv: float
     elapsed: float  #: seconds since this run (or this resumed run) started
+    #: A video frame's temporal loss (:class:`Temporal`); 0 for a photo.
+    temporal: float = 0.0
     #: Every ``preview_every`` iterations (and at the last one): the current image.
     preview: Image.Image | None = None
 
@@ -47,6 +49,16 @@ class Result:
     device: str
     precision: str  #: the precision actually used, ``auto`` resolved
     elapsed: float
+
+
+@dataclass(frozen=True)
+class Temporal:
+    """What a video frame's temporal loss compares with (Ruder et al. 2016): the previous
+    stylized frame warped onto this one, and per pixel 1 where the flow can be followed,
+    else 0 (a (height, width) array of the frame's size; worker/flow.py makes both)."""
+
+    target: Image.Image
+    weights: Any  # numpy.ndarray; Any keeps numpy's import out of the engine's types
 
 
 ProgressCallback = Callable[[Iterate], bool | None]
@@ -77,12 +89,15 @@ class PreparedRun:
     progress: ProgressCallback | None
     on_checkpoint: CheckpointCallback | None
     resume_from: Checkpoint | None
+    #: A video frame's temporal loss target; None for a photo.
+    temporal: Temporal | None
     #: ``time.perf_counter()`` when it was prepared: its iterates' ``elapsed`` count from here.
     started: float
 
     @property
     def batch_key(self) -> tuple[Any, ...] | None:
-        resumed = self.resume_from is not None
+        # A video frame's run is never batched: its frames follow one another.
+        resumed = self.resume_from is not None or self.temporal is not None
         return batch_key(self.options, self.content.size, self.device, resumed=resumed)
 
     def checkpoint_options(self) -> dict[str, Any]:
