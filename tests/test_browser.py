@@ -298,3 +298,46 @@ def test_the_api_page_renders_the_openapi_document(server: str) -> None:
         finally:
             browser.close()
     assert refused == []
+
+
+def test_a_video_job_page_fills_its_parts_and_plays_the_video(
+    server: str, sample_images: Path, tmp_path: Path
+) -> None:
+    """A video through the form: the page's grid shows each part as it runs, then the
+    steady video plays next to its source."""
+    from playwright.sync_api import sync_playwright
+
+    from shared.video import pan_clip
+
+    clip = tmp_path / "clip.mp4"
+    photo = Image.open(sample_images / "content" / "second.jpg")
+    clip.write_bytes(pan_clip(photo, frames=6, size=(64, 48), fps=6, step=2))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server + "/")
+            page.set_input_files("#content", str(clip))
+            page.check("input[value=starry-night]")
+            page.fill("input[name=size]", "64")
+            page.fill("input[name=iterations]", "10")
+            page.click("#submit")
+            page.wait_for_url("**/jobs/*", timeout=30_000)
+            assert page.locator("h1").inner_text() == "Your video"
+            page.wait_for_selector("#parts .part", timeout=30_000)
+            assert "frames 1–6" in page.locator("#parts .part").first.inner_text()
+            page.wait_for_selector("#download:not([hidden])", timeout=180_000)
+            assert page.locator("#status").inner_text() == "succeeded"
+            # The steady video is loaded and playable in Chromium: its frames' size.
+            wait_for(
+                lambda: page.eval_on_selector("#result-video", "v => v.readyState >= 1"),
+                30, "the video's metadata", every=0.2,
+            )  # fmt: skip
+            size = page.eval_on_selector("#result-video", "v => [v.videoWidth, v.videoHeight]")
+            assert size == [64, 48]
+            assert page.eval_on_selector("#source-video", "v => v.src").endswith("/content")
+            # A part's tile opens its own page, with its loss curve.
+            page.locator("#parts .part-link").first.click()
+            page.wait_for_selector("#plot", timeout=10_000)
+        finally:
+            browser.close()

@@ -140,6 +140,8 @@ def job_page(job_id: str) -> str:
     from web.api import load_job
 
     job = load_job(job_id)
+    if job.job_kind.has_parts:  # a batch or a video: its parts' grid
+        return render_template("job_parts.html", job=job)
     return render_template("job.html", job=job)
 
 

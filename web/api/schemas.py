@@ -119,10 +119,49 @@ class Callback(Shape):
     error: str | None
 
 
+class FramesOut(Shape):
+    first: int = Field(description="the first frame the run makes (0-based)")
+    start: int = Field(description="the first frame it owns; those before it, a seam")
+    stop: int = Field(description="the frame after its last")
+
+
+class PartOut(Shape):
+    id: str
+    index: int
+    status: StatusName
+    iteration: int
+    total: int
+    loss: float | None
+    url: str = Field(description="the part's own job: its status, losses, preview")
+    frames: FramesOut | None = Field(None, description="a video's run of frames")
+
+
+class Parts(Shape):
+    total: int
+    done: int = Field(description="parts succeeded")
+    items: list[PartOut]
+
+
+class ParentOut(Shape):
+    id: str = Field(description="the batch or video this job is a part of")
+    index: int | None
+
+
+class VideoOut(Shape):
+    width: int
+    height: int
+    frames: int
+    fps: str = Field(description="a fraction: 30000/1001")
+    audio: bool
+
+
 class Job(Shape):
     id: str = Field(description="UUID")
     status: StatusName
     mode: ModeName
+    kind: Literal["picture", "batch", "video", "frames"] = Field(
+        description="one picture; a batch or video (with parts); a video's run of frames"
+    )
     params: JobParams  # type: ignore[valid-type]
     styles: list[JobStyleOut]
     created_at: Moment
@@ -149,6 +188,10 @@ class Job(Shape):
     )
     error: JobError | None = Field(None, description="when it failed")
     callback: Callback | None = Field(None, description="when it has a callback_url")
+    parts: Parts | None = Field(None, description="a batch's or video's parts")
+    parent: ParentOut | None = Field(None, description="a part's batch or video")
+    frames: FramesOut | None = Field(None, description="a video's run of frames")
+    video: VideoOut | None = Field(None, description="a video job's source")
 
 
 class JobPage(Shape):
@@ -162,6 +205,7 @@ class LossPointOut(Shape):
     content: float
     style: float
     tv: float
+    temporal: float = Field(description="a video frame's temporal loss; 0 for a photo")
     elapsed: float | None
 
 
