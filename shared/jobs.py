@@ -126,9 +126,6 @@ class JobRequest:
             return {}
         return {"more": [hashlib.sha256(data).hexdigest() for data, _ in self.more_contents]}
 
-    def all_images(self) -> list[tuple[bytes, ImageInfo, str | None]]:
-        return [(*self.content, None), *self.styles]
-
     def fingerprint(self) -> str:
         """SHA-256 of what determines the result: input bytes, weights and options.
 

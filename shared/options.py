@@ -139,7 +139,8 @@ class Options(BaseModel):
     temporal_weight: float = _option(
         DEFAULT_TEMPORAL_WEIGHT,
         "video only: how strongly each frame keeps the previous one's strokes where the "
-        "motion can be followed (Ruder et al.'s temporal loss); 0: each frame on its own",
+        "motion can be followed (Ruder et al.'s temporal loss); 0: none, each frame still "
+        "starting from the previous one, warped",
         ge=0, le=MAX_WEIGHT,
     )  # fmt: skip
     content_layers: Names = _option(

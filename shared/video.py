@@ -211,7 +211,10 @@ def encode_mp4(
             # Every stream before the first packet: the muxer writes its header then.
             video = _video_stream(container, fps, first.size, crf)
             audio = _AudioCopy(audio_from, container) if audio_from is not None else None
+            even = (video.width, video.height)
             for frame in itertools.chain([first], pictures):
+                if frame.size != even:  # an odd side loses its last row or column
+                    frame = frame.crop((0, 0, *even))
                 picture = av.VideoFrame.from_image(frame.convert("RGB"))
                 for packet in video.encode(picture.reformat(format="yuv420p")):
                     container.mux(packet)

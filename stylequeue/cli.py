@@ -188,7 +188,9 @@ def _add_service_commands(commands: Any) -> None:
         help="API token, when the server requires one (default: $STYLEQUEUE_TOKEN)",
     )
     submit.add_argument("--wait", action="store_true", help="follow the job and save the result")
-    submit.add_argument("-o", "--output", type=Path, help="where --wait saves the PNG")
+    submit.add_argument(
+        "-o", "--output", type=Path, help="where --wait saves the result (PNG, or a video's MP4)"
+    )
     _add_option_flags(submit, OPTION_FLAGS, suppress=True)
     submit.set_defaults(handler=command_submit)
 

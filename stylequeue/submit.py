@@ -184,7 +184,8 @@ def submit_and_wait(
         if detail:
             message += f": {detail.get('code')}: {detail.get('message')}"
         raise ServerError(message)
-    output = output or Path(f"stylequeue-{job['id']}.png")
+    extension = {"video": "mp4", "batch": "zip"}.get(job.get("kind", ""), "png")
+    output = output or Path(f"stylequeue-{job['id']}.{extension}")
     response = http.get(server + job["links"]["result"], timeout=60)
     _check(response)
     output.write_bytes(response.content)

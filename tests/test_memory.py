@@ -87,3 +87,36 @@ def test_peak_memory_stays_under_the_routing_estimate(tmp_path: Path, case: str)
     peak = int(child.stdout.split()[-1])
     print(f"{case}: peak {peak / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB")
     assert peak < estimate, f"{case}: peak {peak / 2**20:.0f} MiB > estimate {estimate / 2**20:.0f}"
+
+
+VIDEO_CHILD = """
+import re, sys
+from pathlib import Path
+from shared.video import encode_mp4, iter_frames, probe_video
+data = Path(sys.argv[1]).read_bytes()
+info = probe_video(data, __import__("shared.video").video.VideoLimits(10**4, 10**4, 10**8))
+out = encode_mp4(iter_frames(data, info.size), info.fps, audio_from=data)
+status = Path("/proc/self/status").read_text()
+print(len(out), int(re.search(r"^VmHWM:\\s+(\\d+) kB", status, re.M).group(1)) * 1024)
+"""
+
+
+def test_decoding_and_encoding_a_video_holds_a_frame_at_a_time(tmp_path: Path) -> None:
+    """Decoding, re-encoding and the audio of a clip ten times as long take about the same
+    peak memory: frames are streamed, not kept (only the encoded output grows)."""
+    from shared.video import pan_clip
+
+    photo = Image.open(REPO / "examples" / "coffee.jpg")
+    peaks = {}
+    for frames in (24, 240):
+        path = tmp_path / f"clip{frames}.mp4"
+        path.write_bytes(pan_clip(photo, frames=frames, size=(320, 240), fps=24, audio=True))
+        child = subprocess.run(
+            [sys.executable, "-c", VIDEO_CHILD, str(path)],
+            cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+        )  # fmt: skip
+        size, peak = (int(value) for value in child.stdout.split()[-2:])
+        peaks[frames] = peak - size  # the finished MP4 is in memory at the end, by design
+    decoded = 240 * 320 * 240 * 3  # what keeping the decoded frames would cost
+    print(f"peaks: {peaks[24] / 2**20:.0f} and {peaks[240] / 2**20:.0f} MiB")
+    assert peaks[240] - peaks[24] < decoded / 4, peaks

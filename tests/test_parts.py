@@ -18,12 +18,14 @@ from PIL import Image
 from shared.config import Settings
 from shared.video import decode_frames, encode_mp4, pan_clip, video_info
 from tests.service import (
+    FAST_RECOVERY,
     RedisServer,
     WorkerProcess,
     make_token,
     png_bytes,
     service_settings,
     submit,
+    wait_for,
 )
 from tests.test_service import wait_status
 from web import create_app
@@ -36,21 +38,24 @@ SIZE = 64
 FRAMES, FPS, CLIP_SIZE = 12, 12, (96, 72)
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[tuple[Settings, FlaskClient]]:
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, FlaskClient]]:
+    """Two workers for the module (the last test kills one and starts another)."""
+    tmp_path = tmp_path_factory.mktemp("parts")
     (tmp_path / "redis").mkdir()
     redis = RedisServer(tmp_path / "redis")
     redis.start()
     settings = service_settings(
         tmp_path, redis.url, video_run_frames=6, video_seam_frames=2, batch_jobs=1,
-        reconcile_seconds=0.5,
+        max_attempts=3, **FAST_RECOVERY,
     )  # fmt: skip
     app = create_app({"SETTINGS": settings})
     workers = [WorkerProcess(settings, f"w{i}", tmp_path / f"w{i}.log") for i in range(2)]
     for worker in workers:
         worker.start()
+    app.config["WORKERS"] = workers  # a test may kill one, and start more
     yield settings, app.test_client()
-    for worker in workers:
+    for worker in app.config["WORKERS"]:
         worker.stop()
     app.extensions["stylequeue"]["engine"].dispose()
     redis.stop()
@@ -155,3 +160,47 @@ def test_a_video_keeps_its_frames_rate_and_sound_and_flickers_less(
     flicker_steady = warping_error([as_array(f) for f in steady], small)
     print(f"warping error: {flicker_steady:.3g} steady, {flicker_alone:.3g} frame by frame")
     assert flicker_steady < 0.5 * flicker_alone, (flicker_steady, flicker_alone)
+
+
+def test_a_worker_killed_mid_video_loses_no_frame_and_no_loss_point(
+    service: tuple[Settings, FlaskClient], sample_images: Path, tmp_path: Path
+) -> None:
+    settings, client = service
+    workers = client.application.config["WORKERS"]
+    photo = Image.open(sample_images / "content" / "photo.jpg")
+    clip = pan_clip(photo, frames=FRAMES, size=CLIP_SIZE, fps=FPS, step=2)
+    painting = png_bytes(sample_images / "style" / "starry_night.jpg")
+    iterations = 60  # a frame lasts long enough to be killed in the middle of a run
+    body = submit(client, clip, painting, content_name="clip.mp4", iterations=iterations,
+                  seed=5, size=SIZE).get_json()  # fmt: skip
+    first = body["parts"]["items"][0]["url"]
+
+    def two_frames_in() -> dict[str, Any] | None:
+        part = client.get(first).get_json()
+        # Past its second frame, in its third: frames stored, points written after them.
+        done = iterations + iterations // 2
+        return (
+            part
+            if part["status"] == "running" and part["progress"]["iteration"] > done + 5
+            else None
+        )
+
+    part = wait_for(two_frames_in, 120, "the first run's third frame", every=0.05)
+    victim = next(w for w in workers if w.name == part["worker"])
+    assert victim.process is not None
+    victim.process.kill()  # SIGKILL: no cleanup
+    victim.process.wait()
+    spare = WorkerProcess(settings, "w2", tmp_path / "w2.log")
+    spare.start()
+    workers.append(spare)
+    done = wait_status(client, body["id"], {"succeeded", "failed", "canceled"}, timeout=300)
+    assert done["status"] == "succeeded", done
+    resumed = client.get(first).get_json()
+    assert resumed["attempts"] == 2
+    # It went on after its stored frames: the third frame's start, not the first's.
+    assert resumed["runs"][1]["resumed_from_iteration"] == iterations + iterations // 2
+    for item in done["parts"]["items"]:
+        points = client.get(f"{item['url']}/losses?limit=1000").get_json()["points"]
+        assert [p["iteration"] for p in points] == list(range(1, item["total"] + 1))
+    frames, rate, _ = video_info(client.get(done["links"]["result"]).data)
+    assert (frames, rate) == (FRAMES, Fraction(FPS))

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from shared.models import Job, JobStatus, StoredImage
+from shared.models import Job, JobKind, JobStatus, StoredImage
 from shared.options import RunOptions
 from worker.active import ActiveRun
 from worker.capacity import measure
@@ -60,6 +60,7 @@ def _claim_into(ctx: Context, leader: ActiveRun, key: Any, partners: list[Claim]
             .join(StoredImage, StoredImage.sha256 == Job.content_sha256)
             .where(
                 Job.status == JobStatus.QUEUED,
+                Job.kind == JobKind.PICTURE,  # a video's runs go frame by frame, alone
                 Job.cancel_requested.is_(False),
                 Job.checkpoint_key.is_(None),
                 Job.queue.in_(capacity.queues),

@@ -4,6 +4,7 @@ no row, no file. And a good one becomes a parent with its parts, each routed and
 from __future__ import annotations
 
 import io
+import itertools
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -65,7 +66,8 @@ def small_limits(settings: Settings) -> Any:
 PAINTING = png_bytes(EXAMPLES.parent / "shared" / "presets" / "starry-night.jpg")
 GOOD = clip()
 REFUSED = [
-    ("not a video", b"\x00\x00\x00\x18ftypmp42" + bytes(500), 422, "invalid_image", "cannot be parsed"),
+    ("not a video", b"\x00\x00\x00\x18ftypmp42" + bytes(500), 422, "invalid_image",
+     "cannot be parsed"),
     ("cut short", GOOD[: len(GOOD) // 2], 422, "invalid_image", "cannot be parsed"),
     ("a codec we refuse", encoded("ffv1", "matroska", "yuv420p"), 415,
      "unsupported_image_format", "ffv1"),
@@ -123,7 +125,7 @@ def test_a_video_becomes_runs_of_frames_each_queued(app: Flask) -> None:
     assert job["video"] == {"width": 64, "height": 48, "frames": 12, "fps": "12/1", "audio": False}
     runs = [item["frames"] for item in job["parts"]["items"]]
     assert runs[0]["first"] == 0 and runs[-1]["stop"] == 12
-    assert all(later["first"] < earlier["stop"] for earlier, later in zip(runs, runs[1:]))
+    assert all(later["first"] < earlier["stop"] for earlier, later in itertools.pairwise(runs))
     # Each run is a job of its own, queued where a worker would take it.
     for item in job["parts"]["items"]:
         part = app.test_client().get(item["url"]).get_json()
