@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from bench.report import bench_settings, machine, start_workers, stop, update_section, wait  # noqa: E402
@@ -40,7 +41,7 @@ from shared.parts import FrameRun, cut  # noqa: E402
 from shared.presets import presets  # noqa: E402
 from shared.video import decode_frames, pan_clip, read_frames  # noqa: E402
 from worker.engine import stylize  # noqa: E402
-from worker.flow import as_array, warping_error  # noqa: E402
+from worker.flow import as_array, as_image, motion, warp, warping_error  # noqa: E402
 from worker.video import stylize_frames  # noqa: E402
 
 PHOTO = REPO / "examples" / "chelsea.jpg"
@@ -76,8 +77,13 @@ def flicker(size: int, frames: int, iterations: int) -> tuple[dict[str, float], 
     for name, made in (("alone", alone), ("steady", steady), ("seams", seamed)):
         results[name] = warping_error([as_array(p) for p in made], arrays) / own
     middle = frames // 2
-    return results, [sources[middle], alone[middle], steady[middle], alone[middle + 1],
-                     steady[middle + 1]]  # fmt: skip
+    step = motion(arrays[middle], arrays[middle + 1])
+    panels = [sources[middle + 1], alone[middle + 1], steady[middle + 1]]
+    for made in (alone, steady):  # what changed from frame t to t+1, beyond the motion
+        moved = warp(as_array(made[middle]), step.backward)
+        change = np.abs(as_array(made[middle + 1]) - moved) * step.weights[..., None]
+        panels.append(as_image(np.clip(change * 4, 0, 1)))
+    return results, panels
 
 
 def _blend(index: int, made: list[Image.Image], runs: list[FrameRun]) -> Image.Image:
@@ -90,9 +96,11 @@ def _blend(index: int, made: list[Image.Image], runs: list[FrameRun]) -> Image.I
 
 
 def still(frames: list[Image.Image], path: Path) -> None:
-    """The source frame, then frames t and t+1 alone and steady, labelled."""
+    """Frame t+1 of the source, alone and steady, then what changed from frame t (warped by
+    the flow) to t+1, alone and steady, on the pixels the flow follows (×4): the flicker."""
     width, height = frames[0].size
-    labels = ["source", "alone, t", "steady, t", "alone, t+1", "steady, t+1"]
+    labels = ["source", "alone", "steady", "alone: change from t (x4)",
+              "steady: change from t (x4)"]  # fmt: skip
     sheet = Image.new("RGB", (width * len(frames), height + 20), "white")
     draw = ImageDraw.Draw(sheet)
     for index, (frame, label) in enumerate(zip(frames, labels, strict=True)):
@@ -158,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--update", type=Path)
     parser.add_argument("--skip-workers", action="store_true")
+    parser.add_argument("--flicker-only", action="store_true", help="the flicker and its still")
     args = parser.parse_args()
     cpu = machine()
     results: dict[str, object] = {"machine": cpu}
@@ -165,6 +174,8 @@ def main() -> None:
     results["flicker"] = steady
     still(stills, REPO / "docs" / "video-still.png")
     print("flicker", steady, flush=True)
+    if args.flicker_only:
+        return
     if not args.skip_workers:
         results["workers"] = workers_wall(48, [1, 2])
         print("workers", results["workers"], flush=True)

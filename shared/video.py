@@ -210,7 +210,10 @@ def encode_mp4(
         with av.open(out.name, mode="w", format="mp4") as container:
             # Every stream before the first packet: the muxer writes its header then.
             video = _video_stream(container, fps, first.size, crf)
-            audio = _AudioCopy(audio_from, container) if audio_from is not None else None
+            if audio_from is not None:
+                # The audio first: the muxer then holds its packets (small) until the
+                # video's come, not the whole encoded video until the audio's.
+                _AudioCopy(audio_from, container).copy()
             even = (video.width, video.height)
             for frame in itertools.chain([first], pictures):
                 if frame.size != even:  # an odd side loses its last row or column
@@ -220,8 +223,6 @@ def encode_mp4(
                     container.mux(packet)
             for packet in video.encode():
                 container.mux(packet)
-            if audio is not None:
-                audio.copy()
         out.seek(0)
         return out.read()
 
@@ -236,9 +237,7 @@ def _video_stream(container: Any, fps: Fraction, size: tuple[int, int], crf: int
 
 
 class _AudioCopy:
-    """The source's first audio stream, decoded and encoded again as AAC, streamed (the
-    muxer interleaves it with the video's packets, which it holds meanwhile: the encoded
-    video, at most ``max_video_frames`` of it)."""
+    """The source's first audio stream, decoded and encoded again as AAC, streamed."""
 
     def __init__(self, source: bytes | str, container: Any) -> None:
         self.source = _open(source, "content")

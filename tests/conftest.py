@@ -131,12 +131,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 #: processes end together instead of one finishing a long file alone. Files not named keep
 #: their order after these.
 LONGEST_FIRST = (
-    "test_crash.py", "test_pictures.py", "test_engine.py", "test_browser.py",
+    "test_crash.py", "test_pictures.py", "test_parts.py", "test_engine.py", "test_browser.py",
     "test_memory.py", "test_scale_out.py", "test_schemathesis.py", "test_streams.py",
     "test_batching.py", "test_service.py", "test_streams_busy.py", "test_broker_faults.py",
     "test_instant.py", "test_make_run.py", "test_access.py", "test_weights.py",
     "test_cli.py", "test_allocator.py", "test_gunicorn.py", "test_hostile.py",
-    "test_load.py", "test_bench_paced.py",
+    "test_load.py", "test_bench_paced.py", "test_video.py",
 )  # fmt: skip
 
 

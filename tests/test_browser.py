@@ -307,7 +307,7 @@ def test_a_video_job_page_fills_its_parts_and_plays_the_video(
     steady video plays next to its source."""
     from playwright.sync_api import sync_playwright
 
-    from shared.video import pan_clip
+    from shared.video import pan_clip, video_info
 
     clip = tmp_path / "clip.mp4"
     photo = Image.open(sample_images / "content" / "second.jpg")
@@ -336,6 +336,12 @@ def test_a_video_job_page_fills_its_parts_and_plays_the_video(
             size = page.eval_on_selector("#result-video", "v => [v.videoWidth, v.videoHeight]")
             assert size == [64, 48]
             assert page.eval_on_selector("#source-video", "v => v.src").endswith("/content")
+            # The instant preview: the feed-forward network over every frame, as an MP4.
+            job = page.request.get(page.url.replace("/jobs/", "/api/jobs/")).json()
+            preview = page.request.get(server + job["links"]["preview"])
+            assert preview.headers["content-type"] == "video/mp4"
+            assert job["preview"]["source"] == "feedforward"
+            assert video_info(preview.body())[0] == 6
             # A part's tile opens its own page, with its loss curve.
             page.locator("#parts .part-link").first.click()
             page.wait_for_selector("#plot", timeout=10_000)

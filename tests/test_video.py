@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 
 from shared.parts import cut
-from shared.video import decode_frames, encode_mp4, pan_clip, probe_video, video_info
-from shared.video import VideoLimits
+from shared.video import VideoLimits, decode_frames, encode_mp4, pan_clip, probe_video, video_info
 from worker.engine.losses import TemporalLoss
 from worker.flow import as_array, consistency, flow, motion, warp, warping_error
 from worker.parts import seam_weight
@@ -64,13 +63,22 @@ def test_the_flow_follows_a_pan_and_the_warp_undoes_it() -> None:
     assert np.abs(moved - after)[10:-10, 10:-20].mean() < 0.2 * np.abs(before - after).mean()
 
 
-def test_consistency_drops_the_pixels_the_pan_reveals() -> None:
-    before, after = shifted_pair(4)
+def test_consistency_drops_the_background_a_moving_square_uncovers() -> None:
+    background = as_array(Image.open(EXAMPLES / "chelsea.jpg").convert("RGB").resize((160, 100)))
+    square = as_array(Image.open(EXAMPLES / "coffee.jpg").convert("RGB").resize((40, 40)))
+
+    def frame(x: int) -> np.ndarray:
+        picture = background.copy()
+        picture[30:70, x : x + 40] = square
+        return picture
+
+    before, after = frame(50), frame(58)  # the square moves 8 px right over a still scene
     weights = consistency(flow(before, after), flow(after, before))
-    assert weights[10:-10, 20:-20].mean() > 0.9  # followed
-    # The last columns of ``after`` were outside ``before``: their flows disagree more
-    # often than inside (DIS extrapolates, so not all of them).
-    assert weights[:, -3:].mean() < weights[10:-10, 20:-20].mean()
+    # Behind the square's old left edge: hidden before, so it cannot be followed.
+    assert weights[35:65, 50:58].mean() < 0.3
+    # The still background and the square itself are followed.
+    assert weights[:, :40].mean() > 0.95 and weights[:, 110:].mean() > 0.95
+    assert weights[35:65, 62:94].mean() > 0.9
 
 
 def test_warping_error_is_zero_for_a_still_clip_and_grows_with_flicker() -> None:
