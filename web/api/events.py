@@ -103,7 +103,7 @@ _REPLAY_JOB = select(
 ).where(_jobs.id == bindparam("job_id"))
 _REPLAY_POINTS = (
     select(_points.iteration, _points.total, _points.content, _points.style, _points.tv,
-           _points.elapsed)
+           _points.temporal, _points.elapsed)
     .where(_points.job_id == bindparam("job_id"), _points.iteration > bindparam("after"))
     .order_by(_points.iteration)
     .limit(MAX_LOSS_PAGE)

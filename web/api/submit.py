@@ -98,7 +98,7 @@ def _reuse_result(session: Session, job: Job, source: Job) -> None:
     job.result_key, job.preview_key = source.result_key, source.preview_key
     job.preview_iteration, job.preview_source = source.preview_iteration, source.preview_source
     session.flush()
-    columns = ("iteration", "total", "content", "style", "tv", "elapsed")
+    columns = ("iteration", "total", "content", "style", "tv", "temporal", "elapsed")
     copied = select(literal(job.id, Uuid), *(getattr(LossPoint, c) for c in columns)).where(
         LossPoint.job_id == source.id
     )

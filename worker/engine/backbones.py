@@ -15,7 +15,7 @@ from torch import nn
 from shared.backbones import BACKBONES, BackboneSpec
 from shared.errors import OptionError, WeightsError
 from worker.engine.packed import PackedConvReLU, can_pack, packed_convolutions_available
-from worker.engine.weights import WeightsLocations, load_feature_state_dict
+from worker.engine.weights import WeightsLocations, load_feature_state_dict, packaged_file
 
 Pooling = Literal["max", "avg"]
 
@@ -227,6 +227,10 @@ def load_backbone(
         raise OptionError(f"pooling must be 'max' or 'avg', not {pooling!r}", field="pooling")
     locations = locations or WeightsLocations.from_env()
     weights_path: Path | None = locations.find(spec) if spec.needs_weights else None
+    if weights_path is not None and weights_path == packaged_file(spec):
+        # Read from the package's file, converted into these locations: another weights
+        # directory converts (and is read) anew.
+        weights_path = locations.converted(spec)
     key = (name, str(weights_path), pooling, str(device), str(dtype), channels_last)
     with _cache_lock:
         if key in _cache:
