@@ -7,7 +7,6 @@ rejected request leaves no row and no file behind.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import secrets
 import uuid
@@ -37,12 +36,12 @@ from shared.options import (
     RunOptions,
     Submission,
 )
-from shared.parts import FrameRun, VideoMedia, cut, run_iterations, run_work
+from shared.parts import FrameRun, VideoMedia, cut, probe_contents, run_iterations, run_work
 from shared.presets import presets
 from shared.pyramid import MIN_SIZE, lbfgs_history_for, pyramid, scaled_pixels
 from shared.routing import job_memory_bytes
 from shared.storage import Storage
-from shared.video import VideoInfo, VideoLimits, is_video, probe_video
+from shared.video import VideoInfo
 from shared.webhooks import check_callback_url
 
 
@@ -198,7 +197,7 @@ def parse_request(
     for upload in uploads:
         if upload.field not in ("content", "style"):
             raise OptionError(f"unexpected file field {upload.field!r}", field=upload.field)
-    contents = _probe_contents([u for u in uploads if u.field == "content"], settings, limits)
+    contents = probe_contents([u.data for u in uploads if u.field == "content"], settings, limits)
     content, video = contents[0], None
     if isinstance(content[1], VideoInfo):
         video = content[1]
@@ -267,43 +266,6 @@ def parse_request(
             field="content",
         )
     return request
-
-
-def _probe_contents(
-    uploads: list[Upload], settings: Settings, limits: dict[str, Any]
-) -> list[tuple[bytes, ImageInfo | VideoInfo]]:
-    """The content photos (a batch when several) or the one video, checked from their
-    headers."""
-    if not uploads:
-        raise OptionError("a content image (or several, or a video) is needed", field="content")
-    if any(_is_video(upload.data) for upload in uploads):
-        if len(uploads) != 1:
-            raise OptionError("a job takes one video, and no photos beside it", field="content")
-        video_limits = VideoLimits(
-            max_frames=settings.max_video_frames,
-            max_seconds=settings.max_video_seconds,
-            max_pixels=settings.max_image_pixels,
-        )
-        return [(uploads[0].data, probe_video(uploads[0].data, video_limits))]
-    if len(uploads) > settings.max_batch_photos:
-        raise OptionError(
-            f"{len(uploads)} content photos; at most {settings.max_batch_photos} per job",
-            field="content",
-        )
-    return [probe_image(upload.data, name="content", **limits) for upload in uploads]
-
-
-def _is_video(data: bytes) -> bool:
-    """MP4, MOV, WebM or an animated GIF; a GIF of one frame is an image (and refused)."""
-    if not data.startswith(b"GIF8"):
-        return is_video(data)
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data), formats=("GIF",)) as image:
-            return bool(getattr(image, "is_animated", False))
-    except Exception:  # unreadable: the image checks say why
-        return False
 
 
 #: What "run again" may change: the options, not the images.
@@ -442,15 +404,6 @@ def _new_parts(
         part.part_index = index
         part.callback_url, part.callback_next_at = None, None
     return parts
-
-
-def parts_of(session: Session, job: Job) -> list[Job]:
-    """A batch's or video's parts, in order; none for a one-picture job."""
-    if not job.job_kind.has_parts:
-        return []
-    return list(
-        session.scalars(select(Job).where(Job.parent_id == job.id).order_by(Job.part_index))
-    )
 
 
 def scale_plan(params: Mapping[str, Any]) -> list[dict[str, int]]:

@@ -8,17 +8,24 @@ a video is cut, where a part's frames are stored, and what a parent's JSON says 
 
 from __future__ import annotations
 
+import io
 import itertools
 import uuid
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.config import Settings
+from shared.errors import OptionError
 from shared.estimate import job_work
+from shared.images import ImageInfo, probe_image
 from shared.models import Job, JobStatus
 from shared.options import RunOptions
 from shared.pyramid import pyramid, scaled_pixels
-from shared.video import VideoInfo
+from shared.video import VideoInfo, VideoLimits, is_video, probe_video
 
 
 @dataclass(frozen=True)
@@ -132,3 +139,49 @@ def parts_json(parts: list[Job]) -> dict[str, Any]:
         items.append(item)
     done = sum(1 for part in parts if part.job_status == JobStatus.SUCCEEDED)
     return {"total": len(parts), "done": done, "items": items}
+
+
+def parts_of(session: Session, job: Job) -> list[Job]:
+    """A batch's or video's parts, in order; none for a one-picture job."""
+    if not job.job_kind.has_parts:
+        return []
+    return list(
+        session.scalars(select(Job).where(Job.parent_id == job.id).order_by(Job.part_index))
+    )
+
+
+def probe_contents(
+    uploads: list[bytes], settings: Settings, limits: dict[str, Any]
+) -> list[tuple[bytes, ImageInfo | VideoInfo]]:
+    """The content photos (a batch when several) or the one video, checked from their
+    headers."""
+    if not uploads:
+        raise OptionError("a content image (or several, or a video) is needed", field="content")
+    if any(_is_video(data) for data in uploads):
+        if len(uploads) != 1:
+            raise OptionError("a job takes one video, and no photos beside it", field="content")
+        video_limits = VideoLimits(
+            max_frames=settings.max_video_frames,
+            max_seconds=settings.max_video_seconds,
+            max_pixels=settings.max_image_pixels,
+        )
+        return [(uploads[0], probe_video(uploads[0], video_limits))]
+    if len(uploads) > settings.max_batch_photos:
+        raise OptionError(
+            f"{len(uploads)} content photos; at most {settings.max_batch_photos} per job",
+            field="content",
+        )
+    return [probe_image(data, name="content", **limits) for data in uploads]
+
+
+def _is_video(data: bytes) -> bool:
+    """MP4, MOV, WebM or an animated GIF; a GIF of one frame is an image (and refused)."""
+    if not data.startswith(b"GIF8"):
+        return is_video(data)
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=("GIF",)) as image:
+            return bool(getattr(image, "is_animated", False))
+    except Exception:  # unreadable: the image checks say why
+        return False

@@ -23,9 +23,8 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from shared import broker, feed
 from shared.images import encode_png
-from shared.jobs import parts_of
 from shared.models import PARENT_KINDS, Job, JobKind, JobStatus, StoredImage, utcnow
-from shared.parts import FrameRun, VideoMedia, batch_item_name, frame_key
+from shared.parts import FrameRun, VideoMedia, batch_item_name, frame_key, parts_of
 from shared.storage import Storage
 from shared.video import encode_mp4
 

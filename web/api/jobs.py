@@ -17,7 +17,6 @@ from sqlalchemy import and_, or_, select
 from shared import broker, feed
 from shared.errors import Conflict, Expired, Forbidden, NotFound, OptionError
 from shared.estimate import estimate, job_work
-from shared.jobs import parts_of
 from shared.models import (
     Job,
     JobKind,
@@ -28,6 +27,7 @@ from shared.models import (
     utcnow,
 )
 from shared.options import DEFAULTS, MODE_CHOICES
+from shared.parts import parts_of
 from shared.pyramid import MAX_SCALES, MIN_SIZE, plan_for
 from shared.queue import queue_ahead
 from web.api import bp

@@ -22,7 +22,6 @@ from shared.jobs import (
     Upload,
     create_job,
     parse_request,
-    parts_of,
     request_again,
 )
 from shared.models import (
@@ -33,6 +32,7 @@ from shared.models import (
     LossPoint,
     utcnow,
 )
+from shared.parts import parts_of
 from shared.routing import choose_queue
 from web.api import bp
 from web.api.access import check_rate, client_id
