@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -61,7 +61,8 @@ def settle(
         failed = next((p for p in parts if p.job_status == JobStatus.FAILED), None)
         if failed is not None:
             _cancel_rest(session, redis, parts)
-            message = f"part {failed.part_index} failed: {failed.error_message}"
+            number = (failed.part_index or 0) + 1
+            message = f"part {number} of {len(parts)} failed: {failed.error_message}"
             parent.status, parent.finished_at = JobStatus.FAILED, utcnow()
             parent.error_code, parent.error_message = failed.error_code, message
             status = parent.status
@@ -240,10 +241,10 @@ def contact_sheet(photos: list[bytes], pictures: list[bytes]) -> bytes:
     for column, (photo, picture) in enumerate(zip(photos, pictures, strict=True)):
         for row, data in enumerate((photo, picture)):
             with Image.open(io.BytesIO(data)) as image:
-                thumb = image.convert("RGB")
-                thumb.thumbnail((cell - 8, cell - 8))
+                # Photo and picture at one scale, up or down: they fill the cell alike.
+                thumb = ImageOps.contain(image.convert("RGB"), (cell - 8, cell - 24))
             x = column * cell + (cell - thumb.width) // 2
-            y = row * cell + (cell - thumb.height) // 2
+            y = row * cell + 16 + (cell - 16 - thumb.height) // 2
             sheet.paste(thumb, (x, y))
         draw.text((column * cell + 4, 4), batch_item_name(column), fill="black")
     return encode_png(sheet)
