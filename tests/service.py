@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import io
 import os
 import shutil
@@ -353,3 +354,34 @@ def submit(
     return client.post(
         "/api/jobs", data=body, content_type=f"multipart/form-data; boundary={boundary}"
     )
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A webhook receiver on loopback: records each delivery, answers from a script."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[str, dict[str, str], bytes]] = []
+        self.times: dict[str, list[float]] = {}
+        self.answers: dict[str, list[int]] = {}
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.deliveries.append((self.path, dict(self.headers), body))
+                receiver.times.setdefault(self.path, []).append(time.monotonic())
+                script = receiver.answers.get(self.path, [200])
+                status = script.pop(0) if len(script) > 1 else script[0]
+                self.send_response(status)
+                if status == 302:  # off the allow-list: must not be followed
+                    self.send_header("Location", "http://example.invalid/")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"

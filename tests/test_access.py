@@ -7,7 +7,6 @@ command, and for webhooks a real worker process and a real HTTP receiver."""
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import io
 import json
 import re
@@ -15,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from shared.errors import OptionError
 from tests.conftest import REPO
 from tests.service import (
     FAST_RECOVERY,
+    Receiver,
     WorkerProcess,
     child_env,
     service_app,
@@ -215,37 +214,6 @@ def test_rate_limits_are_per_token(settings: Settings) -> None:
         codes = [client.get("/api/jobs", headers=bearer(alice)).status_code for _ in range(4)]
         assert codes == [200, 200, 200, 429]
         assert client.get("/api/jobs", headers=bearer(bob)).status_code == 200
-
-
-class Receiver(http.server.ThreadingHTTPServer):
-    """A webhook receiver on loopback: records each delivery, answers from a script."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[tuple[str, dict[str, str], bytes]] = []
-        self.times: dict[str, list[float]] = {}
-        self.answers: dict[str, list[int]] = {}
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.deliveries.append((self.path, dict(self.headers), body))
-                receiver.times.setdefault(self.path, []).append(time.monotonic())
-                script = receiver.answers.get(self.path, [200])
-                status = script.pop(0) if len(script) > 1 else script[0]
-                self.send_response(status)
-                if status == 302:  # off the allow-list: must not be followed
-                    self.send_header("Location", "http://example.invalid/")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
 
 
 def test_webhooks_are_signed_retried_with_backoff_and_allow_listed(

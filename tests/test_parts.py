@@ -5,6 +5,9 @@ video cut into runs of frames on two workers, steadier than its frames styled on
 from __future__ import annotations
 
 import io
+import json
+import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from fractions import Fraction
@@ -19,6 +22,7 @@ from shared.config import Settings
 from shared.video import decode_frames, encode_mp4, pan_clip, video_info
 from tests.service import (
     FAST_RECOVERY,
+    Receiver,
     RedisServer,
     WorkerProcess,
     make_token,
@@ -46,18 +50,24 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings
     (tmp_path / "redis").mkdir()
     redis = RedisServer(tmp_path / "redis")
     redis.start()
+    receiver = Receiver()  # a batch's callback, once, for the whole batch
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
     settings = service_settings(
         tmp_path, redis.url, video_run_frames=6, video_seam_frames=2, batch_jobs=1,
-        max_attempts=3, **FAST_RECOVERY,
+        max_attempts=3, webhook_hosts=f"127.0.0.1:{receiver.server_address[1]}",
+        webhook_secret="secret", webhook_networks="127.0.0.0/8", **FAST_RECOVERY,
     )  # fmt: skip
     app = create_app({"SETTINGS": settings})
     workers = [WorkerProcess(settings, f"w{i}", tmp_path / f"w{i}.log") for i in range(2)]
     for worker in workers:
         worker.start()
     app.config["WORKERS"] = workers  # a test may kill one, and start more
+    app.config["RECEIVER"] = receiver
     yield settings, app.test_client()
     for worker in app.config["WORKERS"]:
         worker.stop()
+    receiver.shutdown()
+    receiver.server_close()
     app.extensions["stylequeue"]["engine"].dispose()
     redis.stop()
 
@@ -72,7 +82,8 @@ def test_a_batch_of_three_photos_gives_a_zip_and_a_contact_sheet(
     response = submit(client, None, painting)
     assert response.status_code == 422 and response.get_json()["error"]["field"] == "content"
     token = {"Authorization": f"Bearer {make_token(settings)}"}
-    body = _submit_many(client, photos, painting, token)
+    receiver = client.application.config["RECEIVER"]
+    body = _submit_many(client, photos, painting, token, callback=receiver.url("/batch"))
     assert body["kind"] == "batch" and body["parts"]["total"] == 3
     done = wait_status(client, body["id"], {"succeeded", "failed", "canceled"}, timeout=300)
     assert done["status"] == "succeeded", done
@@ -94,17 +105,26 @@ def test_a_batch_of_three_photos_gives_a_zip_and_a_contact_sheet(
     # Parts are not listed as jobs of their own.
     listed = client.get("/api/jobs", headers=token).get_json()["jobs"]
     assert [job["id"] for job in listed] == [body["id"]]
+    # One callback, the batch's, when its last part is put together (none for the parts).
+    wait_for(lambda: receiver.deliveries, 30, "the batch's callback")
+    time.sleep(0.5)
+    assert len(receiver.deliveries) == 1
+    path, _, sent = receiver.deliveries[0]
+    notice = json.loads(sent)["job"]
+    assert (path, notice["id"], notice["status"]) == ("/batch", body["id"], "succeeded")
 
 
 def _submit_many(
-    client: FlaskClient, photos: list[bytes], painting: bytes, headers: dict[str, str]
-) -> dict[str, Any]:
+    client: FlaskClient, photos: list[bytes], painting: bytes, headers: dict[str, str],
+    callback: str,
+) -> dict[str, Any]:  # fmt: skip
     from werkzeug.datastructures import FileStorage, MultiDict
     from werkzeug.test import encode_multipart
 
     data = MultiDict(
-        {"backbone": "vgg19-random", "size": str(SIZE), "iterations": str(ITERATIONS), "seed": "1"}
-    )
+        {"backbone": "vgg19-random", "size": str(SIZE), "iterations": str(ITERATIONS), "seed": "1",
+         "callback_url": callback}
+    )  # fmt: skip
     for index, photo in enumerate(photos):
         data.add("content", FileStorage(io.BytesIO(photo), filename=f"photo{index}.png"))
     data.add("style", FileStorage(io.BytesIO(painting), filename="painting.png"))

@@ -57,14 +57,7 @@ class ActiveRun:
                 self.init = fast_picture(ctx, claim.job_id, self.inputs, self.options.size)
             else:  # a resumed run starts from its checkpoint; the engine needs a valid value
                 self.init = "content"
-        self.keeper = lease.LeaseKeeper(ctx.sessions, claim, self.settings.lease_seconds)
-        self.reporter = JobReporter(
-            claim.job_id, ctx.sessions, ctx.storage, ctx.redis, self.settings.loss_flush_seconds
-        )
-        self.watchdog = threading.Timer(
-            self.settings.hard_time_limit, hard_time_limit, args=(ctx, claim)
-        )
-        self.watchdog.daemon = True
+        self.keeper, self.reporter, self.watchdog = guards(ctx, claim)
         self.started = time.monotonic()
         self.first_iteration = self.resume_from.iteration if self.resume_from else 0
         self.soft_limit_reached = False
@@ -168,6 +161,19 @@ class ActiveRun:
             plan = plan_for(options.size, options.scales, options.iterations)
             work = job_work(plan, *self.inputs.content.size)
             ctx.note_speed(smoothed(ctx.activity.get(RATE_FIELD), work / outcome.elapsed))
+
+
+def guards(ctx: Context, claim: Claim) -> tuple[lease.LeaseKeeper, JobReporter, threading.Timer]:
+    """What keeps a run on a worker in check, a picture's or a video's run of frames: the
+    lease keeper, the reporter and the hard time limit's watchdog (not started yet)."""
+    settings = ctx.settings
+    keeper = lease.LeaseKeeper(ctx.sessions, claim, settings.lease_seconds)
+    reporter = JobReporter(
+        claim.job_id, ctx.sessions, ctx.storage, ctx.redis, settings.loss_flush_seconds
+    )
+    watchdog = threading.Timer(settings.hard_time_limit, hard_time_limit, args=(ctx, claim))
+    watchdog.daemon = True
+    return keeper, reporter, watchdog
 
 
 def hard_time_limit(ctx: Context, claim: Claim) -> None:

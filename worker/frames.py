@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import threading
 import time
 
 from PIL import Image
@@ -24,12 +23,12 @@ from shared.options import RunOptions
 from shared.parts import FrameRun, frame_key, run_iterations
 from shared.pyramid import scaled_size
 from shared.video import read_frames
-from worker import lease, lifecycle
-from worker.active import hard_time_limit
+from worker import lifecycle
+from worker.active import guards
 from worker.context import Context
 from worker.engine.types import Iterate
 from worker.lease import Claim
-from worker.reporting import JobReporter, forget_points_after
+from worker.reporting import forget_points_after
 from worker.video import stylize_frames
 
 log = logging.getLogger(__name__)
@@ -71,14 +70,7 @@ class FramesRun:
             forget_points_after(session, claim.job_id, self.offset)
             job.resumed_from_iteration = job.iteration = self.offset
         self.video = ctx.storage.get(video_key)
-        self.keeper = lease.LeaseKeeper(ctx.sessions, claim, self.settings.lease_seconds)
-        self.reporter = JobReporter(
-            claim.job_id, ctx.sessions, ctx.storage, ctx.redis, self.settings.loss_flush_seconds
-        )
-        self.watchdog = threading.Timer(
-            self.settings.hard_time_limit, hard_time_limit, args=(ctx, claim)
-        )
-        self.watchdog.daemon = True
+        self.keeper, self.reporter, self.watchdog = guards(ctx, claim)
         self.started = time.monotonic()
         self.soft_limit_reached = False
         log.info("attempt %d: frames %d to %d, %d done before", claim.attempts,

@@ -128,7 +128,7 @@ def drop_unclaimable(ctx: Context, job_id: uuid.UUID) -> None:
             job.status, job.finished_at = JobStatus.CANCELED, utcnow()
             parent_id = job.parent_id
     if parent_id is not None:
-        parts.settle(ctx.sessions, ctx.storage, ctx.redis, parent_id)
+        parts.settle(ctx.sessions, ctx.storage, ctx.redis, ctx.settings, parent_id)
 
 
 def release(ctx: Context, claim: Claim) -> None:
@@ -179,7 +179,7 @@ def finish(ctx: Context, claim: Claim, status: JobStatus, **values: Any) -> None
     log.info("attempt %d ended: %s", claim.attempts, status.value)
     if claim.parent_id is not None:  # the batch's or video's end, if this was its last part
         try:
-            parts.part_ended(ctx.sessions, ctx.storage, ctx.redis, claim.job_id)
+            parts.part_ended(ctx.sessions, ctx.storage, ctx.redis, ctx.settings, claim.job_id)
         except Exception:  # the reconciler's pass settles it (worker/parts.py)
             log.exception("job %s: could not settle its parent", claim.job_id)
     # The callback now, not at the reconciler's next pass (which retries failures), and on

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -22,11 +23,13 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from shared import broker, feed
+from shared.config import Settings
 from shared.images import encode_png
 from shared.models import PARENT_KINDS, Job, JobKind, JobStatus, StoredImage, utcnow
 from shared.parts import FrameRun, VideoMedia, batch_item_name, frame_key, parts_of
 from shared.storage import Storage
 from shared.video import encode_mp4
+from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +40,21 @@ SHEET_CELL = 256
 
 
 def part_ended(
-    sessions: sessionmaker[Session], storage: Storage, redis: Any, part_id: uuid.UUID
-) -> None:
+    sessions: sessionmaker[Session], storage: Storage, redis: Any, settings: Settings,
+    part_id: uuid.UUID,
+) -> None:  # fmt: skip
     """After a part's end was recorded: end its parent if this was the last part (or a
     failure)."""
     with sessions.begin() as session:
         parent_id = session.scalar(select(Job.parent_id).where(Job.id == part_id))
     if parent_id is not None:
-        settle(sessions, storage, redis, parent_id)
+        settle(sessions, storage, redis, settings, parent_id)
 
 
 def settle(
-    sessions: sessionmaker[Session], storage: Storage, redis: Any, parent_id: uuid.UUID
-) -> None:
+    sessions: sessionmaker[Session], storage: Storage, redis: Any, settings: Settings,
+    parent_id: uuid.UUID,
+) -> None:  # fmt: skip
     """End the parent if its parts allow: failed at a part's failure (the others canceled),
     canceled when all ended and one was canceled, else its result put together."""
     owner = f"assemble/{uuid.uuid4().hex[:8]}"
@@ -75,6 +80,7 @@ def settle(
             status = None
     if status is not None:
         feed.publish(redis, parent_id, status=status)
+        _callback(sessions, settings, parent_id)
         return
     if not _take(sessions, parent_id, owner):
         return  # another worker assembles it
@@ -85,11 +91,26 @@ def settle(
         message = "putting the parts together failed; the operators' log has why"
         _end(sessions, redis, parent_id, owner, JobStatus.FAILED,
              error_code="internal_error", error_message=message)  # fmt: skip
-        return
-    _end(sessions, redis, parent_id, owner, JobStatus.SUCCEEDED, result_key=key)
+    else:
+        _end(sessions, redis, parent_id, owner, JobStatus.SUCCEEDED, result_key=key)
+    _callback(sessions, settings, parent_id)
 
 
-def settle_waiting(sessions: sessionmaker[Session], storage: Storage, redis: Any) -> int:
+def _callback(sessions: sessionmaker[Session], settings: Settings, parent_id: uuid.UUID) -> None:
+    """The parent's callback now, on a thread of its own (the reconciler retries it)."""
+    threading.Thread(target=_deliver, args=(sessions, settings, parent_id), daemon=True).start()
+
+
+def _deliver(sessions: sessionmaker[Session], settings: Settings, parent_id: uuid.UUID) -> None:
+    try:
+        deliver_due(sessions, settings, parent_id)
+    except Exception as error:
+        log.warning("callback of job %s: %s; the reconciler will retry", parent_id, error)
+
+
+def settle_waiting(
+    sessions: sessionmaker[Session], storage: Storage, redis: Any, settings: Settings
+) -> int:
     """The reconciler's pass: parents not ended whose parts all have (their assembler
     died, or a part ended while the database was away). Returns how many it looked at."""
     now = utcnow()
@@ -109,7 +130,7 @@ def settle_waiting(sessions: sessionmaker[Session], storage: Storage, redis: Any
             )
         ).all()
     for parent_id in waiting:
-        settle(sessions, storage, redis, parent_id)
+        settle(sessions, storage, redis, settings, parent_id)
     return len(waiting)
 
 

@@ -193,7 +193,7 @@ def reconcile_once_elected(
     if not redis_client.set(LOCK_KEY, "1", nx=True, px=max(100, int(interval * 900))):
         return []
     sent = reconcile(sessions, redis_client, settings.queue, enqueue, grace_seconds=interval)
-    settle_waiting(sessions, storage, redis_client)
+    settle_waiting(sessions, storage, redis_client, settings)
     expire_jobs(sessions, storage, settings.job_ttl_seconds)
     deliver_due(sessions, settings)
     return sent
