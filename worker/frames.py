@@ -121,7 +121,7 @@ class FramesRun:
             options=self.options, progress=progress, start_after=start_after,
             device=self.device, cuda_graphs=self.settings.cuda_graphs,
         ):  # fmt: skip
-            if frame.result.stopped:
+            if frame.result.stopped or self.keeper.lost:  # the frames are another's now
                 return True
             iterations["offset"] += frame.result.iterations
             # The points first: a frame is stored only with every point before it.

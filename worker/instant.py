@@ -10,6 +10,7 @@ import io
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 from PIL import Image
 from sqlalchemy import update
@@ -102,35 +103,46 @@ def make_preview(ctx: Context, job_id: uuid.UUID) -> None:
             inputs = lifecycle.load_inputs(session, ctx.storage, job)
         size = RunOptions.of_job(job.params).size
     if job.job_kind == JobKind.VIDEO:
-        _instant_video(ctx, job_id, *video, size)
+        _instant_video(ctx, job_id, video, size)
         return
     picture = _timed_picture(ctx, inputs, size)
     if _store_preview(ctx, job_id, picture):
         log.info("feed-forward preview stored")
 
 
-def _video_source(session: Session, ctx: Context, job: Job) -> tuple[bytes, Inputs, VideoMedia]:
+@dataclass(frozen=True)
+class _Video:
+    """A video job's source, its header, and its styles decoded."""
+
+    source: bytes
+    media: VideoMedia
+    styles: list[Image.Image]
+    weights: list[float]
+
+
+def _video_source(session: Session, ctx: Context, job: Job) -> _Video:
     stored = session.get(StoredImage, job.content_sha256)
     assert stored is not None and job.media is not None
-    styles = lifecycle.load_styles(session, ctx.storage, job)
-    inputs = Inputs(Image.new("RGB", (1, 1)), styles, [style.weight for style in job.styles])
-    return ctx.storage.get(stored.storage_key), inputs, VideoMedia.of_job(job.media)
+    return _Video(
+        source=ctx.storage.get(stored.storage_key),
+        media=VideoMedia.of_job(job.media),
+        styles=lifecycle.load_styles(session, ctx.storage, job),
+        weights=[style.weight for style in job.styles],
+    )
 
 
-def _instant_video(
-    ctx: Context, job_id: uuid.UUID, source: bytes, inputs: Inputs, media: VideoMedia, size: int
-) -> None:
+def _instant_video(ctx: Context, job_id: uuid.UUID, video: _Video, size: int) -> None:
     """A video's instant preview: the feed-forward network over every frame, as an MP4 at
     the source's frame rate (streamed: one frame held at a time)."""
     network = get_feedforward(ctx.settings.preview_threads)
     side = min(size, MAX_SIZE)
-    frame_size = scaled_size(media.width, media.height, side)
-    blended = network.blend(inputs.styles, inputs.weights)  # the styles once, not per frame
+    frame_size = scaled_size(video.media.width, video.media.height, side)
+    blended = network.blend(video.styles, video.weights)  # the styles once, not per frame
     pictures = (
-        network.transform(frame, blended, side) for frame in iter_frames(source, frame_size)
+        network.transform(frame, blended, side) for frame in iter_frames(video.source, frame_size)
     )
     key = f"jobs/{job_id}/instant.mp4"
-    ctx.storage.put(key, encode_mp4(pictures, media.frame_rate))
+    ctx.storage.put(key, encode_mp4(pictures, video.media.frame_rate))
     with ctx.sessions.begin() as session:
         stored = session.execute(
             update(Job)

@@ -178,7 +178,7 @@ def _with_parts(job: Job | Row[Any], body: dict[str, Any]) -> None:
     body["scales"] = []
     if job.media is not None:
         body["video"] = job.media
-    if JobStatus(job.status) == JobStatus.RUNNING:  # the slowest part's
+    if JobStatus(job.status) == JobStatus.RUNNING:  # its parts' ETAs are their own
         body["eta_seconds"] = None
         body["wait_seconds"] = 0.0
 
