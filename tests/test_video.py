@@ -81,6 +81,13 @@ def test_consistency_drops_the_background_a_moving_square_uncovers() -> None:
     assert weights[35:65, 62:94].mean() > 0.9
 
 
+def test_consistency_drops_what_a_pan_brings_into_the_frame() -> None:
+    before, after = shifted_pair(4)  # the camera pans right: 4 new columns on the right
+    weights = consistency(flow(before, after), flow(after, before))
+    assert weights[:, -3:].mean() < 0.1  # from outside the frame: nothing to follow
+    assert weights[10:-10, 10:-10].mean() > 0.95
+
+
 def test_warping_error_is_zero_for_a_still_clip_and_grows_with_flicker() -> None:
     before, after = shifted_pair(2)
     sources = [before, after]

@@ -46,9 +46,10 @@ def warp(image: np.ndarray, backward: np.ndarray) -> np.ndarray:
 
 def consistency(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
     """Ruder et al.'s weights c (their eq. 5 and 6): 1 where the flow can be followed, 0 where
-    the next frame's pixel was hidden before (the forward and the backward flow disagree) or
-    lies on a motion boundary. ``forward`` is this frame's flow to the next, ``backward`` the
-    next frame's flow back; the result is the next frame's (height, width)."""
+    the next frame's pixel was hidden before (the forward and the backward flow disagree),
+    lies on a motion boundary, or came from outside the frame (what a pan brings in: the
+    warp can only smear the edge there). ``forward`` is this frame's flow to the next,
+    ``backward`` the next frame's flow back; the result is the next frame's (height, width)."""
     # The forward flow read where each pixel of the next frame came from.
     carried = warp(forward, backward)
     disagree = np.sum((carried + backward) ** 2, axis=-1)
@@ -58,7 +59,11 @@ def consistency(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
     grad_v = np.gradient(backward[..., 1])
     boundary = grad_u[0] ** 2 + grad_u[1] ** 2 + grad_v[0] ** 2 + grad_v[1] ** 2
     boundary_mask = boundary > 0.01 * np.sum(backward**2, axis=-1) + 0.002
-    return (~(occluded | boundary_mask)).astype(np.float32)
+    height, width = backward.shape[:2]
+    grid_y, grid_x = np.mgrid[0:height, 0:width].astype(np.float32)
+    source_x, source_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
+    outside = (source_x < 0) | (source_x > width - 1) | (source_y < 0) | (source_y > height - 1)
+    return (~(occluded | boundary_mask | outside)).astype(np.float32)
 
 
 @dataclass(frozen=True)
