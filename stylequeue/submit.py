@@ -151,6 +151,30 @@ def _polled(
         yield "done", {"status": job["status"]}
 
 
+def _follow_events(http: requests.Session, server: str, job: dict[str, Any], bar: Any) -> str:
+    """The job's status once it ends, its loss points shown meanwhile (its event stream)."""
+    status = str(job["status"])
+    for event, data in events(http, server, job["links"]):
+        if event == "loss":
+            bar.update(data["iteration"] - bar.n)
+            bar.set_postfix(loss=f"{data['total']:.4g}")
+        elif event in ("status", "done"):
+            status = data["status"]
+    return status
+
+
+def _follow_parts(http: requests.Session, server: str, job: dict[str, Any], bar: Any) -> str:
+    """A batch's or video's status once it ends, its parts' iterations shown meanwhile (its
+    event stream carries its status, not its parts' loss points)."""
+    while True:
+        job = _check(http.get(server + job["links"]["self"], timeout=30))
+        bar.update(job["progress"]["iteration"] - bar.n)
+        bar.set_postfix(parts=f"{job['parts']['done']}/{job['parts']['total']}")
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return str(job["status"])
+        time.sleep(POLL_SECONDS)
+
+
 def submit_and_wait(
     server: str,
     content: Path,
@@ -169,13 +193,10 @@ def submit_and_wait(
     from tqdm import tqdm
 
     bar = tqdm(total=job["progress"]["total"], unit="it", file=sys.stderr, leave=False)
-    status = job["status"]
-    for event, data in events(http, server, job["links"]):
-        if event == "loss":
-            bar.update(data["iteration"] - bar.n)
-            bar.set_postfix(loss=f"{data['total']:.4g}")
-        elif event in ("status", "done"):
-            status = data["status"]
+    if "parts" in job:  # a batch or video: its parts' progress, polled
+        status = _follow_parts(http, server, job, bar)
+    else:
+        status = _follow_events(http, server, job, bar)
     bar.close()
     if status != "succeeded":
         final = _check(http.get(server + job["links"]["self"], timeout=30))

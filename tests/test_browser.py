@@ -347,3 +347,30 @@ def test_a_video_job_page_fills_its_parts_and_plays_the_video(
             page.wait_for_selector("#plot", timeout=10_000)
         finally:
             browser.close()
+
+
+def test_the_command_line_follows_a_video_and_saves_its_mp4(
+    server: str, sample_images: Path, tmp_path: Path
+) -> None:
+    """``stylequeue submit --wait`` on a video (against this module's live service): the
+    parts' progress shown, the MP4 saved."""
+    import subprocess
+    import sys
+
+    from shared.video import pan_clip, video_info
+    from tests.service import REPO
+
+    clip = tmp_path / "clip.mp4"
+    photo = Image.open(sample_images / "content" / "photo.jpg")
+    clip.write_bytes(pan_clip(photo, frames=4, size=(64, 48), fps=4, step=2))
+    saved = tmp_path / "out.mp4"
+    done = subprocess.run(
+        [sys.executable, "-m", "stylequeue", "submit", str(clip), "--preset", "shipwreck",
+         "--server", server, "--wait", "-o", str(saved), "--size", "48", "--iterations", "6",
+         "--backbone", "vgg19-random"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"done: {saved}" in done.stdout
+    assert "parts=1/1" in done.stderr  # its part's progress, shown as it went
+    assert video_info(saved.read_bytes())[:2] == (4, 4)
