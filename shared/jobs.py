@@ -258,10 +258,11 @@ def parse_request(
         video=video,
         runs=runs,
     )
-    if request.kind.has_parts and request.work() > settings.max_job_work:
+    work = request.work()
+    if request.kind.has_parts and work > settings.max_job_work:
         raise ImageTooLarge(
             f"the job's work (output pixels × iterations over all its pictures) is "
-            f"{request.work():.3g}; the limit is {settings.max_job_work:.3g}: fewer frames or "
+            f"{work:.3g}; the limit is {settings.max_job_work:.3g}: fewer frames or "
             "photos, a smaller size or fewer iterations",
             field="content",
         )
@@ -337,7 +338,7 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
     (:func:`_new_parts`); the caller commits and enqueues."""
     content_sha = store_image(session, storage, *request.content)
     style_shas = [store_image(session, storage, data, image) for data, image, _ in request.styles]
-    job = _new_job(request, content_sha, style_shas)
+    job = _new_job(request, content_sha, style_shas, request.work())
     job.kind = request.kind.value
     if request.kind == JobKind.PICTURE:
         job.total = 0 if request.mode == JobMode.FAST else request.options.iterations
@@ -355,7 +356,7 @@ def create_job(session: Session, storage: Storage, request: JobRequest) -> Job:
     return job
 
 
-def _new_job(request: JobRequest, content_sha: str, style_shas: list[str]) -> Job:
+def _new_job(request: JobRequest, content_sha: str, style_shas: list[str], work: int) -> Job:
     job = Job(
         id=uuid.uuid4(),
         status=JobStatus.QUEUED,
@@ -363,7 +364,7 @@ def _new_job(request: JobRequest, content_sha: str, style_shas: list[str]) -> Jo
         params=request.options.stored(),
         content_sha256=content_sha,
         total=request.options.iterations,
-        work=request.work(),
+        work=work,
         iteration=0,
         attempts=0,
         cancel_requested=False,
@@ -388,17 +389,15 @@ def _new_parts(
     parts = []
     if request.video is not None:
         for run in request.runs:
-            part = _new_job(request, content_sha, style_shas)
+            part = _new_job(request, content_sha, style_shas, request.part_work(run))
             part.kind, part.frames = JobKind.FRAMES.value, run.stored()
             part.total = run_iterations(request.options, run.count)
-            part.work = request.part_work(run)
             parts.append(part)
     else:
         for data, info in request.contents:
             digest = content_sha if not parts else store_image(session, storage, data, info)
-            part = _new_job(request, digest, style_shas)
+            part = _new_job(request, digest, style_shas, job_work(request.plan(), *info.size))
             part.kind = JobKind.PICTURE.value
-            part.work = job_work(request.plan(), *info.size)
             parts.append(part)
     for index, part in enumerate(parts):
         part.part_index = index

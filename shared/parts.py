@@ -15,16 +15,18 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
 
-from sqlalchemy import select
+from PIL import Image
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
 from shared.errors import OptionError
 from shared.estimate import job_work
 from shared.images import ImageInfo, probe_image
-from shared.models import Job, JobStatus
+from shared.models import Job, JobKind, JobStatus
 from shared.options import RunOptions
 from shared.pyramid import pyramid, scaled_pixels
+from shared.storage import Storage
 from shared.video import VideoInfo, VideoLimits, is_video, probe_video
 
 
@@ -117,6 +119,12 @@ def frame_key(job_id: uuid.UUID, index: int) -> str:
     return f"jobs/{job_id}/frames/{index:06d}.png"
 
 
+def load_frame(storage: Storage, job_id: uuid.UUID, index: int) -> Image.Image:
+    """A run's stored frame ``index``, decoded (our own PNG: only its parser runs)."""
+    with Image.open(io.BytesIO(storage.get(frame_key(job_id, index))), formats=("PNG",)) as image:
+        return image.convert("RGB")
+
+
 def batch_item_name(index: int) -> str:
     return f"{index + 1:03d}.png"
 
@@ -141,9 +149,10 @@ def parts_json(parts: list[Job]) -> dict[str, Any]:
     return {"total": len(parts), "done": done, "items": items}
 
 
-def parts_of(session: Session, job: Job) -> list[Job]:
-    """A batch's or video's parts, in order; none for a one-picture job."""
-    if not job.job_kind.has_parts:
+def parts_of(session: Session, job: Job | Row[Any]) -> list[Job]:
+    """A batch's or video's parts, in order; none for a one-picture job. ``job``: its ORM
+    row, or the Core row a status poll reads."""
+    if not JobKind(job.kind).has_parts:
         return []
     return list(
         session.scalars(select(Job).where(Job.parent_id == job.id).order_by(Job.part_index))
@@ -157,7 +166,7 @@ def probe_contents(
     headers."""
     if not uploads:
         raise OptionError("a content image (or several, or a video) is needed", field="content")
-    if any(_is_video(data) for data in uploads):
+    if any(is_video(data) for data in uploads):
         if len(uploads) != 1:
             raise OptionError("a job takes one video, and no photos beside it", field="content")
         video_limits = VideoLimits(
@@ -172,16 +181,3 @@ def probe_contents(
             field="content",
         )
     return [probe_image(data, name="content", **limits) for data in uploads]
-
-
-def _is_video(data: bytes) -> bool:
-    """MP4, MOV, WebM or an animated GIF; a GIF of one frame is an image (and refused)."""
-    if not data.startswith(b"GIF8"):
-        return is_video(data)
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data), formats=("GIF",)) as image:
-            return bool(getattr(image, "is_animated", False))
-    except Exception:  # unreadable: the image checks say why
-        return False

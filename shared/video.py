@@ -35,8 +35,8 @@ CONTAINERS = {
 #: Video codecs decoded (FFmpeg's names). Others (ProRes RAW, say, or image sequences in
 #: odd codecs) are refused from the header.
 CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "gif", "mjpeg"})
-#: First bytes of the containers above, to tell a video from an image before parsing it.
-_MAGIC = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (0, b"GIF8"))
+#: First bytes of the containers above but GIF, to tell a video from an image.
+_MAGIC = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"))
 #: Frame rates outside this are refused as implausible (or a broken header).
 MIN_FPS, MAX_FPS = Fraction(1, 1), Fraction(120, 1)
 
@@ -70,7 +70,14 @@ class VideoLimits:
 
 
 def is_video(data: bytes) -> bool:
-    """True if ``data`` starts as a container we read videos from (GIF included)."""
+    """True if ``data`` starts as a container we read videos from; a GIF only if animated
+    (one of a single frame is an image, which the image checks refuse)."""
+    if data.startswith(b"GIF8"):
+        try:
+            with Image.open(io.BytesIO(data), formats=("GIF",)) as image:
+                return bool(getattr(image, "is_animated", False))
+        except Exception:  # unreadable: the image checks say why
+            return False
     return any(data[at : at + len(magic)] == magic for at, magic in _MAGIC)
 
 

@@ -9,18 +9,16 @@ from that frame warped, and loses no frame and no reported loss point.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import time
 
-from PIL import Image
 from sqlalchemy import update
 
 from shared.images import encode_png
 from shared.logs import job_context
 from shared.models import Job, JobStatus, StoredImage
 from shared.options import RunOptions
-from shared.parts import FrameRun, frame_key, run_iterations
+from shared.parts import FrameRun, frame_key, load_frame, run_iterations
 from shared.pyramid import scaled_size
 from shared.video import read_frames
 from worker import lifecycle
@@ -100,11 +98,10 @@ class FramesRun:
         sources = read_frames(self.video, read_from, self.run_frames.stop, self.size)
         start_after = None
         if self.done:
-            previous = ctx.storage.get(frame_key(self.claim.job_id, first - 1))
-            start_after = (sources.pop(0), _decode(previous))
+            start_after = (sources.pop(0), load_frame(ctx.storage, self.claim.job_id, first - 1))
         iterations = {"offset": self.offset}
 
-        def progress(index: int, iterate: Iterate) -> bool:
+        def progress(iterate: Iterate) -> bool:
             shifted = dataclasses.replace(
                 iterate, iteration=iterations["offset"] + iterate.iteration, total=self.total
             )
@@ -156,8 +153,3 @@ class FramesRun:
             last = frame_key(self.claim.job_id, self.run_frames.stop - 1)
             lifecycle.finish(ctx, self.claim, JobStatus.SUCCEEDED, result_key=last,
                              iteration=self.total)  # fmt: skip
-
-
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")

@@ -26,7 +26,7 @@ from shared import broker, feed
 from shared.config import Settings
 from shared.images import encode_png
 from shared.models import PARENT_KINDS, Job, JobKind, JobStatus, StoredImage, utcnow
-from shared.parts import FrameRun, VideoMedia, batch_item_name, frame_key, parts_of
+from shared.parts import FrameRun, VideoMedia, batch_item_name, load_frame, parts_of
 from shared.storage import Storage
 from shared.video import encode_mp4
 from worker.webhooks import deliver_due
@@ -239,19 +239,14 @@ def video_frames(
     for index in range(frames):
         owner = next(r for r, (_, run) in enumerate(runs) if run.start <= index < run.stop)
         part_id, _ = runs[owner]
-        picture = _frame(storage, part_id, index)
+        picture = load_frame(storage, part_id, index)
         if owner + 1 < len(runs):
             later_id, later = runs[owner + 1]
             if later.first <= index:
                 weight = seam_weight(index, later.start, later.overlap)
-                other = _frame(storage, later_id, index).resize(picture.size)
+                other = load_frame(storage, later_id, index).resize(picture.size)
                 picture = Image.blend(picture, other, weight)
         yield picture
-
-
-def _frame(storage: Storage, part_id: uuid.UUID, index: int) -> Image.Image:
-    with Image.open(io.BytesIO(storage.get(frame_key(part_id, index)))) as image:
-        return image.convert("RGB")
 
 
 def contact_sheet(photos: list[bytes], pictures: list[bytes]) -> bytes:

@@ -38,7 +38,7 @@ def stylize_frames(
     styles: Sequence[Image.Image],
     style_weights: Sequence[float],
     options: RunOptions,
-    progress: Callable[[int, Iterate], bool | None] | None = None,
+    progress: Callable[[Iterate], bool | None] | None = None,
     start_after: tuple[Image.Image, Image.Image] | None = None,
     **engine: Any,
 ) -> Iterator[Frame]:
@@ -46,9 +46,9 @@ def stylize_frames(
     from the one before; yields each as it is done.
 
     ``start_after``: (the source frame, its stylized picture) of the frame before
-    ``frames[0]``, made earlier (a run resumed after its first frames). ``progress(frame,
-    iterate)`` hears every iteration; True stops the run after the current frame's
-    iteration. ``engine``: more of :func:`stylize`'s arguments (device, precision...).
+    ``frames[0]``, made earlier (a run resumed after its first frames). ``progress`` hears
+    every iteration of every frame; True stops the run after that iteration. ``engine``:
+    more of :func:`stylize`'s arguments (device, precision...).
     """
     arguments = options.engine_arguments()
     previous = (as_array(start_after[0]), as_array(start_after[1])) if start_after else None
@@ -69,7 +69,7 @@ def stylize_frames(
             styles=styles,
             style_weights=style_weights,
             temporal=temporal,
-            progress=None if progress is None else _for_frame(progress, index),
+            progress=progress,
             **frame_arguments,
             **engine,
         )
@@ -77,9 +77,3 @@ def stylize_frames(
         if result.stopped:
             return
         previous = (source, as_array(result.image))
-
-
-def _for_frame(
-    progress: Callable[[int, Iterate], bool | None], index: int
-) -> Callable[[Iterate], bool | None]:
-    return lambda iterate: progress(index, iterate)

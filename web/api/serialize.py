@@ -12,7 +12,7 @@ import redis
 from flask import (
     url_for,
 )
-from sqlalchemy import Row, select
+from sqlalchemy import Row
 
 from shared import broker
 from shared.estimate import RATE_FIELD, estimate, remaining_fraction
@@ -27,7 +27,7 @@ from shared.models import (
     JobStyle,
     LossPoint,
 )
-from shared.parts import FrameRun, parts_json
+from shared.parts import FrameRun, parts_json, parts_of
 from shared.queue import queue_ahead
 from web.api.reads import (
     worker_speeds,
@@ -165,10 +165,8 @@ def job_json(
 
 def _with_parts(job: Job | Row[Any], body: dict[str, Any]) -> None:
     """A batch's or video's parts, its progress (theirs together), its source video."""
-    parts = services.session.scalars(
-        select(Job).where(Job.parent_id == job.id).order_by(Job.part_index)
-    ).all()
-    body["parts"] = parts_json(list(parts))
+    parts = parts_of(services.session, job)
+    body["parts"] = parts_json(parts)
     for item in body["parts"]["items"]:
         item["url"] = url_for("api.get_job", job_id=item["id"])
     body["progress"] = {
